@@ -1,0 +1,49 @@
+"""Backend registry: `get_backend("cpu" | "cuda" | "auto")`.
+
+Imports are lazy so that `import gpuml` works on machines without CuPy or numba-compiled loops
+already built; `cupy` is only imported by `gpuml.backend.cuda`.
+"""
+
+from __future__ import annotations
+
+from gpuml.backend.base import Backend
+from gpuml.errors import DeviceError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cuda_status() -> tuple[bool, str]:
+    """(available, reason): whether CuPy imports and sees at least one GPU, and why not."""
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return False, f"CuPy is not installed or failed to import ({type(exc).__name__}: {exc}); install gpuml[cuda12] or gpuml[cuda13]"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CuPy found no usable CUDA driver ({type(exc).__name__}: {exc})"
+    if n < 1:
+        return False, "CuPy sees no GPU"
+    return True, f"{n} GPU(s)"
+
+
+def get_backend(device: str = "auto", dtype: str = "float32") -> Backend:
+    """The backend for `device`. "auto" picks CUDA when CuPy sees a GPU, else CPU (the caller
+    logs which via `backend.describe()`); "cuda" without one is a DeviceError, never a silent
+    fallback."""
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device in ("auto", "cuda"):
+        ok, why = cuda_status()
+        if ok:
+            from gpuml.backend.cuda import CudaBackend
+
+            return CudaBackend(dtype=dtype)
+        if device == "cuda":
+            raise DeviceError(f"device 'cuda' requested but no GPU is usable: {why}")
+    from gpuml.backend.cpu import CpuBackend
+
+    return CpuBackend(dtype=dtype)
+
+
+__all__ = ["Backend", "DEVICES", "cuda_status", "get_backend"]

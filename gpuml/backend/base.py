@@ -1,0 +1,369 @@
+"""The Backend protocol: the one seam between model code and device code.
+
+Layers, losses, optimizers and the trainer hold arrays they got from a backend and call its
+methods; they never import numpy-for-device-work, cupy or numba themselves.
+
+Contracts shared by every op:
+- Arrays are the backend's native arrays (numpy.ndarray on CPU, cupy.ndarray on CUDA), C-contiguous,
+  of dtype `self.dtype` (float32, or float64 in check mode) unless stated otherwise.
+- Every op that produces an array takes an optional `out=` (and the other outputs likewise). When
+  given, the op writes into it and returns it, so a training step can run on buffers allocated once
+  per (model, batch size) and be replayed as a CUDA graph. When None, the op allocates.
+- Image tensors are NCHW. Conv weights are (C_out, C_in, KH, KW). Dense weights are (in, out), so a
+  Dense forward is `x @ W + b`.
+- `stride` and `padding` are (h, w) int pairs; `kernel` is a (kh, kw) pair. Output size is
+  floor((H + 2*pad - k) / stride) + 1, as in PyTorch/cuDNN.
+- Ops check shapes and raise `gpuml.errors.ShapeError` naming the op and both shapes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Array = Any  # numpy.ndarray or cupy.ndarray: whatever the backend's `xp` module produces
+Pair = tuple[int, int]
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid")
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial output size of a convolution or pooling window (floor mode)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class Backend(ABC):
+    """A device: array creation and transfer, and every op the models need."""
+
+    #: "cpu" or "cuda"
+    name: str = "abstract"
+    #: the array module (numpy or cupy); for array bookkeeping only, never for math in layers
+    xp: Any = np
+
+    def __init__(self, dtype: str | np.dtype = "float32") -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"backend dtype must be float32 or float64, got {self.dtype}")
+
+    # ------------------------------------------------------------------ arrays and transfer
+    def describe(self) -> str:
+        """One line naming the device, for the first log line ("cpu (numpy 2.4, 2 threads)")."""
+        return self.name
+
+    @abstractmethod
+    def asarray(self, x: Any, dtype: Any = None) -> Array:
+        """Host data -> a contiguous device array (dtype defaults to `self.dtype` for floats,
+        kept as is for integer input)."""
+
+    @abstractmethod
+    def to_numpy(self, x: Array) -> np.ndarray:
+        """Device array -> numpy array (a copy on CUDA; synchronises)."""
+
+    def empty(self, shape: Sequence[int] | int, dtype: Any = None) -> Array:
+        return self.xp.empty(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def zeros(self, shape: Sequence[int] | int, dtype: Any = None) -> Array:
+        return self.xp.zeros(shape, dtype=self.dtype if dtype is None else dtype)
+
+    def copy_(self, dst: Array, src: Array) -> Array:
+        """dst[...] = src (same shape); returns dst."""
+        dst[...] = src
+        return dst
+
+    def fill_(self, dst: Array, value: float) -> Array:
+        dst.fill(value)
+        return dst
+
+    def synchronize(self) -> None:
+        """Wait for all queued work (no-op on CPU)."""
+
+    # ------------------------------------------------------------------ dense algebra
+    @abstractmethod
+    def matmul(
+        self,
+        a: Array,
+        b: Array,
+        *,
+        trans_a: bool = False,
+        trans_b: bool = False,
+        bias: Array | None = None,
+        activation: str | None = None,
+        accumulate: bool = False,
+        out: Array | None = None,
+    ) -> Array:
+        """out = act(op(a) @ op(b) + bias), op(x) = x.T when trans_x.
+
+        a, b 2-D; bias (N,) broadcast over rows; activation None or "relu".
+        accumulate=True adds the product into `out` (which must be given): out += op(a) @ op(b);
+        bias and activation are then not allowed.
+        """
+
+    @abstractmethod
+    def bias_grad(self, dy: Array, out: Array | None = None) -> Array:
+        """Sum of dy over every axis but axis 1: (N, C) -> (C,), (N, C, H, W) -> (C,)."""
+
+    # ------------------------------------------------------------------ convolution (NCHW)
+    @abstractmethod
+    def conv2d_fwd(
+        self,
+        x: Array,
+        w: Array,
+        bias: Array | None,
+        stride: Pair,
+        padding: Pair,
+        *,
+        activation: str | None = None,
+        out: Array | None = None,
+    ) -> Array:
+        """y = act(conv(x, w) + bias): x (N, C, H, W), w (K, C, R, S) -> y (N, K, P, Q).
+        Cross-correlation (no kernel flip), zero padding; activation None or "relu"."""
+
+    @abstractmethod
+    def conv2d_bwd_data(
+        self,
+        dy: Array,
+        w: Array,
+        x_shape: Sequence[int],
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: Array | None = None,
+    ) -> Array:
+        """dx (x_shape) of the convolution given dy (N, K, P, Q)."""
+
+    @abstractmethod
+    def conv2d_bwd_weight(
+        self,
+        x: Array,
+        dy: Array,
+        w_shape: Sequence[int],
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: Array | None = None,
+    ) -> Array:
+        """dw (w_shape), summed over the batch, given x and dy. Deterministic."""
+
+    # ------------------------------------------------------------------ pooling (NCHW)
+    @abstractmethod
+    def maxpool2d_fwd(
+        self,
+        x: Array,
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: Array | None = None,
+        argmax: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """(y, argmax): y (N, C, P, Q) the max over each window (padding never wins: padded
+        cells count as -inf); argmax int32 (N, C, P, Q), the flat index h*W + w of the winner
+        within its (n, c) plane. Ties go to the first element in row-major window order."""
+
+    @abstractmethod
+    def maxpool2d_bwd(
+        self,
+        dy: Array,
+        argmax: Array,
+        x_shape: Sequence[int],
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: Array | None = None,
+    ) -> Array:
+        """dx (x_shape): each dy routed to its argmax; overlapping windows sum."""
+
+    @abstractmethod
+    def avgpool2d_fwd(
+        self,
+        x: Array,
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: Array | None = None,
+    ) -> Array:
+        """Mean over each window, padded cells counted as zeros in a divisor of kh*kw
+        (PyTorch's count_include_pad=True)."""
+
+    @abstractmethod
+    def avgpool2d_bwd(
+        self,
+        dy: Array,
+        x_shape: Sequence[int],
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: Array | None = None,
+    ) -> Array:
+        """dx (x_shape) of avgpool2d_fwd."""
+
+    # ------------------------------------------------------------------ losses
+    @abstractmethod
+    def softmax_xent(
+        self,
+        logits: Array,
+        labels: Array,
+        *,
+        label_smoothing: float = 0.0,
+        loss: Array | None = None,
+        dlogits: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Fused softmax + cross-entropy in one pass.
+
+        logits (B, K), labels int32 (B,) in [0, K). Returns (loss, dlogits): loss a 0-d array,
+        the mean over the batch of -sum_k t_k log softmax(logits)_k with target
+        t = (1 - eps) * onehot + eps / K; dlogits (B, K) = (softmax - t) / B.
+        `dlogits` may be the `logits` array itself (overwritten in place, as llm.c does).
+        """
+
+    @abstractmethod
+    def mse(
+        self,
+        pred: Array,
+        target: Array,
+        *,
+        loss: Array | None = None,
+        dpred: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """(loss, dpred): loss 0-d = mean over all elements of (pred - target)^2,
+        dpred = 2 (pred - target) / pred.size."""
+
+    @abstractmethod
+    def count_correct(self, logits: Array, labels: Array) -> Array:
+        """0-d int array: how many rows have argmax(logits) == label (first max on ties)."""
+
+    # ------------------------------------------------------------------ elementwise
+    @abstractmethod
+    def activation_fwd(self, kind: str, x: Array, *, out: Array | None = None) -> Array:
+        """y = relu(x) | tanh(x) | sigmoid(x). `out` may be `x`."""
+
+    @abstractmethod
+    def activation_bwd(self, kind: str, y: Array, dy: Array, *, out: Array | None = None) -> Array:
+        """dx from the forward *output* y: relu: dy*(y>0); tanh: dy*(1-y^2);
+        sigmoid: dy*y*(1-y). `out` may be `dy`."""
+
+    @abstractmethod
+    def dropout_fwd(
+        self,
+        x: Array,
+        p: float,
+        seed: int,
+        offset: int,
+        *,
+        out: Array | None = None,
+        mask: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Inverted dropout: keep element i with probability 1-p, scaled by 1/(1-p).
+
+        The mask is a pure function of (seed, offset, flat index i) through the counter-based
+        generator in `gpuml.backend.rng` (Philox-free: a 64-bit splitmix hash), so every backend
+        draws the same mask. mask: uint8 (1 = kept), same shape as x. `offset` advances per call.
+        """
+
+    @abstractmethod
+    def dropout_bwd(self, dy: Array, mask: Array, p: float, *, out: Array | None = None) -> Array:
+        """dx = dy * mask / (1 - p)."""
+
+    @abstractmethod
+    def add_(self, dst: Array, src: Array, alpha: float = 1.0) -> Array:
+        """dst += alpha * src, in place."""
+
+    @abstractmethod
+    def scale_(self, dst: Array, factor: float | Array) -> Array:
+        """dst *= factor, in place (factor a Python float or a 0-d device array)."""
+
+    # ------------------------------------------------------------------ optimizer updates
+    # Each updates *all* parameters in place in a single fused pass over each tensor (one launch
+    # for the whole list on CUDA). `params`, `grads` and the state lists are parallel lists.
+    # weight_decay adds wd*p to the gradient (L2), except in AdamW where the update subtracts
+    # lr*wd*p (decoupled, Loshchilov & Hutter).
+
+    @abstractmethod
+    def sgd_step(
+        self,
+        params: list[Array],
+        grads: list[Array],
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """p -= lr * (g + wd p)"""
+
+    @abstractmethod
+    def momentum_step(
+        self,
+        params: list[Array],
+        grads: list[Array],
+        velocities: list[Array],
+        *,
+        lr: float,
+        momentum: float,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """PyTorch's SGD-with-momentum: g' = g + wd p; v = mu v + g';
+        p -= lr * (g' + mu v if nesterov else v)."""
+
+    @abstractmethod
+    def adam_step(
+        self,
+        params: list[Array],
+        grads: list[Array],
+        m: list[Array],
+        v: list[Array],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        step: int,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ) -> None:
+        """Adam (decoupled=False: L2 folded into g) or AdamW (decoupled=True: p *= 1 - lr wd
+        first). step is 1-based: m_hat = m / (1 - beta1^step), v_hat likewise;
+        p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+
+    @abstractmethod
+    def rmsprop_step(
+        self,
+        params: list[Array],
+        grads: list[Array],
+        sq: list[Array],
+        *,
+        lr: float,
+        alpha: float,
+        eps: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        """g' = g + wd p; s = alpha s + (1 - alpha) g'^2; p -= lr g' / (sqrt(s) + eps)."""
+
+    @abstractmethod
+    def global_norm(self, arrays: list[Array]) -> Array:
+        """0-d array: sqrt(sum of squares over every element of every array)."""
+
+    # ------------------------------------------------------------------ data
+    @abstractmethod
+    def gather_batch(
+        self,
+        images: Array,
+        labels: Array,
+        indices: Array,
+        *,
+        mean: float,
+        std: float,
+        out_x: Array | None = None,
+        out_y: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """x = (images[indices] / 255 - mean) / std as self.dtype, y = labels[indices] as int32.
+        images uint8 (N, ...), labels (N,) integers, indices int64/int32 (B,)."""
+
+    def is_finite(self, x: Array) -> bool:
+        """True when x (usually the 0-d loss) holds no NaN/Inf. Synchronises."""
+        return bool(np.isfinite(self.to_numpy(x)).all())
