@@ -235,8 +235,19 @@ class Backend(ABC):
         dpred = 2 (pred - target) / pred.size."""
 
     @abstractmethod
-    def count_correct(self, logits: Array, labels: Array) -> Array:
-        """0-d int array: how many rows have argmax(logits) == label (first max on ties)."""
+    def count_correct(self, logits: Array, labels: Array, *, out: Array | None = None) -> Array:
+        """0-d array of self.dtype: how many rows have argmax(logits) == label (first max on
+        ties). A float so the trainer can accumulate it on the device with `add_` (exact below
+        2**24 per call)."""
+
+    def one_hot(self, labels: Array, num_classes: int, *, out: Array | None = None) -> Array:
+        """(B, num_classes) of self.dtype: 1 at each row's label, 0 elsewhere."""
+        xp = self.xp
+        if out is None:
+            out = self.empty((labels.shape[0], num_classes))
+        out.fill(0)
+        out[xp.arange(labels.shape[0]), labels] = 1
+        return out
 
     # ------------------------------------------------------------------ elementwise
     @abstractmethod
