@@ -359,6 +359,15 @@ class Backend(ABC):
     def global_norm(self, arrays: list[Array]) -> Array:
         """0-d array: sqrt(sum of squares over every element of every array)."""
 
+    def clip_grad_norm_(self, grads: list[Array], max_norm: float) -> Array:
+        """Scale all grads in place by min(1, max_norm / (norm + 1e-6)) where norm is their
+        global norm, without a host round trip; returns the (pre-clip) norm as a 0-d array."""
+        norm = self.global_norm(grads)
+        factor = self.xp.minimum(max_norm / (norm + 1e-6), 1.0).astype(self.dtype)
+        for g in grads:
+            self.scale_(g, factor)
+        return norm
+
     # ------------------------------------------------------------------ data
     @abstractmethod
     def gather_batch(

@@ -1,0 +1,112 @@
+"""Optimizers: hold per-parameter state as backend arrays and call one fused backend update
+for all parameters per step. The learning rate comes from the schedule each step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gpuml.backend.base import Array, Backend
+
+
+class Optimizer:
+    name = "optimizer"
+    #: names of per-parameter state tensors, in checkpoint order
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, backend: Backend, params: list[Array], grads: list[Array],
+                 weight_decay: float = 0.0) -> None:
+        self.backend = backend
+        self.params = params
+        self.grads = grads
+        self.weight_decay = weight_decay
+        self.step_count = 0
+        self.state: dict[str, list[Array]] = {
+            s: [backend.zeros(p.shape) for p in params] for s in self.state_names
+        }
+
+    def step(self, lr: float) -> None:
+        self.step_count += 1
+        self._update(lr)
+
+    def _update(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step_count": self.step_count}
+        for s, arrays in self.state.items():
+            for i, a in enumerate(arrays):
+                out[f"{s}.{i}"] = self.backend.to_numpy(a)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        for s, arrays in self.state.items():
+            for i, a in enumerate(arrays):
+                self.backend.copy_(a, self.backend.asarray(np.asarray(state[f"{s}.{i}"], dtype=self.backend.dtype)))
+
+
+class SGD(Optimizer):
+    name = "sgd"
+
+    def _update(self, lr: float) -> None:
+        self.backend.sgd_step(self.params, self.grads, lr=lr, weight_decay=self.weight_decay)
+
+
+class Momentum(Optimizer):
+    name = "momentum"
+    state_names = ("velocity",)
+
+    def __init__(self, backend: Backend, params: list[Array], grads: list[Array],
+                 weight_decay: float = 0.0, momentum: float = 0.9, nesterov: bool = False) -> None:
+        super().__init__(backend, params, grads, weight_decay)
+        self.momentum = momentum
+        self.nesterov = nesterov
+
+    def _update(self, lr: float) -> None:
+        self.backend.momentum_step(self.params, self.grads, self.state["velocity"], lr=lr,
+                                   momentum=self.momentum, nesterov=self.nesterov,
+                                   weight_decay=self.weight_decay)
+
+
+class Adam(Optimizer):
+    name = "adam"
+    state_names = ("m", "v")
+    decoupled = False
+
+    def __init__(self, backend: Backend, params: list[Array], grads: list[Array],
+                 weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        super().__init__(backend, params, grads, weight_decay)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+
+    def _update(self, lr: float) -> None:
+        self.backend.adam_step(self.params, self.grads, self.state["m"], self.state["v"], lr=lr,
+                               beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                               step=self.step_count, weight_decay=self.weight_decay,
+                               decoupled=self.decoupled)
+
+
+class AdamW(Adam):
+    name = "adamw"
+    decoupled = True
+
+
+class RMSprop(Optimizer):
+    name = "rmsprop"
+    state_names = ("square_avg",)
+
+    def __init__(self, backend: Backend, params: list[Array], grads: list[Array],
+                 weight_decay: float = 0.0, alpha: float = 0.99, eps: float = 1e-8) -> None:
+        super().__init__(backend, params, grads, weight_decay)
+        self.alpha, self.eps = alpha, eps
+
+    def _update(self, lr: float) -> None:
+        self.backend.rmsprop_step(self.params, self.grads, self.state["square_avg"], lr=lr,
+                                  alpha=self.alpha, eps=self.eps, weight_decay=self.weight_decay)
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    c.name: c for c in (SGD, Momentum, Adam, AdamW, RMSprop)
+}

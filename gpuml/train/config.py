@@ -1,0 +1,257 @@
+"""Load, override and validate a YAML run config against gpuml.train.schema.
+
+The result is a plain nested dict with every default filled in (the "resolved config"), which is
+what the trainer reads, what runs save as config.yaml, and what --resume compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpuml.errors import ConfigError
+from gpuml.train.schema import LAYERS, REQUIRED, ROOT, Field
+
+
+class _Ctx:
+    def __init__(self, source: str, overridden: set[str]) -> None:
+        self.source = source
+        self.overridden = overridden
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        origin = f"--set {path}" if any(path == o or path.startswith(o + ".") for o in self.overridden) else self.source
+        return ConfigError(f"{origin}: {path}: {message}")
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "known keys: " + ", ".join(sorted(options))
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _coerce(value: Any, field: Field, path: str, ctx: _Ctx) -> Any:
+    """Return the value converted to one of the field's types, or raise."""
+    for t in field.types:
+        ok, v = _try_type(value, t)
+        if ok:
+            _check_value(v, field, path, ctx)
+            return v
+    want = " or ".join(field.types)
+    raise ctx.fail(path, f"expected {want}, got {_type_name(value)} {value!r}")
+
+
+def _try_type(value: Any, t: str) -> tuple[bool, Any]:
+    if t == "null":
+        return value is None, None
+    if t == "bool":
+        return isinstance(value, bool), value
+    if t == "int":
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if t == "float":
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if t == "str":
+        return isinstance(value, str), value
+    if t in ("list[int]", "pair"):
+        if isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            if t == "pair" and len(value) != 2:
+                return False, None
+            return True, list(value)
+        return False, None
+    if t == "list[dict]":
+        return isinstance(value, list) and all(isinstance(i, dict) for i in value), value
+    raise AssertionError(t)
+
+
+def _check_value(v: Any, field: Field, path: str, ctx: _Ctx) -> None:
+    if field.choices is not None and v not in field.choices:
+        names = [str(c) for c in field.choices if c is not None]
+        hint = _suggest(str(v), names) if isinstance(v, str) else ""
+        hint = f" ({hint})" if hint.startswith("did") else ""
+        raise ctx.fail(path, f"{v!r} is not one of {', '.join(names)}{hint}")
+    if field.minimum is not None:
+        nums = [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else (
+            v if isinstance(v, list) else [])
+        for n in nums:
+            if not isinstance(n, (int, float)) or (isinstance(n, float) and math.isnan(n)):
+                continue
+            if n < field.minimum or (field.exclusive_min and n == field.minimum):
+                rel = ">" if field.exclusive_min else ">="
+                raise ctx.fail(path, f"must be {rel} {field.minimum:g}, got {n!r}")
+
+
+def _validate_section(raw: Any, spec: dict[str, Any], path: str, ctx: _Ctx) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ctx.fail(path or "(top level)", f"expected a mapping of keys, got {_type_name(raw)} {raw!r}")
+    for key in raw:
+        if key not in spec:
+            where = f"{path}.{key}" if path else str(key)
+            raise ctx.fail(where, f"unknown key ({_suggest(str(key), list(spec))})")
+    out: dict[str, Any] = {}
+    for key, field in spec.items():
+        where = f"{path}.{key}" if path else key
+        if isinstance(field, dict):
+            out[key] = _validate_section(raw.get(key), field, where, ctx)
+        elif key in raw:
+            out[key] = _coerce(raw[key], field, where, ctx)
+        elif field.default is REQUIRED:
+            raise ctx.fail(where, "is required")
+        else:
+            out[key] = copy.deepcopy(field.default)
+    return out
+
+
+def _validate_layers(layers: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
+    if not layers:
+        raise ctx.fail("model.layers", "needs at least one layer")
+    out = []
+    for i, raw in enumerate(layers):
+        path = f"model.layers.{i}"
+        kind = raw.get("type")
+        if kind is None:
+            raise ctx.fail(f"{path}.type", f"is required (one of {', '.join(LAYERS)})")
+        if kind not in LAYERS:
+            raise ctx.fail(f"{path}.type", f"unknown layer type {kind!r} ({_suggest(str(kind), list(LAYERS))})")
+        body = {k: v for k, v in raw.items() if k != "type"}
+        layer = _validate_section(body, LAYERS[kind], path, ctx)
+        out.append({"type": kind, **layer})
+    return out
+
+
+def _normalise_shorthands(raw: dict[str, Any]) -> None:
+    """`loss: mse` and `optimizer: sgd` are accepted as {name: ...}."""
+    for key in ("loss", "optimizer", "schedule"):
+        if isinstance(raw.get(key), str):
+            raw[key] = {"name": raw[key]}
+
+
+def validate(raw: Any, source: str = "<config>", overridden: set[str] | None = None) -> dict[str, Any]:
+    """Validate a raw config mapping; return the resolved config (defaults filled)."""
+    ctx = _Ctx(source, overridden or set())
+    if not isinstance(raw, dict):
+        raise ctx.fail("(top level)", f"a config must be a mapping of sections, got {_type_name(raw)}")
+    raw = copy.deepcopy(raw)
+    _normalise_shorthands(raw)
+    cfg = _validate_section(raw, ROOT, "", ctx)
+    cfg["model"]["layers"] = _validate_layers(cfg["model"]["layers"], ctx)
+    shape = cfg["model"]["input_shape"]
+    if shape is not None and (len(shape) not in (1, 3) or min(shape) < 1):
+        raise ctx.fail("model.input_shape", f"expected [features] or [channels, height, width] of positive ints, got {shape}")
+    val = cfg["data"]["val_split"]
+    if isinstance(val, float) and not 0.0 <= val < 1.0:
+        raise ctx.fail("data.val_split", f"a fraction must be in [0, 1), got {val}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'trainer.epochs=3' -> (['trainer', 'epochs'], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value, e.g. --set trainer.epochs=3")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.split("."), parsed
+
+
+def apply_override(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            idx = _list_index(node, part, parts[: i + 1])
+            node = node[idx]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            if isinstance(node.get(part), str) and part in ("loss", "optimizer", "schedule"):
+                node[part] = {"name": node[part]}
+            else:
+                node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list[Any], part: str, path: list[str]) -> int:
+    dotted = ".".join(path)
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {dotted}: {part!r} is not an index into a list of {len(node)} items")
+    return int(part)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML config file, apply --set overrides, validate."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: invalid YAML ({problem})") from None
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict):
+        _normalise_shorthands(raw)
+    overridden: set[str] = set()
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        if not isinstance(raw, dict):
+            break
+        apply_override(raw, parts, value)
+        overridden.add(".".join(parts))
+    return validate(raw, str(p), overridden)
+
+
+def dump_config(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    keys = list(dict.fromkeys([*a.keys(), *b.keys()]))
+    out: list[str] = []
+    for k in keys:
+        path = f"{prefix}.{k}" if prefix else str(k)
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, path)
+        elif isinstance(va, list) and isinstance(vb, list) and len(va) == len(vb) and all(
+                isinstance(x, dict) for x in va + vb):
+            for i, (xa, xb) in enumerate(zip(va, vb)):
+                out += config_diff(xa, xb, f"{path}.{i}")
+        elif va != vb:
+            out.append(path)
+    return out

@@ -1,0 +1,151 @@
+"""The config schema: every section and layer type as a table of typed fields.
+
+A field is (types, default, choices). REQUIRED marks a field without default. Sections nest. The
+validator in config.py walks these tables; unknown keys and wrong types are errors naming the
+key path and a "did you mean" suggestion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    types: tuple[str, ...]  # among: int, float, bool, str, null, list[int], pair, dict, list[dict]
+    default: Any = REQUIRED
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None  # inclusive lower bound for numbers
+    exclusive_min: bool = False
+    doc: str = ""
+
+
+def F(types: str, default: Any = REQUIRED, choices: tuple[Any, ...] | None = None,
+      minimum: float | None = None, exclusive_min: bool = False, doc: str = "") -> Field:
+    return Field(tuple(types.split("|")), default, choices, minimum, exclusive_min, doc)
+
+
+ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", None)
+
+AUGMENT: dict[str, Any] = {
+    "shift": F("int", 0, minimum=0, doc="max random shift in pixels (each axis)"),
+    "rotate": F("float", 0.0, minimum=0, doc="max random rotation in degrees"),
+    "scale": F("float", 0.0, minimum=0, doc="max relative zoom, e.g. 0.1 for 0.9x..1.1x"),
+    "hflip": F("bool", False, doc="random horizontal flips (off by default: wrong for digits)"),
+}
+
+DATA: dict[str, Any] = {
+    "dataset": F("str", "fashion_mnist", choices=("fashion_mnist", "mnist")),
+    "root": F("str|null", None, doc="folder holding the IDX files; searched first"),
+    "val_split": F("int|float", 5000, minimum=0, doc="validation samples (int) or fraction (float < 1)"),
+    "limit": F("int|null", None, minimum=1, doc="use only the first N training samples"),
+    "normalize": F("bool", True, doc="subtract the training mean, divide by its std"),
+    "download": F("bool", True, doc="download from the canonical mirrors when not found"),
+    "augment": AUGMENT,
+}
+
+LAYERS: dict[str, dict[str, Field]] = {
+    "dense": {
+        "units": F("int", minimum=1),
+        "activation": F("str|null", None, choices=ACTIVATION_CHOICES),
+        "use_bias": F("bool", True),
+        "init": F("str|null", None, choices=("he", "glorot", None)),
+    },
+    "conv2d": {
+        "filters": F("int", minimum=1),
+        "kernel": F("int|pair", minimum=1),
+        "stride": F("int|pair", 1, minimum=1),
+        "padding": F("int|pair|str", 0, minimum=0, doc="pixels, or 'same' / 'valid'"),
+        "activation": F("str|null", None, choices=ACTIVATION_CHOICES),
+        "use_bias": F("bool", True),
+        "init": F("str|null", None, choices=("he", "glorot", None)),
+    },
+    "maxpool2d": {
+        "size": F("int|pair", minimum=1),
+        "stride": F("int|pair|null", None, minimum=1),
+        "padding": F("int|pair", 0, minimum=0),
+    },
+    "flatten": {},
+    "relu": {},
+    "tanh": {},
+    "sigmoid": {},
+    "dropout": {"rate": F("float", minimum=0)},
+}
+LAYERS["avgpool2d"] = dict(LAYERS["maxpool2d"])
+for _spec in LAYERS.values():
+    _spec["name"] = F("str|null", None, doc="layer name in the summary and checkpoints")
+
+MODEL: dict[str, Any] = {
+    "input_shape": F("list[int]|null", None, doc="(channels, height, width); default: the dataset's"),
+    "layers": F("list[dict]"),
+}
+
+LOSS: dict[str, Any] = {
+    "name": F("str", "softmax_cross_entropy", choices=("softmax_cross_entropy", "mse")),
+    "label_smoothing": F("float", 0.0, minimum=0),
+}
+
+OPTIMIZER: dict[str, Any] = {
+    "name": F("str", "adam", choices=("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")),
+    "lr": F("float", 1e-3, minimum=0, exclusive_min=True),
+    "momentum": F("float", 0.9, minimum=0, doc="momentum / nesterov"),
+    "beta1": F("float", 0.9, minimum=0),
+    "beta2": F("float", 0.999, minimum=0),
+    "eps": F("float", 1e-8, minimum=0, exclusive_min=True),
+    "alpha": F("float", 0.99, minimum=0, doc="rmsprop smoothing constant"),
+    "weight_decay": F("float", 0.0, minimum=0),
+}
+
+SCHEDULE: dict[str, Any] = {
+    "name": F("str", "constant",
+              choices=("constant", "step", "multistep", "exponential", "cosine", "onecycle")),
+    "step_size": F("int", 1, minimum=1, doc="step: epochs between decays"),
+    "milestones": F("list[int]", [], doc="multistep: epochs at which lr *= gamma"),
+    "gamma": F("float", 0.1, minimum=0),
+    "min_lr": F("float", 0.0, minimum=0, doc="cosine: final lr"),
+    "max_lr": F("float|null", None, minimum=0, doc="onecycle: peak lr (default optimizer.lr)"),
+    "pct_start": F("float", 0.3, minimum=0),
+    "div_factor": F("float", 25.0, minimum=0, exclusive_min=True),
+    "final_div_factor": F("float", 1e4, minimum=0, exclusive_min=True),
+    "warmup_epochs": F("float", 0.0, minimum=0, doc="linear warm-up length in epochs"),
+    "warmup_start": F("float", 0.0, minimum=0, doc="warm-up starts at lr * warmup_start"),
+}
+
+EARLY_STOPPING: dict[str, Any] = {
+    "enabled": F("bool", False),
+    "monitor": F("str", "val_loss"),
+    "mode": F("str", "auto", choices=("auto", "min", "max")),
+    "patience": F("int", 5, minimum=0),
+    "min_delta": F("float", 0.0, minimum=0),
+    "restore_best": F("bool", True),
+}
+
+TRAINER: dict[str, Any] = {
+    "epochs": F("int", 10, minimum=1),
+    "batch_size": F("int", 32, minimum=1),
+    "eval_batch_size": F("int", 1000, minimum=1),
+    "drop_last": F("bool", False, doc="skip the last partial training batch"),
+    "log_every": F("int", 50, minimum=1, doc="steps between loss read-backs (progress bar)"),
+    "progress": F("bool|null", None, doc="progress bar; default: when stderr is a terminal"),
+    "grad_clip_norm": F("float|null", None, minimum=0, exclusive_min=True),
+    "keep_checkpoints": F("int", 2, minimum=1, doc="how many last-epoch checkpoints to keep"),
+    "monitor": F("str", "val_accuracy", doc="metric for the best checkpoint"),
+    "monitor_mode": F("str", "auto", choices=("auto", "min", "max")),
+    "early_stopping": EARLY_STOPPING,
+}
+
+ROOT: dict[str, Any] = {
+    "name": F("str", "run"),
+    "device": F("str", "auto", choices=("auto", "cuda", "cpu")),
+    "seed": F("int", 0, minimum=0),
+    "dtype": F("str", "float32", choices=("float32", "float64")),
+    "data": DATA,
+    "model": MODEL,
+    "loss": LOSS,
+    "optimizer": OPTIMIZER,
+    "schedule": SCHEDULE,
+    "trainer": TRAINER,
+}
