@@ -24,8 +24,9 @@ class _Ctx:
         self.overridden = overridden
 
     def fail(self, path: str, message: str) -> ConfigError:
-        origin = f"--set {path}" if any(path == o or path.startswith(o + ".") for o in self.overridden) else self.source
-        return ConfigError(f"{origin}: {path}: {message}")
+        if any(path == o or path.startswith(o + ".") for o in self.overridden):
+            return ConfigError(f"--set {path}: {message}")
+        return ConfigError(f"{self.source}: {path}: {message}")
 
 
 def _suggest(key: str, options: list[str]) -> str:
