@@ -1,0 +1,272 @@
+"""Datasets in memory (`load_dataset`) and batches on a device (`BatchIterator`)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpuml.backend.base import Array, Backend
+from gpuml.data.datasets import FILE_KEYS, DatasetSpec, fetch_dataset, read_verified
+from gpuml.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Split:
+    """images uint8 (N, C, H, W) in 0..255, labels int64 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded dataset. `mean`/`std` are over every pixel of `train`, in [0, 1] units, for
+    normalising x = (pixel / 255 - mean) / std. `val` is None when val_split is 0."""
+
+    spec: DatasetSpec
+    folder: Path
+    train: Split
+    val: Split | None
+    test: Split
+    mean: float
+    std: float
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.spec.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    val_split: int | float = 0,
+    download: bool = True,
+    *,
+    verify: bool = True,
+    progress: bool | None = None,
+) -> Dataset:
+    """Load `name` (finding or downloading its files, see gpuml.data.datasets).
+
+    limit: keep the first `limit` training samples (the test set is untouched).
+    val_split: validation samples taken from the end of the (limited) training set: an int
+    count, or a float fraction in (0, 1). verify: check each file's content hash.
+    """
+    files = fetch_dataset(name, root, download=download, progress=progress)
+    spec = files.spec
+    arrays = {k: read_verified(files.paths[k], spec.files[k], verify=verify) for k in FILE_KEYS}
+    train = _as_split(spec, files.paths, arrays["train_images"], arrays["train_labels"], "train")
+    test = _as_split(spec, files.paths, arrays["test_images"], arrays["test_labels"], "test")
+
+    n = len(train)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+            raise ConfigError(f"data.limit must be a positive integer, got {limit!r}")
+        if limit > n:
+            raise ConfigError(f"data.limit={limit} exceeds the {n} training samples of {spec.name}")
+        n = int(limit)
+    n_val = _val_count(val_split, n)
+    val = Split(train.images[n - n_val : n], train.labels[n - n_val : n]) if n_val else None
+    train = Split(train.images[: n - n_val], train.labels[: n - n_val])
+    mean, std = pixel_stats(train.images)
+    return Dataset(spec, files.folder, train, val, test, mean, std)
+
+
+def _as_split(
+    spec: DatasetSpec, paths: Mapping[str, Path], images: np.ndarray, labels: np.ndarray, which: str
+) -> Split:
+    """Check shapes, dtypes and label range (verify=False skips the hashes, not this)."""
+    ipath, lpath = paths[f"{which}_images"], paths[f"{which}_labels"]
+    if images.dtype != np.uint8 or images.ndim < 2 or math.prod(images.shape[1:]) != math.prod(spec.shape):
+        raise DataError(
+            f"{ipath}: expected uint8 images of {spec.shape}, got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{lpath}: expected a 1-D integer label array, got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
+        raise DataError(f"{lpath}: {len(labels)} labels for the {len(images)} images in {ipath}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise DataError(
+            f"{lpath}: labels span {labels.min()}..{labels.max()}, expected 0..{spec.num_classes - 1}"
+        )
+    return Split(images.reshape((len(images), *spec.shape)), labels.astype(np.int64))
+
+
+def _val_count(val_split: int | float, n: int) -> int:
+    if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real):
+        raise ConfigError(f"data.val_split must be a count or a fraction, got {val_split!r}")
+    if isinstance(val_split, numbers.Integral):
+        count = int(val_split)
+        if count < 0:
+            raise ConfigError(f"data.val_split must not be negative, got {count}")
+    else:
+        if not 0.0 <= val_split < 1.0:
+            raise ConfigError(f"data.val_split as a fraction must be in [0, 1), got {val_split}")
+        count = round(val_split * n)
+        if val_split > 0 and count == 0:
+            raise ConfigError(f"data.val_split={val_split} of {n} training samples is 0 samples")
+    if count >= n:
+        raise ConfigError(
+            f"data.val_split={val_split} takes {count} of the {n} training samples, leaving none to train on"
+        )
+    return count
+
+
+def pixel_stats(images: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of uint8 pixels in [0, 1] units, exact, from a 256-bin histogram (no
+    float copy of the images)."""
+    if images.size == 0:
+        raise DataError("cannot compute pixel statistics of an empty training set")
+    counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    total = counts.sum()
+    mean = float(counts @ values / total)
+    var = float(counts @ (values - mean) ** 2 / total)
+    return mean, math.sqrt(var)
+
+
+class BatchIterator:
+    """Batches of one split on a backend.
+
+    The split is copied to the device once (images uint8, labels int32). Each epoch draws a
+    permutation from `rng` (when shuffling) and sends it to the device once; each batch is then
+    a slice of that index array gathered by `backend.gather_batch` into an output buffer kept per
+    batch size, so the same (x, y) arrays come back every step: use them before the next one.
+
+    Iterating yields the rest of the current epoch, starting a new one when it is complete.
+    `state_dict()` / `load_state_dict()` capture the position exactly: the rng state before the
+    epoch's permutation was drawn, and how many of its batches were handed out. The iterator
+    owns `rng` from then on; drawing from it elsewhere changes the permutations.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        split: Split,
+        batch_size: int,
+        *,
+        mean: float,
+        std: float,
+        shuffle: bool = False,
+        rng: np.random.Generator | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        n = len(split)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if shuffle and rng is None:
+            raise ValueError("shuffle=True needs rng, a numpy.random.Generator seeded from the run seed")
+        if n == 0 or (drop_last and n < batch_size):
+            raise ConfigError(f"batch_size {batch_size} with drop_last leaves no batch from {n} samples")
+        if not std > 0:
+            raise DataError(f"pixel std must be positive, got {std} (all training pixels equal?)")
+        self.backend = backend
+        self.batch_size = int(batch_size)
+        self.mean, self.std = float(mean), float(std)
+        self.shuffle, self.drop_last, self.rng = shuffle, drop_last, rng
+        self.num_samples = n
+        self.images = backend.asarray(np.ascontiguousarray(split.images), dtype=np.uint8)
+        self.labels = backend.asarray(split.labels.astype(np.int32), dtype=np.int32)
+        self._buffers: dict[int, tuple[Array, Array]] = {}
+        self._sample_shape = tuple(split.images.shape[1:])
+        self._epoch = 0
+        self._cursor = 0
+        self._epoch_rng_state: dict[str, Any] | None = None
+        self._order: Array | None = None
+        if not shuffle:
+            self._order = backend.asarray(np.arange(n, dtype=np.int64), dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs started so far (1 during the first)."""
+        return self._epoch
+
+    @property
+    def cursor(self) -> int:
+        """Batches of the current epoch already handed out."""
+        return self._cursor
+
+    def __iter__(self) -> Iterator[tuple[Array, Array]]:
+        if self._epoch == 0 or self._cursor >= len(self):
+            self._start_epoch()
+        while self._cursor < len(self):
+            start = self._cursor * self.batch_size
+            stop = min(start + self.batch_size, self.num_samples)
+            # Counted before the yield: a checkpoint taken while the caller holds batch k
+            # resumes at batch k + 1.
+            self._cursor += 1
+            yield self._gather(start, stop)
+
+    def _start_epoch(self) -> None:
+        if self.shuffle:
+            assert self.rng is not None
+            self._epoch_rng_state = self.rng.bit_generator.state
+            perm = self.rng.permutation(self.num_samples)
+            self._order = self.backend.asarray(perm, dtype=np.int64)
+        self._epoch += 1
+        self._cursor = 0
+
+    def _gather(self, start: int, stop: int) -> tuple[Array, Array]:
+        size = stop - start
+        if size not in self._buffers:
+            self._buffers[size] = (
+                self.backend.empty((size, *self._sample_shape)),
+                self.backend.empty((size,), dtype=np.int32),
+            )
+        out_x, out_y = self._buffers[size]
+        return self.backend.gather_batch(
+            self.images, self.labels, self._order[start:stop],
+            mean=self.mean, std=self.std, out_x=out_x, out_y=out_y,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (ints, strings, dicts) describing the position, for checkpoints."""
+        return {
+            "epoch": self._epoch,
+            "cursor": self._cursor,
+            "rng_state": self._epoch_rng_state,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Return to the position `state_dict()` recorded: the next batch is the one that would
+        have come next, and later epochs draw the same permutations."""
+        for key in ("num_samples", "batch_size", "shuffle", "drop_last"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"cannot resume the data position: {key} was {state[key]!r}, now {getattr(self, key)!r}"
+                )
+        if not 0 <= state["cursor"] <= len(self) or state["epoch"] < 0:
+            raise DataError(f"cannot resume the data position: invalid state {state!r}")
+        self._epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
+        if self.shuffle and self._epoch > 0:
+            if state["rng_state"] is None:
+                raise DataError("cannot resume the data position: the rng state is missing")
+            assert self.rng is not None
+            # Redrawing the permutation also leaves the generator where the original run had it.
+            self.rng.bit_generator.state = state["rng_state"]
+            self._epoch_rng_state = state["rng_state"]
+            self._order = self.backend.asarray(self.rng.permutation(self.num_samples), dtype=np.int64)
