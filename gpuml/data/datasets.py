@@ -17,6 +17,7 @@ gzip header, so their `.gz` hash differs from the mirror's) and for uncompressed
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import http.client
@@ -240,10 +241,27 @@ def fetch_dataset(
     if not download:
         raise _not_found(spec, notes, "downloading is disabled")
     dest = download_dir(spec)
+    created = not dest.exists()
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _not_found(spec, notes, f"cannot create {dest} ({exc.strerror or exc})") from None
+    try:
+        _download_missing(spec, dest, timeout, progress, notes)
+    except DataError:
+        if created:
+            with contextlib.suppress(OSError):
+                dest.rmdir()  # only succeeds when empty: earlier files of this run stay
+        raise
+    found, missing = _find_in(dest, spec)
+    if missing:  # another process removed them meanwhile
+        raise _not_found(spec, notes, f"{dest} lost {', '.join(missing)} after download")
+    return DatasetFiles(spec, dest, found)
+
+
+def _download_missing(
+    spec: DatasetSpec, dest: Path, timeout: float, progress: bool | None, notes: list[str]
+) -> None:
     for key in FILE_KEYS:
         f = spec.files[key]
         if (dest / f.name).is_file() or (dest / f.raw_name).is_file():
@@ -258,10 +276,6 @@ def fetch_dataset(
                 failures.append(f"{url}: {exc}")
         else:
             raise _not_found(spec, notes, "download failed: " + "; ".join(failures))
-    found, missing = _find_in(dest, spec)
-    if missing:  # another process removed them meanwhile
-        raise _not_found(spec, notes, f"{dest} lost {', '.join(missing)} after download")
-    return DatasetFiles(spec, dest, found)
 
 
 class _DownloadFailed(Exception):

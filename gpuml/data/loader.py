@@ -127,11 +127,15 @@ def _val_count(val_split: int | float, n: int) -> int:
 
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:
-    """(mean, std) of uint8 pixels in [0, 1] units, exact, from a 256-bin histogram (no
-    float copy of the images)."""
+    """(mean, std) of uint8 pixels in [0, 1] units, exact, from a 256-bin histogram."""
     if images.size == 0:
         raise DataError("cannot compute pixel statistics of an empty training set")
-    counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
+    flat = images.reshape(-1)
+    counts = np.zeros(256, dtype=np.int64)
+    # In chunks: bincount converts its input to intp, 8 bytes per pixel.
+    for i in range(0, flat.size, 1 << 20):
+        counts += np.bincount(flat[i : i + (1 << 20)], minlength=256)
+    counts = counts.astype(np.float64)
     values = np.arange(256, dtype=np.float64) / 255.0
     total = counts.sum()
     mean = float(counts @ values / total)
