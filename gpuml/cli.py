@@ -1,0 +1,247 @@
+"""The `gpuml` command: train, eval, predict, export, plot, info, bench.
+
+Every user error (GpumlError) is printed as one line `gpuml: error: ...` with the error's exit
+code (2 for config errors); tracebacks are only for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gpuml import __version__
+from gpuml.errors import ConfigError, GpumlError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train from CONFIG, or continue a run with --resume RUN_DIR.")
+    p.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set trainer.epochs=3 (repeatable)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<name>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a config that differs from the run's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_run_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run's weights on the test (or val) split")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--checkpoint", default="final", help="final (weights.npz), best, last or a path")
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.add_argument("--device", help="override the run's device (auto, cpu, cuda)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict classes for images in a .npy or IDX file")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("input", type=Path, help=".npy (N,H,W)/(N,C,H,W) uint8 0..255 or IDX images")
+    p.add_argument("--checkpoint", default="final", help="final, best, last or a path")
+    p.add_argument("--out", type=Path, help="write predictions (.npy: probabilities; .csv: index,class,prob)")
+    p.add_argument("--device", help="override the run's device")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export weights as .npz or .safetensors")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--checkpoint", default="final", help="final, best, last or a path")
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "npz"))
+    p.add_argument("--out", type=Path, help="output file (default RUN_DIR/weights.<format>)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="PNG learning curves of one or more runs")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="PNG file (default RUN_DIR/curves.png of the first run)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("info", help="versions, backends and the GPU seen")
+    p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpuml", description="gpuml: small-model GPU training")
+    parser.add_argument("--version", action="version", version=f"gpuml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_run_commands(sub)
+    try:
+        from gpuml.benchmark.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+# ---------------------------------------------------------------------------------- train
+def _default_run_dir(name: str) -> Path:
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gpuml.train import checkpoint as ckpt
+    from gpuml.train.config import config_diff, load_config
+    from gpuml.train.trainer import Trainer, write_config, write_run_info
+
+    if args.resume:
+        run_dir = args.resume
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.exists():
+            raise GpumlError(f"--resume {run_dir}: not a run folder ({saved_path} is missing)")
+        saved = load_config(saved_path)
+        cfg = load_config(args.config or saved_path, args.overrides)
+        changed = config_diff(saved, cfg)
+        if changed and not args.allow_config_change:
+            raise ConfigError(f"--resume {run_dir}: the config differs from the run's in "
+                              f"{', '.join(changed)}; pass --allow-config-change to accept")
+        last = ckpt.find(run_dir, "last")
+        trainer = Trainer(cfg, run_dir, source=str(args.config or saved_path))
+        trainer.restore(last)
+        if changed:
+            write_config(run_dir, cfg)
+    else:
+        if not args.config:
+            raise ConfigError("gpuml train: give a CONFIG file, or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = args.out or _default_run_dir(cfg["name"])
+        if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+            raise GpumlError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
+        trainer = Trainer(cfg, run_dir, source=str(args.config))
+        write_config(run_dir, cfg)
+    write_run_info(run_dir, trainer)
+    trainer.fit(progress=False if args.no_progress else None)
+    return 0
+
+
+# ---------------------------------------------------------------------------------- runs
+def _load_run_model(run_dir: Path, checkpoint: str, device: str | None, with_data: bool) -> Any:
+    """(cfg, trainer-or-model, backend) with the chosen weights loaded."""
+    import numpy as np
+
+    from gpuml.train import checkpoint as ckpt
+    from gpuml.train.config import load_config
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise GpumlError(f"{run_dir}: not a run folder ({cfg_path} is missing)")
+    cfg = load_config(cfg_path, [f"device={device}"] if device else [])
+    if checkpoint == "final":
+        wpath = run_dir / "weights.npz"
+        if not wpath.exists():
+            raise GpumlError(f"{run_dir}: no final weights ({wpath} is missing); use --checkpoint last")
+        with np.load(wpath, allow_pickle=False) as z:
+            weights = {k: z[k] for k in z.files}
+    else:
+        weights, _, _ = ckpt.load(ckpt.find(run_dir, checkpoint))
+    if with_data:
+        from gpuml.train.trainer import Trainer
+
+        trainer = Trainer(cfg, run_dir, source=str(cfg_path))
+        trainer.model.load_state_dict(weights, source=checkpoint)
+        return cfg, trainer
+    from gpuml.backend import get_backend
+    from gpuml.train.build import build_model
+
+    info = read_run_info(run_dir)
+    backend = get_backend(cfg["device"], dtype=cfg["dtype"])
+    model = build_model(cfg, backend, tuple(info["input_shape"]), str(cfg_path))
+    model.load_state_dict(weights, source=checkpoint)
+    return cfg, (model, backend, info, weights)
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    if not path.exists():
+        raise GpumlError(f"{run_dir}: {path.name} is missing (not a gpuml run folder?)")
+    return json.loads(path.read_text())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _, trainer = _load_run_model(args.run_dir, args.checkpoint, args.device, with_data=True)
+    if args.split not in trainer.eval_iters:
+        raise GpumlError(f"{args.run_dir}: this run has no {args.split} split (data.val_split is 0)")
+    result = trainer.evaluate(args.split)
+    print(json.dumps({"split": args.split, "checkpoint": args.checkpoint,
+                      f"{args.split}_loss": result["loss"], f"{args.split}_accuracy": result["accuracy"]}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from gpuml.predict import predict_file
+
+    _, (model, backend, info, _) = _load_run_model(args.run_dir, args.checkpoint, args.device, with_data=False)
+    predict_file(model, backend, info, args.input, args.out, args.batch_size)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gpuml.export import export_weights
+
+    _, (_, _, _, weights) = _load_run_model(args.run_dir, args.checkpoint, "cpu", with_data=False)
+    out = args.out or args.run_dir / f"weights.{args.format}"
+    export_weights(weights, out, args.format)
+    print(out)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from gpuml.train.plot import plot_runs
+
+    out = args.out or args.run_dirs[0] / "curves.png"
+    plot_runs(args.run_dirs, out)
+    print(out)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import numpy as np
+
+    from gpuml.backend import cuda_status
+
+    lines = [f"gpuml {__version__}", f"python {platform.python_version()} ({sys.executable})",
+             f"numpy {np.__version__}"]
+    for mod in ("numba", "yaml", "tqdm", "cupy", "torch", "matplotlib"):
+        try:
+            m = __import__(mod)
+            lines.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception as exc:  # a broken optional install must not break `info`
+            lines.append(f"{mod} not available ({type(exc).__name__})")
+    ok, why = cuda_status()
+    lines.append("backends: cpu" + (", cuda" if ok else ""))
+    if ok:
+        from gpuml.backend import get_backend
+
+        lines.append(f"gpu: {get_backend('cuda').describe()}")
+    else:
+        lines.append(f"gpu: none ({why})")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GpumlError as exc:
+        print(f"gpuml: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("gpuml: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`gpuml predict`: class predictions for images in a .npy or IDX file, normalised the way the
+run's training data was."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpuml.backend.base import Backend
+from gpuml.errors import DataError, ShapeError
+from gpuml.nn.model import Sequential
+
+
+def load_images(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 or float images -> float64 in [0, 1] units, shaped (N, *input_shape)."""
+    if not path.exists():
+        raise DataError(f"{path}: input file not found")
+    if path.suffix == ".npy":
+        try:
+            x = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+    else:
+        from gpuml.data.idx import read_idx
+
+        x = read_idx(path)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float64) / 255.0
+    elif x.dtype.kind == "f":
+        x = x.astype(np.float64)
+    else:
+        raise DataError(f"{path}: expected uint8 (0..255) or float (0..1) images, got {x.dtype}")
+    per_sample = math.prod(input_shape)
+    if x.ndim < 2 or math.prod(x.shape[1:]) != per_sample:
+        raise ShapeError(f"{path}: images of shape {x.shape} do not fit the model input {tuple(input_shape)}")
+    return x.reshape((x.shape[0], *input_shape))
+
+
+def predict_array(model: Sequential, backend: Backend, info: dict[str, Any], x01: np.ndarray,
+                  batch_size: int = 1000) -> np.ndarray:
+    """Softmax probabilities (N, classes) for images in [0, 1] units."""
+    mean, std = info["mean"], info["std"]
+    probs = []
+    for i in range(0, len(x01), batch_size):
+        xb = backend.asarray((x01[i:i + batch_size] - mean) / std)
+        logits = backend.to_numpy(model.forward(xb, training=False)).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        probs.append(e / e.sum(axis=1, keepdims=True))
+    return np.concatenate(probs) if probs else np.zeros((0, model.output_shape[0]))
+
+
+def predict_file(model: Sequential, backend: Backend, info: dict[str, Any], path: Path,
+                 out: Path | None, batch_size: int) -> np.ndarray:
+    x = load_images(path, tuple(info["input_shape"]))
+    probs = predict_array(model, backend, info, x, batch_size)
+    classes = info.get("classes") or [str(i) for i in range(probs.shape[1])]
+    pred = probs.argmax(axis=1)
+    if out is None:
+        for i, k in enumerate(pred):
+            print(f"{i}\t{k}\t{classes[k]}\t{probs[i, k]:.4f}")
+    elif out.suffix == ".npy":
+        np.save(out, probs)
+    else:
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "class", "name", "probability"])
+            for i, k in enumerate(pred):
+                w.writerow([i, int(k), classes[k], f"{probs[i, k]:.6f}"])
+    return probs

@@ -1,0 +1,1 @@
+"""Config schema, trainer loop, checkpoints and metrics."""

@@ -1,0 +1,95 @@
+"""Checkpoints: one .npz per save holding model weights ("model/<param>"), optimizer state
+("optim/<state>.<i>") and a JSON "meta" record (epoch, step, batch cursor, the resolved config,
+the metrics history, best-metric and early-stopping state, partial-epoch accumulators).
+
+Randomness needs no saved generator state: shuffling draws from a generator seeded by
+(seed, epoch), dropout and augmentation from the counter-based generator keyed by (seed, step).
+So (seed, epoch, step) in meta *is* every RNG state, and a resumed run replays the same numbers.
+
+Writes are atomic (temporary file, fsync, rename): a crash leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpuml.data.atomic import atomic_write
+from gpuml.errors import GpumlError
+
+FORMAT = 1
+_NAME = re.compile(r"^step-(\d{9})\.npz$")
+
+
+def save(path: Path, model_state: dict[str, np.ndarray], optim_state: dict[str, Any],
+         meta: dict[str, Any]) -> Path:
+    arrays: dict[str, np.ndarray] = {f"model/{k}": v for k, v in model_state.items()}
+    scalars = {}
+    for k, v in optim_state.items():
+        if isinstance(v, np.ndarray):
+            arrays[f"optim/{k}"] = v
+        else:
+            scalars[k] = v
+    record = dict(meta, format=FORMAT, optim_scalars=scalars)
+    arrays["meta"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """(model_state, optim_state, meta); a missing or damaged file is a one-line error."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            model = {k[6:]: z[k] for k in z.files if k.startswith("model/")}
+            optim: dict[str, Any] = {k[6:]: z[k] for k in z.files if k.startswith("optim/")}
+    except FileNotFoundError:
+        raise GpumlError(f"{path}: checkpoint not found") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise GpumlError(f"{path}: checkpoint is damaged ({type(exc).__name__}: {exc})") from None
+    if meta.get("format") != FORMAT:
+        raise GpumlError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
+    optim.update(meta.pop("optim_scalars", {}))
+    return model, optim, meta
+
+
+def step_path(folder: Path, global_step: int) -> Path:
+    return folder / f"step-{global_step:09d}.npz"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Rolling checkpoints, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+
+
+def prune(folder: Path, keep: int) -> None:
+    for old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def find(run_dir: Path, which: str = "last") -> Path:
+    """The checkpoint file for 'last', 'best', or a path."""
+    folder = run_dir / "checkpoints"
+    if which == "last":
+        ckpts = list_checkpoints(folder)
+        if not ckpts:
+            raise GpumlError(f"{run_dir}: no checkpoint to resume from (looked in {folder})")
+        return ckpts[-1]
+    if which == "best":
+        p = folder / "best.npz"
+        if not p.exists():
+            raise GpumlError(f"{run_dir}: no best checkpoint ({p} is missing)")
+        return p
+    p = Path(which)
+    if not p.exists():
+        raise GpumlError(f"checkpoint {which!r} not found (use best, last or a path)")
+    return p

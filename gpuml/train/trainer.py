@@ -1,0 +1,363 @@
+"""The training loop: build everything from a resolved config, train with a progress bar,
+checkpoint after every epoch (and on Ctrl-C / SIGTERM), resume exactly, stop early, and write
+the run folder.
+
+The step itself (forward, fused loss, backward, one fused optimizer launch) touches only
+preallocated buffers; the loss and accuracy are accumulated on the device and read back once
+per `trainer.log_every` steps (every step on CPU, where reading is free) to drive the progress
+bar and catch a NaN early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpuml.backend import get_backend
+from gpuml.backend.base import Array
+from gpuml.data.atomic import atomic_write
+from gpuml.data.loader import BatchIterator, Dataset, load_dataset
+from gpuml.errors import DeviceError, GpumlError, TrainingDiverged
+from gpuml.train import checkpoint as ckpt
+from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
+from gpuml.train.config import dump_config
+from gpuml.train.metrics import MetricsLog, format_epoch
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Stop(Exception):
+    """Raised between steps after Ctrl-C or SIGTERM, so the checkpoint is consistent."""
+
+
+class Interrupted(GpumlError):
+    exit_code = 130
+
+
+def metric_mode(name: str, mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return "max" if "accuracy" in name else "min"
+
+
+class Trainer:
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, *, source: str = "config",
+                 log: Log = _stderr, dataset: Dataset | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.source = source
+        self.log = log
+        self.backend = get_backend(cfg["device"], dtype=cfg["dtype"])
+        self.log(f"gpuml: device {self.backend.describe()} (device: {cfg['device']})")
+        d = cfg["data"]
+        self.data = dataset or load_dataset(d["dataset"], d["root"], d["limit"], d["val_split"],
+                                            d["download"])
+        mean, std = (self.data.mean, self.data.std) if d["normalize"] else (0.0, 1.0)
+        t = cfg["trainer"]
+        self.train_iter = BatchIterator(self.backend, self.data.train, t["batch_size"], mean=mean,
+                                        std=std, shuffle=True, rng=np.random.default_rng(cfg["seed"]),
+                                        drop_last=t["drop_last"])
+        self.eval_iters = {
+            name: BatchIterator(self.backend, split, t["eval_batch_size"], mean=mean, std=std)
+            for name, split in (("val", self.data.val), ("test", self.data.test)) if split is not None
+        }
+        input_shape = tuple(cfg["model"]["input_shape"] or self.data.train.images.shape[1:])
+        self.model = build_model(cfg, self.backend, input_shape, source)
+        self.loss_fn = build_loss(cfg, self.backend, source)
+        self.optimizer = build_optimizer(cfg, self.backend, self.model)
+        self.schedule = build_schedule(cfg, len(self.train_iter))
+        self.grads = [g for _, _, g in self.model.named_parameters()]
+        self.metric_names = ["train_loss", "train_accuracy", "lr"]
+        if "val" in self.eval_iters:
+            self.metric_names[2:2] = ["val_loss", "val_accuracy"]
+        self.monitor = self._check_metric(t["monitor"], "trainer.monitor")
+        es = t["early_stopping"]
+        if es["enabled"]:
+            self._check_metric(es["monitor"], "trainer.early_stopping.monitor")
+        # Device accumulators: loss sum (weighted by batch size), correct count, one scratch.
+        self._acc = self.backend.zeros((3,))
+        self._correct = self.backend.zeros(())
+        # Progress state (restored on resume)
+        self.epoch = 0            # completed epochs
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"value": None, "epoch": None}
+        self.es_wait = 0
+        self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        self._stop_signal = ""
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _check_metric(self, name: str, key: str) -> str:
+        if name == "auto":
+            return "val_accuracy" if "val_accuracy" in self.metric_names else "train_accuracy"
+        if name not in self.metric_names:
+            raise GpumlError(f"{self.source}: {key}: unknown metric {name!r}; this run logs "
+                             f"{', '.join(self.metric_names)}")
+        return name
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "global_step": self.global_step, "config": self.cfg,
+            "history": self.history, "best": self.best, "es_wait": self.es_wait,
+            "partial": self.partial, "data": self.train_iter.state_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        folder = self.run_dir / "checkpoints"
+        path = ckpt.save(ckpt.step_path(folder, self.global_step), self.model.state_dict(),
+                         self.optimizer.state_dict(), self._meta())
+        ckpt.prune(folder, self.cfg["trainer"]["keep_checkpoints"])
+        return path
+
+    def restore(self, path: Path) -> None:
+        model, optim, meta = ckpt.load(path)
+        self.model.load_state_dict(model, source=str(path))
+        self.optimizer.load_state_dict(optim)
+        self.epoch, self.global_step = meta["epoch"], meta["global_step"]
+        self.history, self.best, self.es_wait = meta["history"], meta["best"], meta["es_wait"]
+        self.partial = meta["partial"]
+        self.train_iter.load_state_dict(meta["data"])
+        self.log(f"resumed from {path} (epoch {self.epoch}, step {self.global_step})")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """Mean loss and accuracy over a whole split, in eval mode (no dropout)."""
+        it = self.eval_iters[split]
+        be = self.backend
+        acc = be.zeros((2,))
+        for x, y in it:
+            out = self.model.forward(x, training=False)
+            loss, _ = self.loss_fn(out, y)
+            be.add_(acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))
+            be.add_(acc[1:2], be.count_correct(out, y, out=self._correct).reshape(1))
+        loss_sum, correct = (float(v) for v in be.to_numpy(acc))
+        n = it.num_samples
+        return {"loss": loss_sum / n, "accuracy": correct / n}
+
+    # ------------------------------------------------------------------ training
+    def fit(self, progress: bool | None = None) -> dict[str, Any]:
+        t = self.cfg["trainer"]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(self.run_dir)
+        metrics.rewrite(self.history)  # on resume: drop rows past the checkpoint, never duplicate
+        self.log(self.model.summary())
+        show = t["progress"] if t["progress"] is not None else progress
+        start = time.perf_counter()
+        stopped_early = False
+        with self._stop_on_signals():
+            try:
+                while self.epoch < t["epochs"] and not stopped_early:
+                    if self._stop_signal:
+                        raise _Stop()
+                    row = self._train_epoch(show)
+                    self.history.append(row)
+                    stopped_early = self._after_epoch(row)
+                    self.save_checkpoint()
+                    metrics.append(row)
+                    self.log(format_epoch(row, t["epochs"]))
+            except _Stop:
+                path = self.save_checkpoint()
+                raise Interrupted(
+                    f"{self._stop_signal} at epoch {self.epoch + 1}, step {self.global_step}; "
+                    f"checkpoint saved to {path}; continue with: gpuml train --resume {self.run_dir}"
+                ) from None
+        if stopped_early:
+            self.log(f"early stopping after epoch {self.epoch}: "
+                     f"{t['early_stopping']['monitor']} did not improve for {self.es_wait} epochs")
+            best = self.run_dir / "checkpoints" / "best.npz"
+            if t["early_stopping"]["restore_best"] and best.exists():
+                model, _, meta = ckpt.load(best)
+                self.model.load_state_dict(model, source=str(best))
+                self.log(f"restored the best weights (epoch {meta['epoch']})")
+        return self._finish(time.perf_counter() - start, stopped_early)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Ctrl-C or SIGTERM asks the loop to stop after the current step (so the checkpoint
+        is consistent); a second Ctrl-C aborts at once, keeping the last epoch's checkpoint."""
+        self._stop_signal = ""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stop_signal and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = "interrupted" if signum == signal.SIGINT else "terminated"
+            self.log(f"\n{self._stop_signal}: stopping after this step (Ctrl-C again to abort)")
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _train_epoch(self, show: bool | None) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        be, t = self.backend, self.cfg["trainer"]
+        n_batches = len(self.train_iter)
+        read_every = 1 if be.name == "cpu" else t["log_every"]
+        p = self.partial
+        be.fill_(self._acc, 0.0)
+        t0 = time.perf_counter()
+        bar = tqdm(total=n_batches, initial=self.train_iter.cursor if p["seen"] else 0,
+                   desc=f"epoch {self.epoch + 1}/{t['epochs']}", unit="batch",
+                   disable=(not show) if show is not None else None, leave=False, file=sys.stderr)
+        steps_since_read = 0
+        try:
+            for x, y in self.train_iter:
+                lr = self.schedule.lr(self.global_step)
+                self._step(x, y, lr)
+                self.global_step += 1
+                p["seen"] += int(x.shape[0])
+                steps_since_read += 1
+                bar.update(1)
+                if (steps_since_read >= read_every or self.train_iter.cursor == n_batches
+                        or self._stop_signal):
+                    self._read_back(steps_since_read)
+                    steps_since_read = 0
+                    bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
+                                    acc=f"{p['correct'] / p['seen']:.3f}", refresh=False)
+                if self._stop_signal and self.train_iter.cursor < n_batches:
+                    p["seconds"] += time.perf_counter() - t0
+                    raise _Stop()
+        finally:
+            bar.close()
+        train_seconds = p["seconds"] + time.perf_counter() - t0
+        row: dict[str, Any] = {
+            "epoch": self.epoch + 1,
+            "train_loss": p["loss_sum"] / p["seen"],
+            "train_accuracy": p["correct"] / p["seen"],
+        }
+        if "val" in self.eval_iters:
+            ev = self.evaluate("val")
+            row["val_loss"], row["val_accuracy"] = ev["loss"], ev["accuracy"]
+        row["lr"] = self.schedule.lr(self.global_step - 1)
+        row["seconds"] = train_seconds
+        row["samples_per_second"] = p["seen"] / train_seconds if train_seconds > 0 else 0.0
+        self.epoch += 1
+        self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        return row
+
+    def _step(self, x: Array, y: Array, lr: float) -> None:
+        be = self.backend
+        out = self.model.forward(x, training=True, step=self.global_step)
+        be.add_(self._acc[1:2], be.count_correct(out, y, out=self._correct).reshape(1))
+        loss, dout = self.loss_fn(out, y)
+        be.add_(self._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))
+        be.copy_(self._acc[2:3], loss.reshape(1))
+        self.model.backward(dout)
+        clip = self.cfg["trainer"]["grad_clip_norm"]
+        if clip is not None:
+            be.clip_grad_norm_(self.grads, clip)
+        self.optimizer.step(lr)
+
+    def _read_back(self, steps: int, check: bool = True) -> None:
+        """Move the device accumulators into `self.partial`; stop on a non-finite loss."""
+        if steps == 0:
+            return
+        loss_sum, correct, last = (float(v) for v in self.backend.to_numpy(self._acc))
+        self.backend.fill_(self._acc, 0.0)
+        if check and not (math.isfinite(loss_sum) and math.isfinite(last)):
+            good = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+            where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was saved yet"
+            first = self.global_step - steps + 1
+            span = f"step {self.global_step}" if steps == 1 else f"steps {first}-{self.global_step}"
+            raise TrainingDiverged(
+                f"loss became {last if not math.isfinite(last) else loss_sum} at {span} "
+                f"(epoch {self.epoch + 1}); {where}. Try a lower optimizer.lr or trainer.grad_clip_norm"
+            )
+        self.partial["loss_sum"] += loss_sum
+        self.partial["correct"] += correct
+
+    def _after_epoch(self, row: dict[str, Any]) -> bool:
+        """Best checkpoint and early stopping; True when training should stop."""
+        t = self.cfg["trainer"]
+        mode = metric_mode(self.monitor, t["monitor_mode"])
+        value = row[self.monitor]
+        if self.best["value"] is None or (value > self.best["value"] if mode == "max" else value < self.best["value"]):
+            self.best = {"metric": self.monitor, "value": value, "epoch": row["epoch"]}
+            folder = self.run_dir / "checkpoints"
+            ckpt.save(folder / "best.npz", self.model.state_dict(), self.optimizer.state_dict(), self._meta())
+        es = t["early_stopping"]
+        if not es["enabled"]:
+            return False
+        name = es["monitor"]
+        es_mode = metric_mode(name, es["mode"])
+        past = [r[name] for r in self.history[:-1]]
+        if not past:
+            return False
+        ref = max(past) if es_mode == "max" else min(past)
+        improved = value_improved(row[name], ref, es_mode, es["min_delta"])
+        self.es_wait = 0 if improved else self.es_wait + 1
+        return self.es_wait > es["patience"]
+
+    def _finish(self, seconds: float, stopped_early: bool) -> dict[str, Any]:
+        test = self.evaluate("test")
+        weights = self.run_dir / "weights.npz"
+        with atomic_write(weights) as f:
+            np.savez(f, **self.model.state_dict())
+        summary = {
+            "name": self.cfg["name"], "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+            "epochs": self.epoch, "device": self.backend.describe(), "seconds": seconds,
+            "stopped_early": stopped_early, "best": self.best,
+        }
+        with atomic_write(self.run_dir / "summary.json") as f:
+            f.write(json.dumps(summary, indent=2).encode())
+        self.log(f"test_loss {test['loss']:.4f}  test_accuracy {test['accuracy']:.4f}  "
+                 f"({self.epoch} epochs, {seconds:.1f}s) -> {self.run_dir}")
+        return summary
+
+
+def value_improved(value: float, ref: float, mode: str, min_delta: float) -> bool:
+    return value < ref - min_delta if mode == "min" else value > ref + min_delta
+
+
+def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(run_dir / "config.yaml") as f:
+        f.write(dump_config(cfg).encode())
+
+
+def out_of_memory_message(exc: BaseException, batch_size: int) -> DeviceError | None:
+    """Translate CuPy's OutOfMemoryError (matched by name: cupy is not imported here)."""
+    if type(exc).__name__ != "OutOfMemoryError":
+        return None
+    return DeviceError(f"GPU out of memory at trainer.batch_size {batch_size}: {exc}; "
+                       "try a smaller trainer.batch_size")
+
+
+def write_run_info(run_dir: Path, trainer: Trainer) -> None:
+    """run.json: what predict/export need without loading the dataset (normalisation, input
+    shape, class names)."""
+    from gpuml import __version__
+
+    normalize = trainer.cfg["data"]["normalize"]
+    info = {
+        "gpuml_version": __version__,
+        "dataset": trainer.data.spec.name,
+        "classes": list(trainer.data.classes),
+        "input_shape": list(trainer.model.input_shape),
+        "mean": trainer.data.mean if normalize else 0.0,
+        "std": trainer.data.std if normalize else 1.0,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(run_dir / "run.json") as f:
+        f.write(json.dumps(info, indent=2).encode())
