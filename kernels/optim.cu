@@ -1,0 +1,152 @@
+// optim.cu: fused optimizer updates of ALL parameter tensors of a model in ONE launch.
+//
+// Tensor table: the host uploads, once per parameter list, a device array `table` of
+// num_slots * T float pointers, slot-major: table[s * T + t] is slot s of tensor t (slot 0 =
+// parameter, 1 = gradient, then the optimizer state in the order listed per kernel), and
+// `offsets` (int64, T + 1 entries): tensor t owns flat elements [offsets[t], offsets[t+1]).
+// Blocks map to flat element ranges by a grid-stride loop over offsets[T] elements; each thread
+// walks the tensors forward (gpuml_tensor_of) and reloads its pointers only on a change.
+//
+// Hyperparameters come from a small device buffer `hyper` (float32, HYPER_SIZE entries) and not
+// from kernel arguments, so a captured CUDA graph of the training step stays valid while the
+// learning rate and the step count change: the host refreshes `hyper` with an async copy
+// before each step. Layout (mirrored in gpuml/backend/cuda_optim.py):
+//   [0] lr  [1] weight_decay  [2] beta1 | momentum | alpha  [3] beta2  [4] eps
+//   [5] 1 - beta1^step  [6] 1 - beta2^step  [7] unused
+// Structural choices that never change within a run (nesterov, decoupled) are int arguments.
+//
+// Entry points (slots after param, grad):
+//   sgd_step       ()              p -= lr (g + wd p)
+//   momentum_step  (velocity)      g' = g + wd p; v = mu v + g'; p -= lr (nesterov ? g' + mu v : v)
+//   adam_step      (m, v)          decoupled: p *= 1 - lr wd, g' = g; else g' = g + wd p;
+//                                  m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
+//                                  p -= lr (m / bc1) / (sqrt(v / bc2) + eps)
+//   rmsprop_step   (square_avg)    g' = g + wd p; s = alpha s + (1-alpha) g'^2;
+//                                  p -= lr g' / (sqrt(s) + eps)
+// Launch: block 256, 1-D grid of any size (the host uses a few blocks per SM), no shared memory.
+// Precision: float32 arithmetic per element (matches PyTorch's single-tensor fp32 updates).
+#include "common.cuh"
+
+#define OPTIM_THREADS 256
+
+#define HYPER_LR 0
+#define HYPER_WEIGHT_DECAY 1
+#define HYPER_BETA1 2
+#define HYPER_MOMENTUM 2
+#define HYPER_ALPHA 2
+#define HYPER_BETA2 3
+#define HYPER_EPS 4
+#define HYPER_BIAS_CORRECTION1 5
+#define HYPER_BIAS_CORRECTION2 6
+
+// The current tensor of a grid-stride walk and its slot pointers.
+template <int NUM_SLOTS>
+struct TensorCursor {
+    float* const* table;
+    const gpuml_i64* offsets;
+    int num_tensors;
+    int t;
+    gpuml_i64 begin, end;
+    float* slot[NUM_SLOTS];
+
+    __device__ __forceinline__ TensorCursor(float* const* table_, const gpuml_i64* offsets_, int num_tensors_)
+        : table(table_), offsets(offsets_), num_tensors(num_tensors_), t(0), begin(0), end(0) {
+#pragma unroll
+        for (int s = 0; s < NUM_SLOTS; ++s) slot[s] = nullptr;
+    }
+
+    // Moves to the tensor holding flat element i; returns the index within that tensor.
+    __device__ __forceinline__ gpuml_i64 seek(gpuml_i64 i) {
+        if (i >= end) {
+            t = gpuml_tensor_of(offsets, t, i);
+            begin = offsets[t];
+            end = offsets[t + 1];
+#pragma unroll
+            for (int s = 0; s < NUM_SLOTS; ++s) slot[s] = table[s * num_tensors + t];
+        }
+        return i - begin;
+    }
+};
+
+#define OPTIM_LOOP(i, total)                                                                          \
+    for (gpuml_i64 i = (gpuml_i64)blockIdx.x * blockDim.x + threadIdx.x; i < (total);               \
+         i += (gpuml_i64)gridDim.x * blockDim.x)
+
+// ---------------------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+    sgd_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
+             const float* __restrict__ hyper) {
+    const float lr = hyper[HYPER_LR];
+    const float wd = hyper[HYPER_WEIGHT_DECAY];
+    TensorCursor<2> cur(table, offsets, num_tensors);
+    OPTIM_LOOP(i, offsets[num_tensors]) {
+        const gpuml_i64 j = cur.seek(i);
+        float* p = cur.slot[0];
+        const float g = cur.slot[1][j];
+        p[j] -= lr * (g + wd * p[j]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+    momentum_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
+                  const float* __restrict__ hyper, int nesterov) {
+    const float lr = hyper[HYPER_LR];
+    const float wd = hyper[HYPER_WEIGHT_DECAY];
+    const float mu = hyper[HYPER_MOMENTUM];
+    TensorCursor<3> cur(table, offsets, num_tensors);
+    OPTIM_LOOP(i, offsets[num_tensors]) {
+        const gpuml_i64 j = cur.seek(i);
+        const float p = cur.slot[0][j];
+        const float g = cur.slot[1][j] + wd * p;
+        const float v = mu * cur.slot[2][j] + g;
+        cur.slot[2][j] = v;
+        cur.slot[0][j] = p - lr * (nesterov ? g + mu * v : v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+    adam_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
+              const float* __restrict__ hyper, int decoupled) {
+    const float lr = hyper[HYPER_LR];
+    const float wd = hyper[HYPER_WEIGHT_DECAY];
+    const float beta1 = hyper[HYPER_BETA1];
+    const float beta2 = hyper[HYPER_BETA2];
+    const float eps = hyper[HYPER_EPS];
+    const float inv_bc1 = 1.0f / hyper[HYPER_BIAS_CORRECTION1];
+    const float inv_bc2 = 1.0f / hyper[HYPER_BIAS_CORRECTION2];
+    const float decay = 1.0f - lr * wd;
+    TensorCursor<4> cur(table, offsets, num_tensors);
+    OPTIM_LOOP(i, offsets[num_tensors]) {
+        const gpuml_i64 j = cur.seek(i);
+        float p = cur.slot[0][j];
+        float g = cur.slot[1][j];
+        if (decoupled)
+            p *= decay;
+        else
+            g += wd * p;
+        const float m = beta1 * cur.slot[2][j] + (1.0f - beta1) * g;
+        const float v = beta2 * cur.slot[3][j] + (1.0f - beta2) * g * g;
+        cur.slot[2][j] = m;
+        cur.slot[3][j] = v;
+        cur.slot[0][j] = p - lr * (m * inv_bc1) / (sqrtf(v * inv_bc2) + eps);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+    rmsprop_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
+                 const float* __restrict__ hyper) {
+    const float lr = hyper[HYPER_LR];
+    const float wd = hyper[HYPER_WEIGHT_DECAY];
+    const float alpha = hyper[HYPER_ALPHA];
+    const float eps = hyper[HYPER_EPS];
+    TensorCursor<3> cur(table, offsets, num_tensors);
+    OPTIM_LOOP(i, offsets[num_tensors]) {
+        const gpuml_i64 j = cur.seek(i);
+        const float p = cur.slot[0][j];
+        const float g = cur.slot[1][j] + wd * p;
+        const float s = alpha * cur.slot[2][j] + (1.0f - alpha) * g * g;
+        cur.slot[2][j] = s;
+        cur.slot[0][j] = p - lr * g / (sqrtf(s) + eps);
+    }
+}

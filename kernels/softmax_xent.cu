@@ -1,0 +1,240 @@
+// softmax_xent.cu: fused softmax + cross-entropy (loss and dlogits in one kernel), the mean of
+// the per-row losses, and the count of correct predictions.
+//
+// Layout: logits (B, K) float32 row-major, labels int32 (B,) in [0, K), row_loss float32 (B,).
+// Target t = (1 - eps) * onehot(label) + eps / K (label smoothing eps).
+//   row_loss[b] = logsumexp(x_b) - sum_k t_k x_bk
+//               = m + log(s) - (1 - eps) x_b,label - (eps / K) sum_k x_bk
+//   dlogits[b, k] = (softmax(x_b)_k - t_k) * inv_batch          (inv_batch = 1 / B)
+// One read pass computes the running max m and sum s = sum exp(x - m) online, the sum of x and
+// the label's logit; a second pass reads x again and writes dlogits. dlogits may alias logits
+// (llm.c's trick): every element is read then written by the same thread, and the second pass
+// starts only after the whole row was reduced.
+// A label outside [0, K) gives a NaN row loss (visible, never silently wrong).
+//
+// Entry points and launch:
+//   softmax_xent_fwd_bwd_warp   one warp per row, 256 threads (8 rows) per block,
+//                               grid ceil(B / 8). For small K (classifier heads, K = 10).
+//   softmax_xent_fwd_bwd_block  one block of 256 threads per row, grid B. For large K
+//                               (K = 32000); vec4 != 0 reads and writes float4, allowed when
+//                               K % 4 == 0 and logits, dlogits are 16-byte aligned.
+//   softmax_xent_mean_loss      one block of 256 threads: loss[0] = inv_batch * sum(row_loss),
+//                               summed in double in a fixed order (deterministic, no atomics).
+//   count_correct_rows          8 warps per block, warp per row, rows grid-strided; writes one
+//                               int per block (rows whose first argmax equals the label).
+//   count_correct_final         one block of 256 threads: out[0] = (float) sum of block counts.
+// Precision: float32 with accurate expf / logf (no fast-math).
+#include "common.cuh"
+
+#define XENT_THREADS 256
+
+// Running (max, sum of exp(x - max)) of a set of logits, and how to merge two of them.
+struct OnlineSoftmax {
+    float max;
+    float sum;
+};
+
+__device__ __forceinline__ void online_add(OnlineSoftmax& acc, float x) {
+    if (x > acc.max) {
+        acc.sum = acc.sum * expf(acc.max - x) + 1.0f;  // expf(-inf) = 0 on the first element
+        acc.max = x;
+    } else {
+        acc.sum += expf(x - acc.max);
+    }
+}
+
+// Commutative bit for bit (a + b == b + a), so butterfly partners end with the same value.
+// An empty side (max = -inf, sum = 0) contributes nothing without forming -inf - -inf.
+__device__ __forceinline__ OnlineSoftmax online_merge(OnlineSoftmax a, OnlineSoftmax b) {
+    const float m = fmaxf(a.max, b.max);
+    const float sa = (a.max == m) ? a.sum : a.sum * expf(a.max - m);
+    const float sb = (b.max == m) ? b.sum : b.sum * expf(b.max - m);
+    return {m, sa + sb};
+}
+
+__device__ __forceinline__ OnlineSoftmax warp_merge(OnlineSoftmax v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        OnlineSoftmax other;
+        other.max = __shfl_xor_sync(GPUML_FULL_MASK, v.max, offset);
+        other.sum = __shfl_xor_sync(GPUML_FULL_MASK, v.sum, offset);
+        v = online_merge(v, other);
+    }
+    return v;
+}
+
+// Per-row statistics gathered by the first pass.
+struct RowStats {
+    OnlineSoftmax softmax;
+    float sum_x;    // sum of the logits (for the smoothing term)
+    float x_label;  // the label's logit (0 on every thread but its owner until reduced)
+};
+
+__device__ __forceinline__ void stats_add(RowStats& st, float x, int k, int label) {
+    online_add(st.softmax, x);
+    st.sum_x += x;
+    if (k == label) st.x_label = x;
+}
+
+__device__ __forceinline__ float row_loss_from(const RowStats& st, int label, int K, float eps) {
+    if (label < 0 || label >= K) return __int_as_float(0x7fc00000);  // NaN
+    const float lse = st.softmax.max + logf(st.softmax.sum);
+    return lse - (1.0f - eps) * st.x_label - (eps / (float)K) * st.sum_x;
+}
+
+__device__ __forceinline__ float dlogit(float x, int k, int label, float row_max, float inv_sum, float eps,
+                                        float eps_over_k, float inv_batch) {
+    const float p = expf(x - row_max) * inv_sum;
+    const float t = (k == label ? 1.0f - eps : 0.0f) + eps_over_k;
+    return (p - t) * inv_batch;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small K: one warp per row.
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+    softmax_xent_fwd_bwd_warp(const float* logits, const int* __restrict__ labels, float* dlogits,
+                              float* __restrict__ row_loss, int B, int K, float eps, float inv_batch) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (XENT_THREADS / 32) + (threadIdx.x >> 5);
+    if (row >= B) return;  // whole warps exit together: the shuffles below stay full-warp
+    const float* x = logits + (gpuml_i64)row * K;
+    float* d = dlogits + (gpuml_i64)row * K;
+    const int label = labels[row];
+
+    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f, 0.0f};
+    for (int k = lane; k < K; k += 32) stats_add(st, x[k], k, label);
+    st.softmax = warp_merge(st.softmax);
+    st.sum_x = gpuml_warp_sum(st.sum_x);
+    st.x_label = gpuml_warp_sum(st.x_label);  // one non-zero term: exact
+    if (lane == 0) row_loss[row] = row_loss_from(st, label, K, eps);
+
+    const float inv_sum = 1.0f / st.softmax.sum;
+    const float eps_over_k = eps / (float)K;
+    for (int k = lane; k < K; k += 32)
+        d[k] = dlogit(x[k], k, label, st.softmax.max, inv_sum, eps, eps_over_k, inv_batch);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large K: one block per row.
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+    softmax_xent_fwd_bwd_block(const float* logits, const int* __restrict__ labels, float* dlogits,
+                               float* __restrict__ row_loss, int B, int K, float eps, float inv_batch,
+                               int vec4) {
+    __shared__ float max_slots[XENT_THREADS / 32];
+    __shared__ float sum_slots[XENT_THREADS / 32];
+    __shared__ float scratch[XENT_THREADS / 32];
+    const int row = blockIdx.x;
+    const float* x = logits + (gpuml_i64)row * K;
+    float* d = dlogits + (gpuml_i64)row * K;
+    const int label = labels[row];
+    const int tid = threadIdx.x;
+
+    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f, 0.0f};
+    if (vec4) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        for (int q = tid; q < K / 4; q += XENT_THREADS) {
+            const float4 v = x4[q];
+            stats_add(st, v.x, 4 * q, label);
+            stats_add(st, v.y, 4 * q + 1, label);
+            stats_add(st, v.z, 4 * q + 2, label);
+            stats_add(st, v.w, 4 * q + 3, label);
+        }
+    } else {
+        for (int k = tid; k < K; k += XENT_THREADS) stats_add(st, x[k], k, label);
+    }
+
+    // Block merge: warps merge by butterfly, then every warp merges the per-warp slots in the
+    // same order, so all threads hold identical row statistics.
+    st.softmax = warp_merge(st.softmax);
+    if ((tid & 31) == 0) {
+        max_slots[tid >> 5] = st.softmax.max;
+        sum_slots[tid >> 5] = st.softmax.sum;
+    }
+    __syncthreads();
+    OnlineSoftmax total = {GPUML_NEG_INF, 0.0f};
+    if ((tid & 31) < XENT_THREADS / 32) total = {max_slots[tid & 31], sum_slots[tid & 31]};
+    st.softmax = warp_merge(total);
+    st.sum_x = gpuml_block_sum(st.sum_x, scratch);
+    st.x_label = gpuml_block_sum(st.x_label, scratch);  // its barriers also end the read pass
+    if (tid == 0) row_loss[row] = row_loss_from(st, label, K, eps);
+
+    const float inv_sum = 1.0f / st.softmax.sum;
+    const float eps_over_k = eps / (float)K;
+    const float m = st.softmax.max;
+    if (vec4) {
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        float4* d4 = reinterpret_cast<float4*>(d);
+        for (int q = tid; q < K / 4; q += XENT_THREADS) {
+            const float4 v = x4[q];
+            const int k = 4 * q;
+            d4[q] = make_float4(dlogit(v.x, k, label, m, inv_sum, eps, eps_over_k, inv_batch),
+                                dlogit(v.y, k + 1, label, m, inv_sum, eps, eps_over_k, inv_batch),
+                                dlogit(v.z, k + 2, label, m, inv_sum, eps, eps_over_k, inv_batch),
+                                dlogit(v.w, k + 3, label, m, inv_sum, eps, eps_over_k, inv_batch));
+        }
+    } else {
+        for (int k = tid; k < K; k += XENT_THREADS)
+            d[k] = dlogit(x[k], k, label, m, inv_sum, eps, eps_over_k, inv_batch);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic batch mean of the row losses.
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+    softmax_xent_mean_loss(const float* __restrict__ row_loss, int B, float* __restrict__ loss,
+                           float inv_batch) {
+    __shared__ double scratch[XENT_THREADS / 32];
+    double acc = 0.0;
+    for (int b = threadIdx.x; b < B; b += XENT_THREADS) acc += (double)row_loss[b];
+    acc = gpuml_block_sum(acc, scratch);
+    if (threadIdx.x == 0) loss[0] = (float)(acc * (double)inv_batch);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accuracy: rows whose first argmax equals the label. Integer sums are exact in any order.
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+    count_correct_rows(const float* __restrict__ logits, const int* __restrict__ labels, int B, int K,
+                       int* __restrict__ block_counts) {
+    __shared__ int scratch[XENT_THREADS / 32];
+    const int lane = threadIdx.x & 31;
+    const int warps_per_block = XENT_THREADS / 32;
+    int correct = 0;
+    for (int row = blockIdx.x * warps_per_block + (threadIdx.x >> 5); row < B;
+         row += gridDim.x * warps_per_block) {
+        const float* x = logits + (gpuml_i64)row * K;
+        float best = GPUML_NEG_INF;
+        int best_k = K;  // sentinel: larger than any index
+        for (int k = lane; k < K; k += 32) {
+            const float v = x[k];
+            if (v > best || best_k == K) {  // strict: a lane keeps its first maximum
+                best = v;
+                best_k = k;
+            }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const float other = __shfl_xor_sync(GPUML_FULL_MASK, best, offset);
+            const int other_k = __shfl_xor_sync(GPUML_FULL_MASK, best_k, offset);
+            if (other > best || (other == best && other_k < best_k)) {
+                best = other;
+                best_k = other_k;
+            }
+        }
+        if (lane == 0 && best_k == labels[row]) ++correct;
+    }
+    correct = gpuml_block_sum(correct, scratch);
+    if (threadIdx.x == 0) block_counts[blockIdx.x] = correct;
+}
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+    count_correct_final(const int* __restrict__ block_counts, int num_blocks, float* __restrict__ out) {
+    __shared__ int scratch[XENT_THREADS / 32];
+    int acc = 0;
+    for (int i = threadIdx.x; i < num_blocks; i += XENT_THREADS) acc += block_counts[i];
+    acc = gpuml_block_sum(acc, scratch);
+    if (threadIdx.x == 0) out[0] = (float)acc;
+}
