@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("gpuml train: give a CONFIG file, or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         run_dir = args.out or _default_run_dir(cfg["name"])
-        if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+        if ckpt.list_checkpoints(run_dir / "checkpoints") or (run_dir / "summary.json").exists():
             raise GpumlError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
         trainer = Trainer(cfg, run_dir, source=str(args.config))
         write_config(run_dir, cfg)

@@ -1,0 +1,404 @@
+"""The CPU backend: NumPy (BLAS for every GEMM) plus numba loops, float32 or float64.
+
+It is the reference every CUDA kernel is tested against, so each op checks its arguments where
+they enter (shape, dtype, C-contiguous `out=` buffers) and raises ShapeError naming the op and the
+shapes. Inputs may be non-contiguous (they are copied); outputs and in-place targets may not.
+Reductions over float32 data accumulate in float64. Every op is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numba
+import numpy as np
+
+from gpuml.backend import cpu_conv
+from gpuml.backend import cpu_loops as loops
+from gpuml.backend.base import ACTIVATIONS, Backend, Pair
+from gpuml.backend.cpu_checks import Checks, fail
+from gpuml.backend.cpu_optim import OptimizerSteps
+
+_ACT_CODE = {"relu": 0, "tanh": 1, "sigmoid": 2}
+
+
+class CpuBackend(OptimizerSteps, Checks, Backend):
+    name = "cpu"
+    xp = np
+
+    def __init__(self, dtype: str | np.dtype = "float32") -> None:
+        super().__init__(dtype)
+        self._ws = cpu_conv.Workspace()
+        self._luts: dict[tuple[float, float], np.ndarray] = {}
+
+    def describe(self) -> str:
+        return (
+            f"cpu (numpy {np.__version__}, numba {numba.__version__}, "
+            f"{numba.get_num_threads()} threads, {self.dtype})"
+        )
+
+    # ------------------------------------------------------------------ arrays and transfer
+    def asarray(self, x: Any, dtype: Any = None) -> np.ndarray:
+        """Always a fresh copy, so later writes to the host data cannot reach it (as on CUDA)."""
+        arr = np.asarray(x)
+        if dtype is None:
+            dtype = self.dtype if arr.dtype.kind == "f" else arr.dtype
+        return np.array(arr, dtype=dtype, order="C", copy=True)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    # ------------------------------------------------------------------ dense algebra
+    def matmul(
+        self,
+        a: np.ndarray,
+        b: np.ndarray,
+        *,
+        trans_a: bool = False,
+        trans_b: bool = False,
+        bias: np.ndarray | None = None,
+        activation: str | None = None,
+        accumulate: bool = False,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "matmul"
+        a = self.float_in(op, "a", a, ndim=2)
+        b = self.float_in(op, "b", b, ndim=2)
+        opa = a.T if trans_a else a
+        opb = b.T if trans_b else b
+        if opa.shape[1] != opb.shape[0]:
+            na, nb = "a.T" if trans_a else "a", "b.T" if trans_b else "b"
+            fail(op, f"{na} {opa.shape} and {nb} {opb.shape} do not fit ({opa.shape[1]} != {opb.shape[0]})")
+        shape = (opa.shape[0], opb.shape[1])
+        relu = self.epilogue_act(op, activation)
+        if bias is not None:
+            bias = self.float_in(op, "bias", bias, shape=(shape[1],))
+        if accumulate:
+            if out is None or bias is not None or relu:
+                raise ValueError("matmul: accumulate=True needs out= and allows no bias or activation")
+            out = self.out_buf(op, "out", out, shape)
+            part = self._ws.scratch("matmul_part", shape, self.dtype)
+            np.matmul(opa, opb, out=part)
+            np.add(out, part, out=out)
+            return out
+        out = self.out_buf(op, "out", out, shape)
+        np.matmul(opa, opb, out=out)
+        if bias is not None or relu:
+            b_arr = bias if bias is not None else out[0]
+            loops.bias_act_rows(out, b_arr, bias is not None, relu)
+        return out
+
+    def bias_grad(self, dy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        dy = self.float_in("bias_grad", "dy", dy)
+        if dy.ndim < 2:
+            fail("bias_grad", f"dy {dy.shape} needs a batch axis and a channel axis")
+        out = self.out_buf("bias_grad", "out", out, (dy.shape[1],))
+        loops.channel_sums(dy.reshape(dy.shape[0], dy.shape[1], -1), out)
+        return out
+
+    # ------------------------------------------------------------------ convolution
+    def conv2d_fwd(
+        self,
+        x: np.ndarray,
+        w: np.ndarray,
+        bias: np.ndarray | None,
+        stride: Pair,
+        padding: Pair,
+        *,
+        activation: str | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "conv2d_fwd"
+        x = self.float_in(op, "x", x, ndim=4)
+        w = self.float_in(op, "w", w, ndim=4)
+        relu = self.epilogue_act(op, activation)
+        geom, y_shape = self.conv_geometry(op, x.shape, w.shape, stride, padding)
+        if bias is not None:
+            bias = self.float_in(op, "bias", bias, shape=(w.shape[0],))
+        out = self.out_buf(op, "out", out, y_shape)
+        cpu_conv.conv2d_fwd(self._ws, x, w, bias, geom, relu, out)
+        return out
+
+    def conv2d_bwd_data(
+        self,
+        dy: np.ndarray,
+        w: np.ndarray,
+        x_shape: Sequence[int],
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "conv2d_bwd_data"
+        w = self.float_in(op, "w", w, ndim=4)
+        x_shape = self.shape4(op, "x_shape", x_shape)
+        geom, y_shape = self.conv_geometry(op, x_shape, w.shape, stride, padding)
+        dy = self.float_in(op, "dy", dy, shape=y_shape)
+        out = self.out_buf(op, "out", out, x_shape)
+        cpu_conv.conv2d_bwd_data(self._ws, dy, w, geom, out)
+        return out
+
+    def conv2d_bwd_weight(
+        self,
+        x: np.ndarray,
+        dy: np.ndarray,
+        w_shape: Sequence[int],
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "conv2d_bwd_weight"
+        x = self.float_in(op, "x", x, ndim=4)
+        w_shape = self.shape4(op, "w_shape", w_shape)
+        geom, y_shape = self.conv_geometry(op, x.shape, w_shape, stride, padding)
+        dy = self.float_in(op, "dy", dy, shape=y_shape)
+        out = self.out_buf(op, "out", out, w_shape)
+        cpu_conv.conv2d_bwd_weight(self._ws, x, dy, geom, out)
+        return out
+
+    # ------------------------------------------------------------------ pooling
+    def maxpool2d_fwd(
+        self,
+        x: np.ndarray,
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+        argmax: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        op = "maxpool2d_fwd"
+        x = self.float_in(op, "x", x, ndim=4)
+        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
+        out = self.out_buf(op, "out", out, y_shape)
+        argmax = self.out_buf(op, "argmax", argmax, y_shape, np.int32)
+        loops.maxpool_fwd(_planes(x), *geom, _planes(out), _planes(argmax))
+        return out, argmax
+
+    def maxpool2d_bwd(
+        self,
+        dy: np.ndarray,
+        argmax: np.ndarray,
+        x_shape: Sequence[int],
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "maxpool2d_bwd"
+        x_shape = self.shape4(op, "x_shape", x_shape)
+        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
+        dy = self.float_in(op, "dy", dy, shape=y_shape)
+        argmax = self.typed_in(op, "argmax", argmax, np.int32, y_shape)
+        out = self.out_buf(op, "out", out, x_shape)
+        loops.maxpool_bwd(_planes(dy), _planes(argmax), *geom, _planes(out))
+        return out
+
+    def avgpool2d_fwd(
+        self,
+        x: np.ndarray,
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "avgpool2d_fwd"
+        x = self.float_in(op, "x", x, ndim=4)
+        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
+        out = self.out_buf(op, "out", out, y_shape)
+        loops.avgpool_fwd(_planes(x), *geom, _planes(out))
+        return out
+
+    def avgpool2d_bwd(
+        self,
+        dy: np.ndarray,
+        x_shape: Sequence[int],
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "avgpool2d_bwd"
+        x_shape = self.shape4(op, "x_shape", x_shape)
+        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
+        dy = self.float_in(op, "dy", dy, shape=y_shape)
+        out = self.out_buf(op, "out", out, x_shape)
+        loops.avgpool_bwd(_planes(dy), *geom, _planes(out))
+        return out
+
+    # ------------------------------------------------------------------ losses
+    def softmax_xent(
+        self,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        *,
+        label_smoothing: float = 0.0,
+        loss: np.ndarray | None = None,
+        dlogits: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        op = "softmax_xent"
+        logits = self.float_in(op, "logits", logits, ndim=2)
+        B, K = logits.shape
+        labels = self.typed_in(op, "labels", labels, np.int32, (B,))
+        self.labels_in_range(op, labels, K)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"softmax_xent: label_smoothing must be in [0, 1), got {label_smoothing}")
+        loss = self.out_buf(op, "loss", loss, ())
+        dlogits = self.out_buf(op, "dlogits", dlogits, (B, K))
+        loss[()] = loops.softmax_xent_rows(logits, labels, float(label_smoothing), dlogits)
+        return loss, dlogits
+
+    def mse(
+        self,
+        pred: np.ndarray,
+        target: np.ndarray,
+        *,
+        loss: np.ndarray | None = None,
+        dpred: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        pred = self.float_in("mse", "pred", pred)
+        target = self.float_in("mse", "target", target, shape=pred.shape)
+        loss = self.out_buf("mse", "loss", loss, ())
+        dpred = self.out_buf("mse", "dpred", dpred, pred.shape)
+        loss[()] = loops.mse_flat(pred.reshape(-1), target.reshape(-1), dpred.reshape(-1))
+        return loss, dpred
+
+    def count_correct(self, logits: np.ndarray, labels: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        logits = self.float_in("count_correct", "logits", logits, ndim=2)
+        labels = self.int_in("count_correct", "labels", labels, (logits.shape[0],))
+        out = self.out_buf("count_correct", "out", out, ())
+        out[...] = np.count_nonzero(np.argmax(logits, axis=1) == labels)
+        return out
+
+    # ------------------------------------------------------------------ elementwise
+    def activation_fwd(self, kind: str, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        op = "activation_fwd"
+        _check_kind(op, kind)
+        x = self.float_in(op, "x", x)
+        out = self.out_buf(op, "out", out, x.shape)
+        if kind == "relu":
+            np.maximum(x, 0, out=out)
+        elif kind == "tanh":
+            np.tanh(x, out=out)
+        else:
+            loops.sigmoid_fwd(x.reshape(-1), out.reshape(-1))
+        return out
+
+    def activation_bwd(
+        self, kind: str, y: np.ndarray, dy: np.ndarray, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        op = "activation_bwd"
+        _check_kind(op, kind)
+        y = self.float_in(op, "y", y)
+        dy = self.float_in(op, "dy", dy, shape=y.shape)
+        out = self.out_buf(op, "out", out, y.shape)
+        loops.activation_bwd(_ACT_CODE[kind], y.reshape(-1), dy.reshape(-1), out.reshape(-1))
+        return out
+
+    def dropout_fwd(
+        self,
+        x: np.ndarray,
+        p: float,
+        seed: int,
+        offset: int,
+        *,
+        out: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        op = "dropout_fwd"
+        x = self.float_in(op, "x", x)
+        scale = _dropout_scale(op, p)
+        if not 0 <= offset < 2**64 - x.size:
+            raise ValueError(f"dropout_fwd: offset must be in [0, 2**64 - x.size), got {offset}")
+        out = self.out_buf(op, "out", out, x.shape)
+        mask = self.out_buf(op, "mask", mask, x.shape, np.uint8)
+        loops.dropout_fwd(
+            x.reshape(-1), float(p), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(offset),
+            self.dtype.type(scale), out.reshape(-1), mask.reshape(-1),
+        )  # fmt: skip
+        return out, mask
+
+    def dropout_bwd(
+        self, dy: np.ndarray, mask: np.ndarray, p: float, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        op = "dropout_bwd"
+        dy = self.float_in(op, "dy", dy)
+        mask = self.typed_in(op, "mask", mask, np.uint8, dy.shape)
+        scale = _dropout_scale(op, p)
+        out = self.out_buf(op, "out", out, dy.shape)
+        loops.mask_scale(dy.reshape(-1), mask.reshape(-1), self.dtype.type(scale), out.reshape(-1))
+        return out
+
+    def add_(self, dst: np.ndarray, src: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+        dst = self.inplace("add_", "dst", dst)
+        src = self.float_in("add_", "src", src, shape=dst.shape)
+        loops.axpy(dst.reshape(-1), src.reshape(-1), self.dtype.type(alpha))
+        return dst
+
+    def scale_(self, dst: np.ndarray, factor: float | np.ndarray) -> np.ndarray:
+        dst = self.inplace("scale_", "dst", dst)
+        np.multiply(dst, np.asarray(factor, dtype=self.dtype), out=dst)
+        return dst
+
+    # ------------------------------------------------------------------ data
+    def gather_batch(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        indices: np.ndarray,
+        *,
+        mean: float,
+        std: float,
+        out_x: np.ndarray | None = None,
+        out_y: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        op = "gather_batch"
+        images = self.typed_in(op, "images", images, np.uint8)
+        if images.ndim < 1:
+            fail(op, f"images {images.shape} needs a sample axis")
+        n = images.shape[0]
+        labels = self.int_in(op, "labels", labels, (n,))
+        indices = self.int_in(op, "indices", indices)
+        if indices.ndim != 1:
+            fail(op, f"indices must be 1-D, got shape {indices.shape}")
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            bad = indices[(indices < 0) | (indices >= n)][0]
+            raise IndexError(f"gather_batch: index {bad} is outside the {n} samples")
+        B = indices.shape[0]
+        out_x = self.out_buf(op, "out_x", out_x, (B, *images.shape[1:]))
+        out_y = self.out_buf(op, "out_y", out_y, (B,), np.int32)
+        rows = images.reshape(n, -1)
+        loops.gather_rows_lut(rows, indices.astype(np.int64), self._lut(mean, std), out_x.reshape(B, -1))
+        np.copyto(out_y, labels[indices], casting="unsafe")
+        return out_x, out_y
+
+    def _lut(self, mean: float, std: float) -> np.ndarray:
+        """(v / 255 - mean) / std for every uint8 v, evaluated in float64 then rounded once."""
+        key = (float(mean), float(std))
+        if key not in self._luts:
+            self._luts[key] = ((np.arange(256) / 255.0 - key[0]) / key[1]).astype(self.dtype)
+        return self._luts[key]
+
+
+def _planes(a: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N*C, H, W) view."""
+    return a.reshape(-1, a.shape[2], a.shape[3])
+
+
+def _check_kind(op: str, kind: str) -> None:
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def _dropout_scale(op: str, p: float) -> float:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: drop probability p must be in [0, 1), got {p}")
+    return 1.0 / (1.0 - p)
+
+
+__all__ = ["CpuBackend"]

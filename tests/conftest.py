@@ -1,0 +1,52 @@
+"""Shared fixtures: where Fashion-MNIST is, and the `gpu` marker's clean skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def _fashion_dirs() -> list[Path]:
+    env = os.environ.get("GPUML_DATA")
+    dirs = [Path(env) / "fashion-mnist", Path(env) / "fashion_mnist", Path(env)] if env else []
+    return dirs + [REPO.parent / "shared" / "datasets" / "fashion-mnist",
+                   Path("/usr/share/datasets/fashion-mnist")]
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> Path:
+    """Folder holding the real Fashion-MNIST IDX files; the test skips when there is none."""
+    for d in _fashion_dirs():
+        if (d / "train-images-idx3-ubyte.gz").exists() or (d / "train-images-idx3-ubyte").exists():
+            return d
+    pytest.skip("Fashion-MNIST not found (set GPUML_DATA to a folder holding fashion-mnist/)")
+
+
+@pytest.fixture(scope="session")
+def fashion_small(fashion_root: Path):
+    """Fashion-MNIST limited to 1,200 training images (200 for validation), loaded once."""
+    from gpuml.data.loader import load_dataset
+
+    return load_dataset("fashion_mnist", root=fashion_root, limit=1200, val_split=200, download=False)
+
+
+def _cuda_ok() -> bool:
+    from gpuml.backend import cuda_status
+
+    return cuda_status()[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any("gpu" in item.keywords for item in items):
+        return
+    if _cuda_ok():
+        return
+    skip = pytest.mark.skip(reason="needs CuPy and a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
