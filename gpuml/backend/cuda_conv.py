@@ -1,0 +1,379 @@
+"""Convolution and pooling of the CUDA backend: check -> output buffer -> launch of the kernels in
+kernels/conv2d.cu and kernels/pool.cu (their header comments give the tile maps and contracts).
+
+The first half is pure Python (geometry, argument checks, grids, the bwd_weight split plan) and
+runs without CuPy, so it is unit-tested on any machine. The second half is `ConvPoolOps`, the
+mixin that gives `CudaBackend` its seven conv/pool methods. It never synchronises, never calls
+cuDNN or cuBLAS, and after the first call for a shape it allocates nothing unless the caller
+leaves `out=` unset: the bwd_weight workspace is cached on the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import numpy as np
+
+from gpuml.backend.base import Array, Pair, conv_out_size
+from gpuml.errors import ShapeError
+
+THREADS = 256
+#: conv2d_fwd / conv2d_bwd_data output tile: (pixels, channels) per block
+WIDE_TILE = (128, 64)
+#: conv2d_bwd_weight output tile (C*R*S, K) per block and its reduction slice depth
+WGRAD_TILE = (64, 64)
+WGRAD_SLICE = 16
+#: bwd_weight splits its N*P*Q reduction until the grid has about this many blocks (a constant,
+#: not the device's SM count, so that dw has the same bits on every GPU: the split changes the
+#: summation order) ...
+WGRAD_TARGET_BLOCKS = 512
+#: ... but no split gets fewer reduction steps than this (the reduce pass would then dominate)
+WGRAD_MIN_STEPS = 512
+#: outputs per block of conv2d_bwd_weight_reduce (its 256 threads are 32 outputs x 8 lanes)
+REDUCE_OUTPUTS = 32
+#: the kernels index with 32-bit ints
+INDEX_LIMIT = 2**31 - 1
+MAX_GRID_YZ = 65535
+
+Grid = tuple[int, int, int]
+BLOCK: Grid = (THREADS, 1, 1)
+
+
+def _fail(op: str, message: str) -> NoReturn:
+    raise ShapeError(f"{op}: {message}")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pair(op: str, name: str, value: Any, minimum: int) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        _fail(op, f"{name} must be an (h, w) pair of ints, got {value!r}")
+    if a < minimum or b < minimum:
+        _fail(op, f"{name} {value!r} must be >= {minimum}")
+    return a, b
+
+
+def _dims4(op: str, name: str, shape: Sequence[int]) -> tuple[int, int, int, int]:
+    try:
+        dims = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        dims = ()
+    if len(dims) != 4 or min(dims) < 1:
+        _fail(op, f"{name} must have 4 positive dims (N, C, H, W), got {tuple(shape)!r}")
+    return dims  # type: ignore[return-value]
+
+
+def _fits_int32(op: str, **shapes: tuple[int, ...]) -> None:
+    for name, shape in shapes.items():
+        if int(np.prod(shape, dtype=np.int64)) > INDEX_LIMIT:
+            _fail(op, f"{name} {shape} has 2^31 or more elements, past the kernels' 32-bit indexing")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    P: int
+    Q: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def w_shape(self) -> tuple[int, int, int, int]:
+        return (self.K, self.C, self.R, self.S)
+
+    @property
+    def y_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.K, self.P, self.Q)
+
+    def args(self) -> tuple[np.int32, ...]:
+        """The kernels' shape arguments: N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw."""
+        g = (self.N, self.C, self.H, self.W, self.K, self.R, self.S, self.P, self.Q)
+        return tuple(np.int32(v) for v in (*g, self.sh, self.sw, self.ph, self.pw))
+
+
+def conv_geometry(
+    op: str, x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, padding: Any,
+    x_name: str = "x", w_name: str = "w",
+) -> ConvGeometry:
+    """Check that x (N, C, H, W) and w (K, C, R, S) fit under stride/padding; ShapeError if not."""
+    N, C, H, W = _dims4(op, x_name, x_shape)
+    K, Cw, R, S = _dims4(op, w_name, w_shape)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    if C != Cw:
+        _fail(op, f"{x_name} {(N, C, H, W)} and {w_name} {(K, Cw, R, S)} do not fit "
+                  f"({C} != {Cw} input channels)")
+    P, Q = conv_out_size(H, R, sh, ph), conv_out_size(W, S, sw, pw)
+    if P < 1 or Q < 1:
+        _fail(op, f"{x_name} {(N, C, H, W)} padded by {(ph, pw)} is smaller than the {R}x{S} kernel")
+    _fits_int32(op, **{x_name: (N, C, H, W), w_name: (K, C, R, S), "y": (N, K, P, Q)})
+    return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw)
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    N: int
+    C: int
+    H: int
+    W: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    P: int
+    Q: int
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.H, self.W)
+
+    @property
+    def y_shape(self) -> tuple[int, int, int, int]:
+        return (self.N, self.C, self.P, self.Q)
+
+    def args(self) -> tuple[np.int32, ...]:
+        """The kernels' geometry arguments: N*C, H, W, P, Q, kh, kw, sh, sw, ph, pw."""
+        g = (self.N * self.C, self.H, self.W, self.P, self.Q, self.kh, self.kw)
+        return tuple(np.int32(v) for v in (*g, self.sh, self.sw, self.ph, self.pw))
+
+
+def pool_geometry(op: str, x_shape: Sequence[int], kernel: Any, stride: Any, padding: Any) -> PoolGeometry:
+    """Check a pooling window; padding at most half the kernel (as PyTorch), so every window
+    holds at least one real cell."""
+    N, C, H, W = _dims4(op, "x", x_shape)
+    kh, kw = _pair(op, "kernel", kernel, 1)
+    sh, sw = _pair(op, "stride", stride, 1)
+    ph, pw = _pair(op, "padding", padding, 0)
+    if 2 * ph > kh or 2 * pw > kw:
+        _fail(op, f"padding {(ph, pw)} is more than half the kernel {(kh, kw)}")
+    P, Q = conv_out_size(H, kh, sh, ph), conv_out_size(W, kw, sw, pw)
+    if P < 1 or Q < 1:
+        _fail(op, f"x {(N, C, H, W)} padded by {(ph, pw)} is smaller than the kernel {(kh, kw)}")
+    _fits_int32(op, x=(N, C, H, W), y=(N, C, P, Q))
+    return PoolGeometry(N, C, H, W, kh, kw, sh, sw, ph, pw, P, Q)
+
+
+def check_array(op: str, name: str, a: Any, dtype: Any, shape: Sequence[int] | None = None,
+                ndim: int | None = None) -> None:
+    """dtype, shape and C-contiguity of an array (numpy or cupy alike); ShapeError if wrong."""
+    if a.dtype != np.dtype(dtype):
+        _fail(op, f"{name} {tuple(a.shape)} has dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if ndim is not None and a.ndim != ndim:
+        _fail(op, f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        _fail(op, f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        _fail(op, f"{name} {tuple(a.shape)} must be C-contiguous")
+
+
+# ------------------------------------------------------------------------------------ launch plans
+
+
+def _wide_grid(op: str, pixels: int, channels: int) -> Grid:
+    grid = (_ceil_div(pixels, WIDE_TILE[0]), _ceil_div(channels, WIDE_TILE[1]), 1)
+    if grid[1] > MAX_GRID_YZ:
+        _fail(op, f"{channels} channels are more than one launch covers ({MAX_GRID_YZ * WIDE_TILE[1]})")
+    return grid
+
+
+def conv_fwd_grid(g: ConvGeometry, op: str = "conv2d_fwd") -> Grid:
+    """Blocks of conv2d_fwd: 128 output pixels (of N*P*Q) x 64 filters each."""
+    return _wide_grid(op, g.N * g.P * g.Q, g.K)
+
+
+def conv_bwd_data_grid(g: ConvGeometry, op: str = "conv2d_bwd_data") -> Grid:
+    """Blocks of conv2d_bwd_data: 128 input pixels (of N*H*W) x 64 input channels each."""
+    return _wide_grid(op, g.N * g.H * g.W, g.C)
+
+
+def elementwise_grid(total: int) -> Grid:
+    """One thread per element, THREADS per block (the pooling kernels)."""
+    return (_ceil_div(total, THREADS), 1, 1)
+
+
+@dataclass(frozen=True)
+class WgradPlan:
+    """How conv2d_bwd_weight splits its N*P*Q reduction: split z sums steps
+    [z*chunk, min((z+1)*chunk, N*P*Q)) into workspace slice z, then the reduce kernel adds the
+    slices in a fixed order. With one split the kernel writes dw directly (no workspace)."""
+
+    grid: Grid
+    chunk: int
+    splits: int
+    reduce_grid: Grid
+    workspace_elems: int
+
+
+def conv_bwd_weight_plan(g: ConvGeometry, op: str = "conv2d_bwd_weight") -> WgradPlan:
+    crs, steps = g.C * g.R * g.S, g.N * g.P * g.Q
+    tiles = (_ceil_div(crs, WGRAD_TILE[0]), _ceil_div(g.K, WGRAD_TILE[1]))
+    if tiles[1] > MAX_GRID_YZ:
+        _fail(op, f"{g.K} filters are more than one launch covers ({MAX_GRID_YZ * WGRAD_TILE[1]})")
+    splits = _ceil_div(WGRAD_TARGET_BLOCKS, tiles[0] * tiles[1])
+    splits = min(splits, max(1, steps // WGRAD_MIN_STEPS), MAX_GRID_YZ, INDEX_LIMIT // (g.K * crs))
+    splits = max(1, splits)
+    chunk = _ceil_div(_ceil_div(steps, splits), WGRAD_SLICE) * WGRAD_SLICE
+    splits = _ceil_div(steps, chunk)  # rounding the chunk up can leave the last split empty
+    return WgradPlan(
+        grid=(tiles[0], tiles[1], splits),
+        chunk=chunk,
+        splits=splits,
+        reduce_grid=(_ceil_div(g.K * crs, REDUCE_OUTPUTS), 1, 1),
+        workspace_elems=splits * g.K * crs if splits > 1 else 0,
+    )
+
+
+# ------------------------------------------------------------------------------------ the mixin
+
+
+class ConvPoolOps:
+    """conv2d_* / maxpool2d_* / avgpool2d_* of the CUDA backend (mixed into CudaBackend, which
+    provides `dtype` and `xp` = cupy). Kernels come from `gpuml.backend.kernels.get_function`;
+    float64 backends launch the `_f64` twins. An `out=` buffer must not overlap the inputs."""
+
+    dtype: np.dtype
+    xp: Any
+
+    def _convpool_kernel(self, family: str, name: str) -> Any:
+        cache = self.__dict__.setdefault("_convpool_kernels", {})
+        key = (family, name, self.dtype)
+        fn = cache.get(key)
+        if fn is None:
+            from gpuml.backend.kernels import get_function
+
+            fn = get_function(family, name if self.dtype == np.float32 else name + "_f64")
+            cache[key] = fn
+        return fn
+
+    def _convpool_workspace(self, elems: int) -> Array:
+        """A scratch vector of `elems` items, allocated on first use and kept: a training step
+        then allocates nothing. Shared by every op needing that size; safe because all launches
+        go to the current stream in order."""
+        cache = self.__dict__.setdefault("_convpool_workspaces", {})
+        key = (elems, self.dtype)
+        buf = cache.get(key)
+        if buf is None:
+            buf = self.xp.empty(elems, dtype=self.dtype)
+            cache[key] = buf
+        return buf
+
+    def _dev_in(self, op: str, name: str, a: Any, *, shape: Sequence[int] | None = None,
+                ndim: int | None = None, dtype: Any = None) -> Array:
+        if not isinstance(a, self.xp.ndarray):
+            _fail(op, f"{name} must be a device array ({self.xp.__name__}.ndarray), got {type(a).__name__}")
+        check_array(op, name, a, self.dtype if dtype is None else dtype, shape, ndim)
+        return a
+
+    def _dev_out(self, op: str, name: str, out: Any, shape: Sequence[int], dtype: Any = None) -> Array:
+        dtype = self.dtype if dtype is None else dtype
+        if out is None:
+            return self.xp.empty(tuple(shape), dtype=dtype)
+        return self._dev_in(op, f"{name} buffer", out, shape=shape, dtype=dtype)
+
+    # ------------------------------------------------------------------ convolution
+    def conv2d_fwd(self, x: Array, w: Array, bias: Array | None, stride: Pair, padding: Pair, *,
+                   activation: str | None = None, out: Array | None = None) -> Array:
+        op = "conv2d_fwd"
+        x = self._dev_in(op, "x", x, ndim=4)
+        w = self._dev_in(op, "w", w, ndim=4)
+        if activation not in (None, "relu"):
+            raise ValueError(f"{op}: fused activation must be None or 'relu', got {activation!r}")
+        g = conv_geometry(op, x.shape, w.shape, stride, padding)
+        if bias is not None:
+            bias = self._dev_in(op, "bias", bias, shape=(g.K,))
+        out = self._dev_out(op, "out", out, g.y_shape)
+        flags = (np.int32(bias is not None), np.int32(activation == "relu"))
+        self._convpool_kernel("conv2d", "conv2d_fwd")(
+            conv_fwd_grid(g), BLOCK, (x, w, w if bias is None else bias, out, *g.args(), *flags))
+        return out
+
+    def conv2d_bwd_data(self, dy: Array, w: Array, x_shape: Sequence[int], stride: Pair,
+                        padding: Pair, *, out: Array | None = None) -> Array:
+        op = "conv2d_bwd_data"
+        w = self._dev_in(op, "w", w, ndim=4)
+        g = conv_geometry(op, x_shape, w.shape, stride, padding, x_name="x_shape")
+        dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
+        out = self._dev_out(op, "out", out, g.x_shape)
+        self._convpool_kernel("conv2d", "conv2d_bwd_data")(
+            conv_bwd_data_grid(g), BLOCK, (dy, w, out, *g.args()))
+        return out
+
+    def conv2d_bwd_weight(self, x: Array, dy: Array, w_shape: Sequence[int], stride: Pair,
+                          padding: Pair, *, out: Array | None = None) -> Array:
+        op = "conv2d_bwd_weight"
+        x = self._dev_in(op, "x", x, ndim=4)
+        g = conv_geometry(op, x.shape, w_shape, stride, padding, w_name="w_shape")
+        dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
+        out = self._dev_out(op, "out", out, g.w_shape)
+        plan = conv_bwd_weight_plan(g, op)
+        part = out if plan.splits == 1 else self._convpool_workspace(plan.workspace_elems)
+        self._convpool_kernel("conv2d", "conv2d_bwd_weight")(
+            plan.grid, BLOCK, (x, dy, part, *g.args(), np.int32(plan.chunk)))
+        if plan.splits > 1:
+            count = np.int32(g.K * g.C * g.R * g.S)
+            self._convpool_kernel("conv2d", "conv2d_bwd_weight_reduce")(
+                plan.reduce_grid, BLOCK, (part, out, count, np.int32(plan.splits)))
+        return out
+
+    # ------------------------------------------------------------------ pooling
+    def maxpool2d_fwd(self, x: Array, kernel: Pair, stride: Pair, padding: Pair, *,
+                      out: Array | None = None, argmax: Array | None = None) -> tuple[Array, Array]:
+        op = "maxpool2d_fwd"
+        x = self._dev_in(op, "x", x, ndim=4)
+        g = pool_geometry(op, x.shape, kernel, stride, padding)
+        out = self._dev_out(op, "out", out, g.y_shape)
+        argmax = self._dev_out(op, "argmax", argmax, g.y_shape, np.int32)
+        self._convpool_kernel("pool", "maxpool2d_fwd")(
+            elementwise_grid(out.size), BLOCK, (x, out, argmax, *g.args()))
+        return out, argmax
+
+    def maxpool2d_bwd(self, dy: Array, argmax: Array, x_shape: Sequence[int], kernel: Pair,
+                      stride: Pair, padding: Pair, *, out: Array | None = None) -> Array:
+        op = "maxpool2d_bwd"
+        g = pool_geometry(op, x_shape, kernel, stride, padding)
+        dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
+        argmax = self._dev_in(op, "argmax", argmax, shape=g.y_shape, dtype=np.int32)
+        out = self._dev_out(op, "out", out, g.x_shape)
+        self._convpool_kernel("pool", "maxpool2d_bwd")(
+            elementwise_grid(out.size), BLOCK, (dy, argmax, out, *g.args()))
+        return out
+
+    def avgpool2d_fwd(self, x: Array, kernel: Pair, stride: Pair, padding: Pair, *,
+                      out: Array | None = None) -> Array:
+        op = "avgpool2d_fwd"
+        x = self._dev_in(op, "x", x, ndim=4)
+        g = pool_geometry(op, x.shape, kernel, stride, padding)
+        out = self._dev_out(op, "out", out, g.y_shape)
+        self._convpool_kernel("pool", "avgpool2d_fwd")(
+            elementwise_grid(out.size), BLOCK, (x, out, *g.args()))
+        return out
+
+    def avgpool2d_bwd(self, dy: Array, x_shape: Sequence[int], kernel: Pair, stride: Pair,
+                      padding: Pair, *, out: Array | None = None) -> Array:
+        op = "avgpool2d_bwd"
+        g = pool_geometry(op, x_shape, kernel, stride, padding)
+        dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
+        out = self._dev_out(op, "out", out, g.x_shape)
+        self._convpool_kernel("pool", "avgpool2d_bwd")(
+            elementwise_grid(out.size), BLOCK, (dy, out, *g.args()))
+        return out
