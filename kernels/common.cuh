@@ -39,7 +39,7 @@ __device__ __forceinline__ int gpuml_tensor_of(const gpuml_i64* offsets, int t, 
 
 #define GPUML_GOLDEN 0x9E3779B97F4A7C15ull
 
-__device__ __forceinline__ gpuml_u64 gpuml_splitmix64(gpuml_u64 z) {
+__host__ __device__ __forceinline__ gpuml_u64 gpuml_splitmix64(gpuml_u64 z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
@@ -48,13 +48,13 @@ __device__ __forceinline__ gpuml_u64 gpuml_splitmix64(gpuml_u64 z) {
 // The 24 random bits behind gpuml_uniform: an integer k in [0, 2^24). Dropout compares k with
 // a host-computed integer threshold ceil(p * 2^24), which decides `uniform >= p` exactly as the
 // float64 CPU code does, whatever p is (a float32 p could round across a k / 2^24 boundary).
-__device__ __forceinline__ unsigned int gpuml_uniform_bits24(gpuml_u64 seed, gpuml_u64 counter) {
+__host__ __device__ __forceinline__ unsigned int gpuml_uniform_bits24(gpuml_u64 seed, gpuml_u64 counter) {
     const gpuml_u64 z = seed + GPUML_GOLDEN * (counter + 1ull);  // wraps mod 2^64, as in rng.py
     return (unsigned int)(gpuml_splitmix64(z) >> 40);
 }
 
 // A uniform in [0, 1) with 24-bit resolution; exact in float32 (k * 2^-24).
-__device__ __forceinline__ float gpuml_uniform(gpuml_u64 seed, gpuml_u64 counter) {
+__host__ __device__ __forceinline__ float gpuml_uniform(gpuml_u64 seed, gpuml_u64 counter) {
     return (float)gpuml_uniform_bits24(seed, counter) * (1.0f / 16777216.0f);
 }
 
