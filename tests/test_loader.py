@@ -45,17 +45,18 @@ class FakeBackend:
         return out_x, out_y
 
 
-def _cpu_backend():
+def _real_backend(device: str):
     try:
-        from gpuml.backend.cpu import CpuBackend
+        from gpuml.backend import get_backend
+
+        return get_backend(device)
     except ImportError as exc:
-        pytest.skip(f"CPU backend not importable: {exc}")
-    return CpuBackend()
+        pytest.skip(f"{device} backend not importable: {exc}")
 
 
-@pytest.fixture(params=["fake", "cpu"])
+@pytest.fixture(params=["fake", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def backend(request):
-    return FakeBackend() if request.param == "fake" else _cpu_backend()
+    return FakeBackend() if request.param == "fake" else _real_backend(request.param)
 
 
 MEAN, STD = 0.4, 0.3
