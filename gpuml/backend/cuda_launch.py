@@ -1,0 +1,138 @@
+"""Launch plans of the CUDA backend's MLP kernels (gemm, softmax_xent, elementwise, optim).
+
+Pure Python, no CuPy: every grid, block and split decision is a function of the shapes only, so
+it is unit-tested on any machine and the backend caches it per shape. Decisions never depend on
+the GPU's SM count: the GEMM split-K factor and the number of reduction partials change the
+summation order, and a fixed rule gives the same bits on every GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpuml.errors import ShapeError
+
+Grid = tuple[int, int, int]
+
+THREADS = 256
+#: 1-D grid-stride kernels never launch more blocks than this (enough to fill any current GPU)
+MAX_BLOCKS = 4096
+#: deterministic two-pass reductions use at most this many per-block partials
+MAX_PARTIALS = 1024
+#: the kernels index rows, columns and grid coordinates with 32-bit ints
+INT32_MAX = 2**31 - 1
+MAX_GRID_YZ = 65535
+
+# GEMM tiles (kernels/gemm.cu)
+TILE128 = 128
+TILE128_THREADS = 256
+SMALL_TILE_M, SMALL_TILE_N, SMALL_TILE_K = 32, 64, 16
+SMALL_THREADS = 128
+#: below this many 128x128 tiles (about one wave on an A100/H100) the small tile is used
+TILE128_MIN_BLOCKS = 128
+#: the small-tile grid is split along K until it has about this many blocks ...
+SPLITK_TARGET_BLOCKS = 256
+#: ... giving each slice at least this much of K ...
+SPLITK_MIN_K = 128
+#: ... and using at most this many slices
+SPLITK_MAX = 16
+
+#: softmax_xent uses a warp per row below this many classes, a block per row from it
+XENT_WARP_MAX_K = 1024
+XENT_ROWS_PER_BLOCK = 8
+
+EPILOGUE_BIAS, EPILOGUE_RELU, EPILOGUE_ACCUMULATE = 1, 2, 4
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def grid_1d(n: int, cap: int = MAX_BLOCKS) -> Grid:
+    """Blocks of THREADS for a grid-stride loop over n items (at least one block)."""
+    return (max(1, min(ceil_div(n, THREADS), cap)), 1, 1)
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    kernel: str  # entry point in kernels/gemm.cu
+    grid: Grid
+    block: Grid
+    small: bool  # the 32x64 kernel (takes work and k_per_split)
+    splits: int
+    k_per_split: int
+    workspace_elems: int  # splits * M * N when splits > 1, else 0
+    reduce_grid: Grid
+
+
+def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) -> GemmPlan:
+    """Which gemm kernel covers op(A) (M x K) @ op(B) (K x N), and its grid.
+
+    vec4: the caller checked that lda, ldb, N are multiples of 4 and every pointer is 16-byte
+    aligned (only the 128x128 kernel has a float4 variant).
+    """
+    for name, v in (("M", M), ("N", N), ("K", K)):
+        if not 0 <= v <= INT32_MAX:
+            raise ShapeError(f"matmul: {name} = {v} is past the kernels' 32-bit indexing")
+    ab = ("t" if trans_a else "n") + ("t" if trans_b else "n")
+    tiles128 = ceil_div(M, TILE128) * ceil_div(N, TILE128)
+    if tiles128 >= TILE128_MIN_BLOCKS:
+        grid = (ceil_div(N, TILE128), ceil_div(M, TILE128), 1)
+        if grid[1] > MAX_GRID_YZ:
+            raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
+        name = f"gemm_{ab}_tile128" + ("_vec4" if vec4 else "")
+        return GemmPlan(name, grid, (TILE128_THREADS, 1, 1), False, 1, max(K, 1), 0, (1, 1, 1))
+    gx, gy = ceil_div(N, SMALL_TILE_N), ceil_div(M, SMALL_TILE_M)
+    if gy > MAX_GRID_YZ:  # unreachable in practice: fewer than 128 big tiles means M < 2^21
+        raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
+    splits = 1
+    if gx * gy < SPLITK_TARGET_BLOCKS and K >= 2 * SPLITK_MIN_K:
+        splits = min(ceil_div(SPLITK_TARGET_BLOCKS, gx * gy), K // SPLITK_MIN_K, SPLITK_MAX)
+    k_per_split = ceil_div(ceil_div(max(K, 1), splits), SMALL_TILE_K) * SMALL_TILE_K
+    splits = ceil_div(max(K, 1), k_per_split)  # rounding up the slice can leave one empty
+    workspace = splits * M * N if splits > 1 else 0
+    return GemmPlan(
+        kernel=f"gemm_{ab}_tile32x64",
+        grid=(gx, gy, splits),
+        block=(SMALL_THREADS, 1, 1),
+        small=True,
+        splits=splits,
+        k_per_split=k_per_split,
+        workspace_elems=workspace,
+        reduce_grid=grid_1d(M * N),
+    )
+
+
+@dataclass(frozen=True)
+class XentPlan:
+    kernel: str
+    grid: Grid
+    vec4: bool  # only meaningful for the block kernel
+
+
+def softmax_xent_plan(B: int, K: int, aligned16: bool) -> XentPlan:
+    if B < 1 or K < 1:
+        raise ShapeError(f"softmax_xent: logits ({B}, {K}) must have at least one row and class")
+    if B > INT32_MAX or K > INT32_MAX:
+        raise ShapeError(f"softmax_xent: logits ({B}, {K}) are past the kernels' 32-bit indexing")
+    if K < XENT_WARP_MAX_K:
+        return XentPlan("softmax_xent_fwd_bwd_warp", (ceil_div(B, XENT_ROWS_PER_BLOCK), 1, 1), False)
+    return XentPlan("softmax_xent_fwd_bwd_block", (B, 1, 1), aligned16 and K % 4 == 0)
+
+
+def count_correct_grid(B: int) -> Grid:
+    return grid_1d(B * 32, cap=MAX_PARTIALS)  # a warp per row, 8 rows per block
+
+
+def partials_grid(n: int) -> Grid:
+    """Grid of a deterministic two-pass reduction over n items (fixed for a given n)."""
+    return grid_1d(n, cap=MAX_PARTIALS)
+
+
+def gather_grid(B: int, D: int) -> Grid:
+    """gather_batch: x covers the D pixels of a row, y the B rows (grid-strided past 65535)."""
+    return (max(1, min(ceil_div(D, THREADS), 64)), max(1, min(B, MAX_GRID_YZ)), 1)
+
+
+def bias_grad_nc_grid(C: int) -> Grid:
+    return (ceil_div(C, 32), 1, 1)

@@ -1,0 +1,181 @@
+"""Multi-tensor ops of the CUDA backend: the optimizer updates and global_norm, each ONE launch
+for a whole list of tensors (kernels/optim.cu, kernels/elementwise.cu sum_squares_partial).
+
+A list of tensors becomes a device "tensor table" (slot-major float pointers + int64 prefix
+offsets, see kernels/optim.cu), built on the first call for that list of buffers and cached:
+later steps on the same buffers upload nothing but the 32-byte hyperparameter vector, which an
+async host-to-device copy refreshes before the launch (the kernel reads lr, bias corrections...
+from device memory, so a captured CUDA graph stays valid as they change).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from gpuml.backend.base import Array
+from gpuml.backend.cuda_launch import THREADS, grid_1d, partials_grid
+from gpuml.errors import ShapeError
+
+# kernels/optim.cu hyper layout
+HYPER_SIZE = 8
+HYPER_LR, HYPER_WEIGHT_DECAY, HYPER_BETA1, HYPER_BETA2, HYPER_EPS = 0, 1, 2, 3, 4
+HYPER_MOMENTUM = HYPER_ALPHA = HYPER_BETA1
+HYPER_BIAS_CORRECTION1, HYPER_BIAS_CORRECTION2 = 5, 6
+#: tensor tables kept per backend (oldest dropped first)
+MAX_TABLES = 64
+
+
+def hyper_vector(**values: float) -> np.ndarray:
+    """The float32 hyper buffer contents: hyper_vector(lr=0.1, weight_decay=0.0, ...)."""
+    index = {
+        "lr": HYPER_LR, "weight_decay": HYPER_WEIGHT_DECAY, "beta1": HYPER_BETA1,
+        "momentum": HYPER_MOMENTUM, "alpha": HYPER_ALPHA, "beta2": HYPER_BETA2, "eps": HYPER_EPS,
+        "bias_correction1": HYPER_BIAS_CORRECTION1, "bias_correction2": HYPER_BIAS_CORRECTION2,
+    }  # fmt: skip
+    h = np.zeros(HYPER_SIZE, dtype=np.float32)
+    for name, value in values.items():
+        h[index[name]] = value
+    return h
+
+
+class TensorTable:
+    """Device-side view of parallel tensor lists: `table` (num_slots * T pointers, slot-major),
+    `offsets` (T + 1 int64), and the hyper buffer of the optimizer using it."""
+
+    def __init__(self, xp: Any, slots: list[list[Array]]) -> None:
+        count = len(slots[0])
+        ptrs = np.array([a.data.ptr for slot in slots for a in slot], dtype=np.uint64)
+        sizes = np.array([a.size for a in slots[0]], dtype=np.int64)
+        offsets = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        self.num_tensors = np.int32(count)
+        self.total = int(offsets[-1])
+        self.table = xp.asarray(ptrs)
+        self.offsets = xp.asarray(offsets)
+        self.hyper = xp.zeros(HYPER_SIZE, dtype=np.float32)
+        self._xp = xp
+
+    def set_hyper(self, values: np.ndarray) -> None:
+        """Queue the copy of `values` into the hyper buffer on the current stream (no sync; a
+        fresh host array per call, so nothing can overwrite it while the copy is pending)."""
+        host = np.array(values, dtype=np.float32)
+        self.hyper.set(host, stream=self._xp.cuda.get_current_stream())
+
+
+class MultiTensorOps:
+    """sgd/momentum/adam/rmsprop steps and global_norm for CudaBackend (which provides
+    `_dev_in`, `_launch`, `_scratch` and `xp`)."""
+
+    xp: Any
+
+    def _tensor_table(self, op: str, slots: list[list[Array]]) -> TensorTable:
+        names = ("params", "grads", "state", "state")
+        params = slots[0]
+        if not params:
+            raise ShapeError(f"{op}: the parameter list is empty")
+        for j, lst in enumerate(slots[1:], start=1):
+            if len(lst) != len(params):
+                raise ShapeError(f"{op}: {len(params)} params but {len(lst)} {names[min(j, 3)]}")
+        for i, group in enumerate(zip(*slots, strict=True)):
+            p = self._dev_in(op, f"params[{i}]", group[0])
+            for j, a in enumerate(group[1:], start=1):
+                self._dev_in(op, f"{names[min(j, 3)]}[{i}]", a, shape=p.shape)
+        key = (op, tuple((a.data.ptr, a.size) for slot in slots for a in slot))
+        tables: OrderedDict = self.__dict__.setdefault("_tensor_tables", OrderedDict())
+        table = tables.get(key)
+        if table is None:
+            table = tables[key] = TensorTable(self.xp, slots)
+            if len(tables) > MAX_TABLES:
+                tables.popitem(last=False)
+        else:
+            tables.move_to_end(key)
+        return table
+
+    def _optimizer_launch(self, name: str, table: TensorTable, hyper: np.ndarray, *extra: Any) -> None:
+        if table.total == 0:
+            return
+        table.set_hyper(hyper)
+        self._launch(
+            "optim", name, grid_1d(table.total), (THREADS, 1, 1),
+            (table.table, table.offsets, table.num_tensors, table.hyper, *extra),
+        )  # fmt: skip
+
+    def sgd_step(self, params: list[Array], grads: list[Array], *, lr: float, weight_decay: float = 0.0) -> None:
+        table = self._tensor_table("sgd_step", [params, grads])
+        self._optimizer_launch("sgd_step", table, hyper_vector(lr=lr, weight_decay=weight_decay))
+
+    def momentum_step(
+        self,
+        params: list[Array],
+        grads: list[Array],
+        velocities: list[Array],
+        *,
+        lr: float,
+        momentum: float,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
+        table = self._tensor_table("momentum_step", [params, grads, velocities])
+        hyper = hyper_vector(lr=lr, weight_decay=weight_decay, momentum=momentum)
+        self._optimizer_launch("momentum_step", table, hyper, np.int32(bool(nesterov)))
+
+    def adam_step(
+        self,
+        params: list[Array],
+        grads: list[Array],
+        m: list[Array],
+        v: list[Array],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        step: int,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ) -> None:
+        if step < 1:
+            raise ValueError(f"adam_step: step is 1-based, got {step}")
+        table = self._tensor_table("adam_step", [params, grads, m, v])
+        hyper = hyper_vector(
+            lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
+            bias_correction1=1.0 - beta1**step, bias_correction2=1.0 - beta2**step,
+        )  # fmt: skip
+        self._optimizer_launch("adam_step", table, hyper, np.int32(bool(decoupled)))
+
+    def rmsprop_step(
+        self,
+        params: list[Array],
+        grads: list[Array],
+        sq: list[Array],
+        *,
+        lr: float,
+        alpha: float,
+        eps: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        table = self._tensor_table("rmsprop_step", [params, grads, sq])
+        hyper = hyper_vector(lr=lr, weight_decay=weight_decay, alpha=alpha, eps=eps)
+        self._optimizer_launch("rmsprop_step", table, hyper)
+
+    def global_norm(self, arrays: list[Array]) -> Array:
+        """sqrt of the sum of squares of every element, deterministic (fixed partial grid,
+        double accumulation). Allocates its 0-d result (the protocol has no out=)."""
+        table = self._tensor_table("global_norm", [arrays])
+        out = self.xp.zeros((), dtype=np.float32)
+        if table.total == 0:
+            return out
+        grid = partials_grid(table.total)
+        partials = self._scratch("norm_partials", grid[0], np.float64)
+        self._launch(
+            "elementwise", "sum_squares_partial", grid, (THREADS, 1, 1),
+            (table.table, table.offsets, table.num_tensors, partials),
+        )  # fmt: skip
+        self._launch(
+            "elementwise", "sum_partials_final", (1, 1, 1), (THREADS, 1, 1),
+            (partials, np.int32(grid[0]), out, np.float64(1.0), np.int32(1)),
+        )  # fmt: skip
+        return out
