@@ -174,7 +174,10 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
         out = self.out_buf(op, "out", out, y_shape)
         argmax = self.out_buf(op, "argmax", argmax, y_shape, np.int32)
-        loops.maxpool_fwd(_planes(x), *geom, _planes(out), _planes(argmax))
+        if geom == (2, 2, 2, 2, 0, 0):
+            loops.maxpool_fwd_2x2(_planes(x), _planes(out), _planes(argmax))
+        else:
+            loops.maxpool_fwd(_planes(x), *geom, _planes(out), _planes(argmax))
         return out, argmax
 
     def maxpool2d_bwd(
@@ -194,7 +197,11 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         dy = self.float_in(op, "dy", dy, shape=y_shape)
         argmax = self.typed_in(op, "argmax", argmax, np.int32, y_shape)
         out = self.out_buf(op, "out", out, x_shape)
-        loops.maxpool_bwd(_planes(dy), _planes(argmax), *geom, _planes(out))
+        kh, kw, sh, sw, ph, pw = geom
+        if (sh, sw) == (kh, kw) and ph == pw == 0:
+            loops.maxpool_bwd_tiled(_planes(dy), _planes(argmax), kh, kw, _planes(out))
+        else:
+            loops.maxpool_bwd(_planes(dy), _planes(argmax), *geom, _planes(out))
         return out
 
     def avgpool2d_fwd(

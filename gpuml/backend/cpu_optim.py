@@ -1,0 +1,175 @@
+"""Numba loops of the CPU backend's optimizer updates: one fused, in-place pass per tensor.
+
+All arrays are flat (1-D views of C-contiguous tensors) of one float dtype, and the scalar
+hyper-parameters arrive already cast to that dtype, so a float32 update rounds like a float32
+device kernel and a float64 one is exact to the formula. Each element is independent, so the
+parallel split cannot change the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from gpuml.backend.cpu_checks import Checks
+
+
+@njit(cache=True, parallel=True)
+def sgd_update(p, g, lr, wd):
+    """p -= lr * (g + wd p)"""
+    for i in prange(p.size):
+        p[i] -= lr * (g[i] + wd * p[i])
+
+
+@njit(cache=True, parallel=True)
+def momentum_update(p, g, vel, lr, mu, wd, nesterov):
+    """g' = g + wd p; v = mu v + g'; p -= lr * (g' + mu v if nesterov else v)"""
+    for i in prange(p.size):
+        gi = g[i] + wd * p[i]
+        vi = mu * vel[i] + gi
+        vel[i] = vi
+        if nesterov:
+            p[i] -= lr * (gi + mu * vi)
+        else:
+            p[i] -= lr * vi
+
+
+@njit(cache=True, parallel=True)
+def adam_update(p, g, m, v, lr_t, beta1, one_m_beta1, beta2, one_m_beta2, inv_sqrt_bc2, eps, wd, decay):
+    """Adam/AdamW in PyTorch's arrangement: g' = g + wd p (wd = 0 for AdamW); p *= decay
+    (1 - lr wd for AdamW, else 1); m, v moments; p -= lr_t m / (sqrt(v) inv_sqrt_bc2 + eps) with
+    lr_t = lr / (1 - beta1^t) and inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t), which is
+    lr m_hat / (sqrt(v_hat) + eps)."""
+    for i in prange(p.size):
+        gi = g[i] + wd * p[i]
+        mi = beta1 * m[i] + one_m_beta1 * gi
+        vi = beta2 * v[i] + one_m_beta2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - lr_t * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
+
+
+@njit(cache=True, parallel=True)
+def rmsprop_update(p, g, sq, lr, alpha, one_m_alpha, eps, wd):
+    """g' = g + wd p; s = alpha s + (1 - alpha) g'^2; p -= lr g' / (sqrt(s) + eps)"""
+    for i in prange(p.size):
+        gi = g[i] + wd * p[i]
+        si = alpha * sq[i] + one_m_alpha * gi * gi
+        sq[i] = si
+        p[i] -= lr * gi / (math.sqrt(si) + eps)
+
+
+_CHUNK = 1 << 14
+
+
+@njit(cache=True, parallel=True)
+def sum_squares(a):
+    """sum(a^2) as float64. Fixed chunks, each summed with four running accumulators, then the
+    chunk partials added in order: the result does not depend on the thread count."""
+    n = a.size
+    chunks = (n + _CHUNK - 1) // _CHUNK
+    parts = np.zeros(chunks)
+    for c in prange(chunks):
+        lo = c * _CHUNK
+        hi = min(n, lo + _CHUNK)
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
+        i = lo
+        while i + 4 <= hi:
+            v0 = float(a[i])
+            v1 = float(a[i + 1])
+            v2 = float(a[i + 2])
+            v3 = float(a[i + 3])
+            a0 += v0 * v0
+            a1 += v1 * v1
+            a2 += v2 * v2
+            a3 += v3 * v3
+            i += 4
+        while i < hi:
+            v0 = float(a[i])
+            a0 += v0 * v0
+            i += 1
+        parts[c] = (a0 + a1) + (a2 + a3)
+    total = 0.0
+    for c in range(chunks):
+        total += parts[c]
+    return total
+
+
+class OptimizerSteps(Checks):
+    """The Backend's optimizer methods on the loops above, mixed into CpuBackend."""
+
+    def sgd_step(
+        self, params: list[np.ndarray], grads: list[np.ndarray], *, lr: float, weight_decay: float = 0.0
+    ) -> None:
+        t = self.dtype.type
+        for p, g in self.param_groups("sgd_step", params, grads):
+            sgd_update(p, g, t(lr), t(weight_decay))
+
+    def momentum_step(
+        self,
+        params: list[np.ndarray],
+        grads: list[np.ndarray],
+        velocities: list[np.ndarray],
+        *,
+        lr: float,
+        momentum: float,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
+        t = self.dtype.type
+        for p, g, v in self.param_groups("momentum_step", params, grads, velocities):
+            momentum_update(p, g, v, t(lr), t(momentum), t(weight_decay), bool(nesterov))
+
+    def adam_step(
+        self,
+        params: list[np.ndarray],
+        grads: list[np.ndarray],
+        m: list[np.ndarray],
+        v: list[np.ndarray],
+        *,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        step: int,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+    ) -> None:
+        if step < 1:
+            raise ValueError(f"adam_step: step is 1-based, got {step}")
+        t = self.dtype.type
+        lr_t = t(lr / (1.0 - beta1**step))
+        inv_sqrt_bc2 = t(1.0 / np.sqrt(1.0 - beta2**step))
+        l2 = t(0.0 if decoupled else weight_decay)
+        decay = t(1.0 - lr * weight_decay if decoupled else 1.0)
+        for p, g, m_, v_ in self.param_groups("adam_step", params, grads, m, v):
+            adam_update(
+                p, g, m_, v_, lr_t, t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
+                inv_sqrt_bc2, t(eps), l2, decay,
+            )  # fmt: skip
+
+    def rmsprop_step(
+        self,
+        params: list[np.ndarray],
+        grads: list[np.ndarray],
+        sq: list[np.ndarray],
+        *,
+        lr: float,
+        alpha: float,
+        eps: float,
+        weight_decay: float = 0.0,
+    ) -> None:
+        t = self.dtype.type
+        for p, g, s in self.param_groups("rmsprop_step", params, grads, sq):
+            rmsprop_update(p, g, s, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay))
+
+    def global_norm(self, arrays: list[np.ndarray]) -> np.ndarray:
+        total = 0.0
+        for i, a in enumerate(arrays):
+            total += sum_squares(self.float_in("global_norm", f"arrays[{i}]", a).reshape(-1))
+        return np.array(np.sqrt(total), dtype=self.dtype)
