@@ -34,8 +34,7 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
 
     def describe(self) -> str:
         return (
-            f"cpu (numpy {np.__version__}, numba {numba.__version__}, "
-            f"{numba.get_num_threads()} threads, {self.dtype})"
+            f"cpu (numpy {np.__version__}, numba {numba.__version__}, {numba.get_num_threads()} threads, {self.dtype})"
         )
 
     # ------------------------------------------------------------------ arrays and transfer
@@ -279,7 +278,7 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         logits = self.float_in("count_correct", "logits", logits, ndim=2)
         labels = self.int_in("count_correct", "labels", labels, (logits.shape[0],))
         out = self.out_buf("count_correct", "out", out, ())
-        out[...] = np.count_nonzero(np.argmax(logits, axis=1) == labels)
+        out[()] = np.count_nonzero(np.argmax(logits, axis=1) == labels)
         return out
 
     # ------------------------------------------------------------------ elementwise
@@ -296,9 +295,7 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
             loops.sigmoid_fwd(x.reshape(-1), out.reshape(-1))
         return out
 
-    def activation_bwd(
-        self, kind: str, y: np.ndarray, dy: np.ndarray, *, out: np.ndarray | None = None
-    ) -> np.ndarray:
+    def activation_bwd(self, kind: str, y: np.ndarray, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         op = "activation_bwd"
         _check_kind(op, kind)
         y = self.float_in(op, "y", y)
@@ -330,9 +327,7 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         )  # fmt: skip
         return out, mask
 
-    def dropout_bwd(
-        self, dy: np.ndarray, mask: np.ndarray, p: float, *, out: np.ndarray | None = None
-    ) -> np.ndarray:
+    def dropout_bwd(self, dy: np.ndarray, mask: np.ndarray, p: float, *, out: np.ndarray | None = None) -> np.ndarray:
         op = "dropout_bwd"
         dy = self.float_in(op, "dy", dy)
         mask = self.typed_in(op, "mask", mask, np.uint8, dy.shape)

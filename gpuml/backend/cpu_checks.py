@@ -37,9 +37,7 @@ class Checks:
             fail(op, f"{name} must be a numpy array, got {type(a).__name__}")
         return a
 
-    def _shape(
-        self, op: str, name: str, a: np.ndarray, ndim: int | None, shape: Sequence[int] | None
-    ) -> None:
+    def _shape(self, op: str, name: str, a: np.ndarray, ndim: int | None, shape: Sequence[int] | None) -> None:
         if shape is not None and a.shape != tuple(shape):
             fail(op, f"{name} has shape {a.shape}, expected {tuple(shape)}")
         if ndim is not None and a.ndim != ndim:
@@ -55,9 +53,7 @@ class Checks:
         self._shape(op, name, a, ndim, shape)
         return np.ascontiguousarray(a)
 
-    def typed_in(
-        self, op: str, name: str, a: Any, dtype: Any, shape: Sequence[int] | None = None
-    ) -> np.ndarray:
+    def typed_in(self, op: str, name: str, a: Any, dtype: Any, shape: Sequence[int] | None = None) -> np.ndarray:
         a = self._array(op, name, a)
         if a.dtype != np.dtype(dtype):
             fail(op, f"{name} {a.shape} has dtype {a.dtype}, expected {np.dtype(dtype)}")
