@@ -38,11 +38,12 @@ class Workspace:
         self._cols: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A C-contiguous array of `shape` carved from the named buffer (contents undefined)."""
+        """A C-contiguous array of `shape` carved from the named buffer (contents left over from
+        its last use; NaN when new, so a loop that skips an element shows up in its result)."""
         size = int(np.prod(shape))
         buf = self._scratch.get((name, dtype))
         if buf is None or buf.size < size:
-            buf = np.empty(size, dtype=dtype)
+            buf = np.full(size, np.nan, dtype=dtype)
             self._scratch[(name, dtype)] = buf
         return buf[:size].reshape(shape)
 
@@ -51,7 +52,7 @@ class Workspace:
         key = (x.shape, x.dtype, geom)
         entry = self._cols.pop(key, None)
         if entry is None:
-            entry = (np.empty_like(x), np.empty(col_shape, dtype=x.dtype))
+            entry = (np.empty_like(x), np.full(col_shape, np.nan, dtype=x.dtype))
             while len(self._cols) >= MAX_CACHED_COLS:
                 self._cols.popitem(last=False)
         self._cols[key] = entry
