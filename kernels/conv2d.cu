@@ -25,20 +25,18 @@
 // Determinism: no atomics. Every output element is owned by one thread, each sum runs in an
 // order fixed by the shapes alone, so results are bitwise identical from run to run.
 //
-// Precision: FP32 data and FP32 fused multiply-add accumulation (FP64 twins with suffix _f64
-// for the check-mode backend). The error of an output is bounded by gamma_L * sum|terms| with
-// L the reduction length (C*R*S, K*R*S or N*P*Q), as for any dot product.
-// Limits: every tensor (and the bwd_weight workspace) below 2^31 elements; 32-bit indexing.
+// Precision: FP32 data, FP32 fused multiply-add accumulation. An output's error is bounded by
+// gamma_L * sum|terms|, L the reduction length (C*R*S, K*R*S or N*P*Q), as for any dot product.
+// Limits: every tensor (and the bwd_weight workspace) below 2^31 elements: 32-bit indexing.
 // bwd_data gathers across stride holes, so at stride s it spends s^2 x the useful FMAs.
+// The kernels are extern "C" inside namespace conv2d: C linkage, so their symbols are the plain
+// names above, while the helpers stay out of the global namespace.
 #include "common.cuh"
 
 namespace conv2d {
 
 constexpr int THREADS = 256;
 constexpr int TGRID = 16;  // the 256 threads form a 16 x 16 grid over the output tile
-
-__device__ __forceinline__ float fmadd(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fmadd(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 // Register-prefetched, double-buffered SIMT GEMM mainloop over reduction steps [k_begin, k_end).
 // Thread (tx, ty) accumulates acc[i][j] = sum_k A[m0 + tx + 16i][k] * B[k][n0 + ty + 16j]; the
@@ -49,13 +47,12 @@ __device__ __forceinline__ double fmadd(double a, double b, double c) { return _
 // which every thread finished before the barrier that closed t-1.
 template <typename Gather>
 __device__ __forceinline__ void gemm_mainloop(const Gather& g, int k_begin, int k_end,
-                                              typename Gather::T (&acc)[Gather::TM][Gather::TN]) {
-    using T = typename Gather::T;
+                                              float (&acc)[Gather::TM][Gather::TN]) {
     constexpr int BK = Gather::BK, TM = Gather::TM, TN = Gather::TN;
-    __shared__ T As[2][BK][Gather::A_LD];
-    __shared__ T Bs[2][BK][Gather::B_LD];
+    __shared__ float As[2][BK][Gather::A_LD];
+    __shared__ float Bs[2][BK][Gather::B_LD];
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
-    T a_next[Gather::A_LOADS], b_next[Gather::B_LOADS];
+    float a_next[Gather::A_LOADS], b_next[Gather::B_LOADS];
 
     g.load(k_begin, a_next, b_next);
     g.stage(As[0], Bs[0], a_next, b_next);
@@ -66,7 +63,7 @@ __device__ __forceinline__ void gemm_mainloop(const Gather& g, int k_begin, int 
         if (more) g.load(k0 + BK, a_next, b_next);  // in flight while this slice computes
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
-            T a[TM], b[TN];
+            float a[TM], b[TN];
 #pragma unroll
             for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][tx + TGRID * i];
 #pragma unroll
@@ -74,7 +71,7 @@ __device__ __forceinline__ void gemm_mainloop(const Gather& g, int k_begin, int 
 #pragma unroll
             for (int i = 0; i < TM; ++i)
 #pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmadd(a[i], b[j], acc[i][j]);
+                for (int j = 0; j < TN; ++j) acc[i][j] = __fmaf_rn(a[i], b[j], acc[i][j]);
         }
         if (more) g.stage(As[buf ^ 1], Bs[buf ^ 1], a_next, b_next);
         __syncthreads();
@@ -87,9 +84,7 @@ __device__ __forceinline__ void gemm_mainloop(const Gather& g, int k_begin, int 
 // its pixel is decoded once per kernel and its (c|k, r, s) once per slice. B slots: reduction
 // step bk = t % 8 of filters bn and bn + 32 (bn = t / 8); in a warp the 8 steps x 4 filters land
 // in 32 distinct banks because B_LD = 68 = 4 (mod 32).
-template <typename TT>
 struct WideTile {
-    using T = TT;
     static constexpr int TM = 8, TN = 4, BM = TGRID * TM, BN = TGRID * TN, BK = 8;
     static constexpr int A_LD = BM, B_LD = BN + 4;
     static constexpr int A_LOADS = BM * BK / THREADS, B_LOADS = BN * BK / THREADS;
@@ -102,8 +97,8 @@ struct WideTile {
         bk = threadIdx.x % BK;
         bn = threadIdx.x / BK;
     }
-    __device__ void stage(T (*as)[A_LD], T (*bs)[B_LD], const T (&a)[A_LOADS],
-                          const T (&b)[B_LOADS]) const {
+    __device__ void stage(float (*as)[A_LD], float (*bs)[B_LD], const float (&a)[A_LOADS],
+                          const float (&b)[B_LOADS]) const {
 #pragma unroll
         for (int i = 0; i < A_LOADS; ++i) as[ak * A_LOADS + i][am] = a[i];
 #pragma unroll
@@ -113,24 +108,21 @@ struct WideTile {
 
 // Forward: A[m][kk] = x[n, c, p*sh - ph + r, q*sw - pw + s], m = (n, p, q), kk = (c, r, s);
 // B[kk][k] = w[k][kk] (w is already the (K, C*R*S) matrix).
-template <typename TT>
-struct FwdGather : WideTile<TT> {
-    using T = TT;
-    using Base = WideTile<TT>;
-    const T* __restrict__ x_img;  // x + n*C*H*W of this thread's A row
-    const T* __restrict__ w;
+struct FwdGather : WideTile {
+    const float* __restrict__ x_img;  // x + n*C*H*W of this thread's A row
+    const float* __restrict__ w;
     int H, W, R, S, RS, CRS, K, n0;
     int h0, w0;  // window origin of this thread's A row
     bool m_ok;
 
-    __device__ void load(int k0, T (&a)[Base::A_LOADS], T (&b)[Base::B_LOADS]) const {
-        int kk = k0 + this->ak * Base::A_LOADS;
+    __device__ void load(int k0, float (&a)[A_LOADS], float (&b)[B_LOADS]) const {
+        int kk = k0 + ak * A_LOADS;
         int c = kk / RS, rs = kk - c * RS;
         int r = rs / S, s = rs - r * S;
 #pragma unroll
-        for (int i = 0; i < Base::A_LOADS; ++i) {
+        for (int i = 0; i < A_LOADS; ++i) {
             const int h = h0 + r, ww = w0 + s;
-            T v = T(0);
+            float v = 0.0f;
             if (m_ok && kk + i < CRS && (unsigned)h < (unsigned)H && (unsigned)ww < (unsigned)W)
                 v = __ldg(x_img + (c * H + h) * W + ww);
             a[i] = v;
@@ -139,22 +131,20 @@ struct FwdGather : WideTile<TT> {
                 if (++r == R) { r = 0; ++c; }
             }
         }
-        const int kb = k0 + this->bk;
+        const int kb = k0 + bk;
 #pragma unroll
-        for (int j = 0; j < Base::B_LOADS; ++j) {
-            const int k = n0 + this->bn + 32 * j;
-            b[j] = (k < K && kb < CRS) ? __ldg(w + k * CRS + kb) : T(0);
+        for (int j = 0; j < B_LOADS; ++j) {
+            const int k = n0 + bn + 32 * j;
+            b[j] = (k < K && kb < CRS) ? __ldg(w + k * CRS + kb) : 0.0f;
         }
     }
 };
 
-template <typename T>
-__device__ __forceinline__ void conv2d_fwd_impl(const T* __restrict__ x, const T* __restrict__ w,
-                                                const T* __restrict__ bias, T* __restrict__ y,
-                                                int N, int C, int H, int W, int K, int R, int S,
-                                                int P, int Q, int sh, int sw, int ph, int pw,
-                                                int has_bias, int relu) {
-    using G = FwdGather<T>;
+extern "C" __global__ void __launch_bounds__(THREADS)
+conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+           float* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
+           int sh, int sw, int ph, int pw, int has_bias, int relu) {
+    using G = FwdGather;
     const int PQ = P * Q, M = N * PQ;
     const int m0 = blockIdx.x * G::BM, n0 = blockIdx.y * G::BN;
     G g;
@@ -170,7 +160,7 @@ __device__ __forceinline__ void conv2d_fwd_impl(const T* __restrict__ x, const T
     g.w0 = q * sw - pw;
     g.x_img = x + n * C * H * W;
 
-    T acc[G::TM][G::TN] = {};
+    float acc[G::TM][G::TN] = {};
     gemm_mainloop(g, 0, g.CRS, acc);
 
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
@@ -179,14 +169,14 @@ __device__ __forceinline__ void conv2d_fwd_impl(const T* __restrict__ x, const T
         const int mi = m0 + tx + TGRID * i;
         if (mi >= M) continue;
         const int ni = mi / PQ, pqi = mi - ni * PQ;
-        T* y_pix = y + ni * K * PQ + pqi;
+        float* y_pix = y + ni * K * PQ + pqi;
 #pragma unroll
         for (int j = 0; j < G::TN; ++j) {
             const int k = n0 + ty + TGRID * j;
             if (k >= K) continue;
-            T v = acc[i][j];
+            float v = acc[i][j];
             if (has_bias) v += __ldg(bias + k);
-            if (relu && v < T(0)) v = T(0);  // NaN passes, as in the CPU backend
+            if (relu && v < 0.0f) v = 0.0f;  // NaN passes, as in the CPU backend
             y_pix[k * PQ] = v;
         }
     }
@@ -196,19 +186,16 @@ __device__ __forceinline__ void conv2d_fwd_impl(const T* __restrict__ x, const T
 // is no such p in [0, P) or q in [0, Q)), m = (n, h, w), kk = (k, r, s); B[kk][c] = w[k, c, r, s].
 // Walking kk by one step moves s (and on wrap r) by one, so the floor quotient/remainder of
 // (h + ph - r) / sh and (w + pw - s) / sw are stepped incrementally: four divisions per slice.
-template <typename TT>
-struct BwdDataGather : WideTile<TT> {
-    using T = TT;
-    using Base = WideTile<TT>;
-    const T* __restrict__ dy_img;  // dy + n*K*P*Q of this thread's A row
-    const T* __restrict__ w;
+struct BwdDataGather : WideTile {
+    const float* __restrict__ dy_img;  // dy + n*K*P*Q of this thread's A row
+    const float* __restrict__ w;
     int C, R, S, RS, KRS, P, Q, sh, sw, n0;
-    int hp, wp;          // h + ph, w + pw of this thread's A row (both >= 0)
+    int hp, wp;              // h + ph, w + pw of this thread's A row (both >= 0)
     int hq0, hr0, wq0, wr0;  // hp = hq0*sh + hr0, wp = wq0*sw + wr0
     bool m_ok;
 
-    __device__ void load(int k0, T (&a)[Base::A_LOADS], T (&b)[Base::B_LOADS]) const {
-        int kk = k0 + this->ak * Base::A_LOADS;
+    __device__ void load(int k0, float (&a)[A_LOADS], float (&b)[B_LOADS]) const {
+        int kk = k0 + ak * A_LOADS;
         int k = kk / RS, rs = kk - k * RS;
         int r = rs / S, s = rs - r * S;
         // floor division of hp - r >= 1 - R and wp - s >= 1 - S, shifted to be non-negative
@@ -218,8 +205,8 @@ struct BwdDataGather : WideTile<TT> {
         pq -= R;
         qq -= S;
 #pragma unroll
-        for (int i = 0; i < Base::A_LOADS; ++i) {
-            T v = T(0);
+        for (int i = 0; i < A_LOADS; ++i) {
+            float v = 0.0f;
             if (m_ok && kk + i < KRS && pr == 0 && qr == 0 && (unsigned)pq < (unsigned)P &&
                 (unsigned)qq < (unsigned)Q)
                 v = __ldg(dy_img + (k * P + pq) * Q + qq);
@@ -238,23 +225,21 @@ struct BwdDataGather : WideTile<TT> {
                 qr += sw; --qq;
             }
         }
-        const int kb = k0 + this->bk;
+        const int kb = k0 + bk;
         const int kf = kb / RS, rsb = kb - kf * RS;
 #pragma unroll
-        for (int j = 0; j < Base::B_LOADS; ++j) {
-            const int c = n0 + this->bn + 32 * j;
-            b[j] = (c < C && kb < KRS) ? __ldg(w + (kf * C + c) * RS + rsb) : T(0);
+        for (int j = 0; j < B_LOADS; ++j) {
+            const int c = n0 + bn + 32 * j;
+            b[j] = (c < C && kb < KRS) ? __ldg(w + (kf * C + c) * RS + rsb) : 0.0f;
         }
     }
 };
 
-template <typename T>
-__device__ __forceinline__ void conv2d_bwd_data_impl(const T* __restrict__ dy,
-                                                     const T* __restrict__ w, T* __restrict__ dx,
-                                                     int N, int C, int H, int W, int K, int R,
-                                                     int S, int P, int Q, int sh, int sw, int ph,
-                                                     int pw) {
-    using G = BwdDataGather<T>;
+extern "C" __global__ void __launch_bounds__(THREADS)
+conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
+                int N, int C, int H, int W, int K, int R, int S, int P, int Q, int sh, int sw,
+                int ph, int pw) {
+    using G = BwdDataGather;
     const int HW = H * W, M = N * HW;
     const int m0 = blockIdx.x * G::BM, n0 = blockIdx.y * G::BN;
     G g;
@@ -273,7 +258,7 @@ __device__ __forceinline__ void conv2d_bwd_data_impl(const T* __restrict__ dy,
     g.wq0 = g.wp / sw; g.wr0 = g.wp - g.wq0 * sw;
     g.dy_img = dy + n * K * P * Q;
 
-    T acc[G::TM][G::TN] = {};
+    float acc[G::TM][G::TN] = {};
     gemm_mainloop(g, 0, g.KRS, acc);
 
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
@@ -282,7 +267,7 @@ __device__ __forceinline__ void conv2d_bwd_data_impl(const T* __restrict__ dy,
         const int mi = m0 + tx + TGRID * i;
         if (mi >= M) continue;
         const int ni = mi / HW, hwi = mi - ni * HW;
-        T* dx_pix = dx + ni * C * HW + hwi;
+        float* dx_pix = dx + ni * C * HW + hwi;
 #pragma unroll
         for (int j = 0; j < G::TN; ++j) {
             const int c = n0 + ty + TGRID * j;
@@ -296,46 +281,44 @@ __device__ __forceinline__ void conv2d_bwd_data_impl(const T* __restrict__ dy,
 // A rows am + 16i and B columns am + 16j (am = t / 16): a warp reads 16 consecutive (p, q) of two
 // rows, and its 16 steps x 2 rows land in 32 distinct banks because A_LD = B_LD = 66 = 2 (mod 32).
 // Each A row's (c, r, s) is decoded once per kernel; each slice costs one (n, p, q) decode.
-template <typename TT>
 struct BwdWeightGather {
-    using T = TT;
     static constexpr int TM = 4, TN = 4, BM = TGRID * TM, BN = TGRID * TN, BK = 16;
     static constexpr int A_LD = BM + 2, B_LD = BN + 2;
     static constexpr int A_LOADS = BM * BK / THREADS, B_LOADS = BN * BK / THREADS;
     static_assert(A_LOADS == TM && B_LOADS == TN && THREADS / BK == TGRID, "slot map");
-    const T* __restrict__ x;
-    const T* __restrict__ dy;
+    const float* __restrict__ x;
+    const float* __restrict__ dy;
     int C, H, W, K, P, Q, PQ, sh, sw, ph, pw, n0;
     int k_stop;  // end of this block's split: steps past it belong to the next split
     int ak, am;
     int c_off[A_LOADS], r_of[A_LOADS], s_of[A_LOADS];  // per A row: c*H*W, r, s
     bool row_ok[A_LOADS];
 
-    __device__ void load(int k0, T (&a)[A_LOADS], T (&b)[B_LOADS]) const {
+    __device__ void load(int k0, float (&a)[A_LOADS], float (&b)[B_LOADS]) const {
         const int kk = k0 + ak;
         const bool k_ok = kk < k_stop;
         const int n = k_ok ? kk / PQ : 0;
         const int pq = k_ok ? kk - n * PQ : 0;
         const int p = pq / Q, q = pq - (pq / Q) * Q;
         const int h0 = p * sh - ph, w0 = q * sw - pw;
-        const T* x_img = x + n * C * H * W;
+        const float* x_img = x + n * C * H * W;
 #pragma unroll
         for (int i = 0; i < A_LOADS; ++i) {
             const int h = h0 + r_of[i], ww = w0 + s_of[i];
-            T v = T(0);
+            float v = 0.0f;
             if (k_ok && row_ok[i] && (unsigned)h < (unsigned)H && (unsigned)ww < (unsigned)W)
                 v = __ldg(x_img + c_off[i] + h * W + ww);
             a[i] = v;
         }
-        const T* dy_pix = dy + n * K * PQ + pq;
+        const float* dy_pix = dy + n * K * PQ + pq;
 #pragma unroll
         for (int j = 0; j < B_LOADS; ++j) {
             const int k = n0 + am + TGRID * j;
-            b[j] = (k_ok && k < K) ? __ldg(dy_pix + k * PQ) : T(0);
+            b[j] = (k_ok && k < K) ? __ldg(dy_pix + k * PQ) : 0.0f;
         }
     }
-    __device__ void stage(T (*as)[A_LD], T (*bs)[B_LD], const T (&a)[A_LOADS],
-                          const T (&b)[B_LOADS]) const {
+    __device__ void stage(float (*as)[A_LD], float (*bs)[B_LD], const float (&a)[A_LOADS],
+                          const float (&b)[B_LOADS]) const {
 #pragma unroll
         for (int i = 0; i < A_LOADS; ++i) as[ak][am + TGRID * i] = a[i];
 #pragma unroll
@@ -343,14 +326,11 @@ struct BwdWeightGather {
     }
 };
 
-template <typename T>
-__device__ __forceinline__ void conv2d_bwd_weight_impl(const T* __restrict__ x,
-                                                       const T* __restrict__ dy,
-                                                       T* __restrict__ part, int N, int C, int H,
-                                                       int W, int K, int R, int S, int P, int Q,
-                                                       int sh, int sw, int ph, int pw,
-                                                       int chunk) {
-    using G = BwdWeightGather<T>;
+extern "C" __global__ void __launch_bounds__(THREADS)
+conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy,
+                  float* __restrict__ part, int N, int C, int H, int W, int K, int R, int S,
+                  int P, int Q, int sh, int sw, int ph, int pw, int chunk) {
+    using G = BwdWeightGather;
     const int RS = R * S, CRS = C * RS, PQ = P * Q, NPQ = N * PQ;
     const int m0 = blockIdx.x * G::BM, n0 = blockIdx.y * G::BN;
     G g;
@@ -372,10 +352,10 @@ __device__ __forceinline__ void conv2d_bwd_weight_impl(const T* __restrict__ x,
     const int k_end = min(NPQ, k_begin + chunk);
     g.k_stop = k_end;
 
-    T acc[G::TM][G::TN] = {};
+    float acc[G::TM][G::TN] = {};
     gemm_mainloop(g, k_begin, k_end, acc);
 
-    T* out = part + blockIdx.z * K * CRS;
+    float* out = part + blockIdx.z * K * CRS;
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
 #pragma unroll
     for (int i = 0; i < G::TM; ++i) {
@@ -391,21 +371,20 @@ __device__ __forceinline__ void conv2d_bwd_weight_impl(const T* __restrict__ x,
 
 // dw[i] = sum over splits z of part[z][i]. Lane ly (of 8) sums z = ly, ly + 8, ... in order,
 // then lane 0 adds the 8 lane sums in lane order: the order depends on `splits` alone.
-template <typename T>
-__device__ __forceinline__ void conv2d_bwd_weight_reduce_impl(const T* __restrict__ part,
-                                                              T* __restrict__ dw, int count,
-                                                              int splits) {
+extern "C" __global__ void __launch_bounds__(THREADS)
+conv2d_bwd_weight_reduce(const float* __restrict__ part, float* __restrict__ dw, int count,
+                         int splits) {
     constexpr int LANES = THREADS / 32;
-    __shared__ T lane_sum[LANES][33];
+    __shared__ float lane_sum[LANES][32];
     const int lx = threadIdx.x % 32, ly = threadIdx.x / 32;
     const int i = blockIdx.x * 32 + lx;
-    T s = T(0);
+    float s = 0.0f;
     if (i < count)
         for (int z = ly; z < splits; z += LANES) s += __ldg(part + z * count + i);
     lane_sum[ly][lx] = s;
     __syncthreads();
     if (ly == 0 && i < count) {
-        T t = lane_sum[0][lx];
+        float t = lane_sum[0][lx];
 #pragma unroll
         for (int l = 1; l < LANES; ++l) t += lane_sum[l][lx];
         dw[i] = t;
@@ -413,37 +392,3 @@ __device__ __forceinline__ void conv2d_bwd_weight_reduce_impl(const T* __restric
 }
 
 }  // namespace conv2d
-
-// ---------------------------------------------------------------------------------------------
-// Entry points: float (the training dtype) and double (suffix _f64, check mode).
-
-#define GPUML_CONV2D_ENTRIES(T, SFX)                                                              \
-    extern "C" __global__ void __launch_bounds__(conv2d::THREADS)                                 \
-        conv2d_fwd##SFX(const T* __restrict__ x, const T* __restrict__ w,                         \
-                        const T* __restrict__ bias, T* __restrict__ y, int N, int C, int H,       \
-                        int W, int K, int R, int S, int P, int Q, int sh, int sw, int ph, int pw, \
-                        int has_bias, int relu) {                                                 \
-        conv2d::conv2d_fwd_impl<T>(x, w, bias, y, N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw,      \
-                                   has_bias, relu);                                               \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(conv2d::THREADS)                                 \
-        conv2d_bwd_data##SFX(const T* __restrict__ dy, const T* __restrict__ w,                   \
-                             T* __restrict__ dx, int N, int C, int H, int W, int K, int R, int S, \
-                             int P, int Q, int sh, int sw, int ph, int pw) {                      \
-        conv2d::conv2d_bwd_data_impl<T>(dy, w, dx, N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw);    \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(conv2d::THREADS)                                 \
-        conv2d_bwd_weight##SFX(const T* __restrict__ x, const T* __restrict__ dy,                 \
-                               T* __restrict__ part, int N, int C, int H, int W, int K, int R,    \
-                               int S, int P, int Q, int sh, int sw, int ph, int pw, int chunk) {  \
-        conv2d::conv2d_bwd_weight_impl<T>(x, dy, part, N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw, \
-                                          chunk);                                                 \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(conv2d::THREADS)                                 \
-        conv2d_bwd_weight_reduce##SFX(const T* __restrict__ part, T* __restrict__ dw, int count,  \
-                                      int splits) {                                               \
-        conv2d::conv2d_bwd_weight_reduce_impl<T>(part, dw, count, splits);                        \
-    }
-
-GPUML_CONV2D_ENTRIES(float, )
-GPUML_CONV2D_ENTRIES(double, _f64)

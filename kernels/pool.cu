@@ -18,23 +18,21 @@
 // Launch: 1-D blocks of 256 threads, grid ceil(total / 256); one thread per output element
 // (fwd, total = NC*P*Q) or per input element (bwd, total = NC*H*W). Consecutive threads take
 // consecutive q (or w), so a warp's loads of each window row and its stores are coalesced.
-// Precision: FP32 (FP64 twins with suffix _f64); sums accumulate in the data type over at most
-// kh*kw terms (fwd) or ceil(kh/sh)*ceil(kw/sw) terms (bwd).
+// Precision: FP32; sums accumulate in FP32 over at most kh*kw terms (fwd) or
+// ceil(kh/sh)*ceil(kw/sw) terms (bwd); max pooling is exact.
 // Limits: every tensor below 2^31 elements (32-bit indexing).
+// The kernels are extern "C" inside namespace pool: C linkage keeps their symbols the plain
+// names above, while the helpers stay out of the global namespace.
 #include "common.cuh"
 
 namespace pool {
 
-constexpr int THREADS = 256;
+// Every kernel's trailing arguments: NC = N*C planes, input H x W, output P x Q, window kh x kw,
+// stride sh, sw, padding ph, pw.
+#define POOL_GEOMETRY \
+    int NC, int H, int W, int P, int Q, int kh, int kw, int sh, int sw, int ph, int pw
 
-template <typename T>
-__device__ __forceinline__ T neg_inf();
-template <>
-__device__ __forceinline__ float neg_inf<float>() { return GPUML_NEG_INF; }
-template <>
-__device__ __forceinline__ double neg_inf<double>() {
-    return __longlong_as_double(0xfff0000000000000ll);
-}
+constexpr int THREADS = 256;
 
 // [lo, hi): the windows o in [0, count) whose span [o*stride - pad, o*stride - pad + k) holds i.
 __device__ __forceinline__ void covering_span(int i, int k, int stride, int pad, int count,
@@ -43,11 +41,9 @@ __device__ __forceinline__ void covering_span(int i, int k, int stride, int pad,
     hi = min((i + pad) / stride + 1, count);
 }
 
-template <typename T>
-__device__ __forceinline__ void maxpool2d_fwd_impl(const T* __restrict__ x, T* __restrict__ y,
-                                                   int* __restrict__ argmax, int NC, int H, int W,
-                                                   int P, int Q, int kh, int kw, int sh, int sw,
-                                                   int ph, int pw) {
+extern "C" __global__ void __launch_bounds__(THREADS)
+maxpool2d_fwd(const float* __restrict__ x, float* __restrict__ y, int* __restrict__ argmax,
+              POOL_GEOMETRY) {
     const int i = blockIdx.x * THREADS + threadIdx.x;
     if (i >= NC * P * Q) return;
     const int PQ = P * Q, plane = i / PQ, pq = i - plane * PQ;
@@ -55,8 +51,8 @@ __device__ __forceinline__ void maxpool2d_fwd_impl(const T* __restrict__ x, T* _
     const int h0 = p * sh - ph, w0 = q * sw - pw;
     const int r_lo = max(0, -h0), r_hi = min(kh, H - h0);
     const int s_lo = max(0, -w0), s_hi = min(kw, W - w0);
-    const T* __restrict__ xp = x + plane * H * W;
-    T best = neg_inf<T>();
+    const float* __restrict__ xp = x + plane * H * W;
+    float best = GPUML_NEG_INF;
     int best_i = -1;
     if (r_lo < r_hi && s_lo < s_hi) {
         best_i = (h0 + r_lo) * W + w0 + s_lo;
@@ -64,7 +60,7 @@ __device__ __forceinline__ void maxpool2d_fwd_impl(const T* __restrict__ x, T* _
         for (int r = r_lo; r < r_hi; ++r) {
             const int row = (h0 + r) * W + w0;
             for (int s = s_lo; s < s_hi; ++s) {
-                const T v = __ldg(xp + row + s);
+                const float v = __ldg(xp + row + s);
                 if (v > best || (v != v && best == best)) {
                     best = v;
                     best_i = row + s;
@@ -76,12 +72,9 @@ __device__ __forceinline__ void maxpool2d_fwd_impl(const T* __restrict__ x, T* _
     argmax[i] = best_i;
 }
 
-template <typename T>
-__device__ __forceinline__ void maxpool2d_bwd_impl(const T* __restrict__ dy,
-                                                   const int* __restrict__ argmax,
-                                                   T* __restrict__ dx, int NC, int H, int W, int P,
-                                                   int Q, int kh, int kw, int sh, int sw, int ph,
-                                                   int pw) {
+extern "C" __global__ void __launch_bounds__(THREADS)
+maxpool2d_bwd(const float* __restrict__ dy, const int* __restrict__ argmax, float* __restrict__ dx,
+              POOL_GEOMETRY) {
     const int i = blockIdx.x * THREADS + threadIdx.x;
     if (i >= NC * H * W) return;
     const int HW = H * W, plane = i / HW, me = i - plane * HW;
@@ -90,7 +83,7 @@ __device__ __forceinline__ void maxpool2d_bwd_impl(const T* __restrict__ dy,
     covering_span(h, kh, sh, ph, P, p_lo, p_hi);
     covering_span(w, kw, sw, pw, Q, q_lo, q_hi);
     const int base = plane * P * Q;
-    T acc = T(0);
+    float acc = 0.0f;
     for (int p = p_lo; p < p_hi; ++p)
         for (int q = q_lo; q < q_hi; ++q) {
             const int o = base + p * Q + q;
@@ -99,10 +92,8 @@ __device__ __forceinline__ void maxpool2d_bwd_impl(const T* __restrict__ dy,
     dx[i] = acc;
 }
 
-template <typename T>
-__device__ __forceinline__ void avgpool2d_fwd_impl(const T* __restrict__ x, T* __restrict__ y,
-                                                   int NC, int H, int W, int P, int Q, int kh,
-                                                   int kw, int sh, int sw, int ph, int pw) {
+extern "C" __global__ void __launch_bounds__(THREADS)
+avgpool2d_fwd(const float* __restrict__ x, float* __restrict__ y, POOL_GEOMETRY) {
     const int i = blockIdx.x * THREADS + threadIdx.x;
     if (i >= NC * P * Q) return;
     const int PQ = P * Q, plane = i / PQ, pq = i - plane * PQ;
@@ -110,17 +101,15 @@ __device__ __forceinline__ void avgpool2d_fwd_impl(const T* __restrict__ x, T* _
     const int h0 = p * sh - ph, w0 = q * sw - pw;
     const int h_lo = max(0, h0), h_hi = min(H, h0 + kh);
     const int w_lo = max(0, w0), w_hi = min(W, w0 + kw);
-    const T* __restrict__ xp = x + plane * H * W;
-    T acc = T(0);
+    const float* __restrict__ xp = x + plane * H * W;
+    float acc = 0.0f;
     for (int h = h_lo; h < h_hi; ++h)
         for (int w = w_lo; w < w_hi; ++w) acc += __ldg(xp + h * W + w);
-    y[i] = acc / T(kh * kw);
+    y[i] = acc / (float)(kh * kw);
 }
 
-template <typename T>
-__device__ __forceinline__ void avgpool2d_bwd_impl(const T* __restrict__ dy, T* __restrict__ dx,
-                                                   int NC, int H, int W, int P, int Q, int kh,
-                                                   int kw, int sh, int sw, int ph, int pw) {
+extern "C" __global__ void __launch_bounds__(THREADS)
+avgpool2d_bwd(const float* __restrict__ dy, float* __restrict__ dx, POOL_GEOMETRY) {
     const int i = blockIdx.x * THREADS + threadIdx.x;
     if (i >= NC * H * W) return;
     const int HW = H * W, plane = i / HW, hw = i - plane * HW;
@@ -128,40 +117,13 @@ __device__ __forceinline__ void avgpool2d_bwd_impl(const T* __restrict__ dy, T* 
     int p_lo, p_hi, q_lo, q_hi;
     covering_span(h, kh, sh, ph, P, p_lo, p_hi);
     covering_span(w, kw, sw, pw, Q, q_lo, q_hi);
-    const T* __restrict__ dyp = dy + plane * P * Q;
-    T acc = T(0);
+    const float* __restrict__ dyp = dy + plane * P * Q;
+    float acc = 0.0f;
     for (int p = p_lo; p < p_hi; ++p)
         for (int q = q_lo; q < q_hi; ++q) acc += __ldg(dyp + p * Q + q);
-    dx[i] = acc / T(kh * kw);
+    dx[i] = acc / (float)(kh * kw);
 }
 
 }  // namespace pool
 
-// ---------------------------------------------------------------------------------------------
-// Entry points: float (the training dtype) and double (suffix _f64, check mode).
-
-#define GPUML_POOL_GEOMETRY int NC, int H, int W, int P, int Q, int kh, int kw, int sh, int sw, int ph, int pw
-#define GPUML_POOL_ARGS NC, H, W, P, Q, kh, kw, sh, sw, ph, pw
-
-#define GPUML_POOL_ENTRIES(T, SFX)                                                                \
-    extern "C" __global__ void __launch_bounds__(pool::THREADS) maxpool2d_fwd##SFX(               \
-        const T* __restrict__ x, T* __restrict__ y, int* __restrict__ argmax,                     \
-        GPUML_POOL_GEOMETRY) {                                                                    \
-        pool::maxpool2d_fwd_impl<T>(x, y, argmax, GPUML_POOL_ARGS);                               \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(pool::THREADS) maxpool2d_bwd##SFX(               \
-        const T* __restrict__ dy, const int* __restrict__ argmax, T* __restrict__ dx,             \
-        GPUML_POOL_GEOMETRY) {                                                                    \
-        pool::maxpool2d_bwd_impl<T>(dy, argmax, dx, GPUML_POOL_ARGS);                             \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(pool::THREADS) avgpool2d_fwd##SFX(               \
-        const T* __restrict__ x, T* __restrict__ y, GPUML_POOL_GEOMETRY) {                        \
-        pool::avgpool2d_fwd_impl<T>(x, y, GPUML_POOL_ARGS);                                       \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(pool::THREADS) avgpool2d_bwd##SFX(               \
-        const T* __restrict__ dy, T* __restrict__ dx, GPUML_POOL_GEOMETRY) {                      \
-        pool::avgpool2d_bwd_impl<T>(dy, dx, GPUML_POOL_ARGS);                                     \
-    }
-
-GPUML_POOL_ENTRIES(float, )
-GPUML_POOL_ENTRIES(double, _f64)
+#undef POOL_GEOMETRY

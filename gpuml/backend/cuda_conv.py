@@ -173,6 +173,12 @@ def pool_geometry(op: str, x_shape: Sequence[int], kernel: Any, stride: Any, pad
     return PoolGeometry(N, C, H, W, kh, kw, sh, sw, ph, pw, P, Q)
 
 
+def buffers_overlap(a: Any, b: Any) -> bool:
+    """Whether two device arrays share a byte (pointer arithmetic on cupy arrays: no sync)."""
+    a0, b0 = a.data.ptr, b.data.ptr
+    return a.nbytes > 0 and b.nbytes > 0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
 def check_array(op: str, name: str, a: Any, dtype: Any, shape: Sequence[int] | None = None,
                 ndim: int | None = None) -> None:
     """dtype, shape and C-contiguity of an array (numpy or cupy alike); ShapeError if wrong."""
@@ -248,21 +254,20 @@ def conv_bwd_weight_plan(g: ConvGeometry, op: str = "conv2d_bwd_weight") -> Wgra
 
 class ConvPoolOps:
     """conv2d_* / maxpool2d_* / avgpool2d_* of the CUDA backend (mixed into CudaBackend, which
-    provides `dtype` and `xp` = cupy). Kernels come from `gpuml.backend.kernels.get_function`;
-    float64 backends launch the `_f64` twins. An `out=` buffer must not overlap the inputs."""
+    provides `dtype` and `xp` = cupy). Kernels come from `gpuml.backend.kernels.get_function`.
+    Every kernel reads its inputs while it writes its outputs, so an output overlapping an input
+    is refused. `_dev_in` / `_dev_out` are the argument checks the rest of CudaBackend uses too."""
 
     dtype: np.dtype
     xp: Any
 
     def _convpool_kernel(self, family: str, name: str) -> Any:
         cache = self.__dict__.setdefault("_convpool_kernels", {})
-        key = (family, name, self.dtype)
-        fn = cache.get(key)
+        fn = cache.get((family, name))
         if fn is None:
             from gpuml.backend.kernels import get_function
 
-            fn = get_function(family, name if self.dtype == np.float32 else name + "_f64")
-            cache[key] = fn
+            fn = cache[(family, name)] = get_function(family, name)
         return fn
 
     def _convpool_workspace(self, elems: int) -> Array:
@@ -270,11 +275,9 @@ class ConvPoolOps:
         then allocates nothing. Shared by every op needing that size; safe because all launches
         go to the current stream in order."""
         cache = self.__dict__.setdefault("_convpool_workspaces", {})
-        key = (elems, self.dtype)
-        buf = cache.get(key)
+        buf = cache.get(elems)
         if buf is None:
-            buf = self.xp.empty(elems, dtype=self.dtype)
-            cache[key] = buf
+            buf = cache[elems] = self.xp.empty(elems, dtype=np.float32)
         return buf
 
     def _dev_in(self, op: str, name: str, a: Any, *, shape: Sequence[int] | None = None,
@@ -284,11 +287,18 @@ class ConvPoolOps:
         check_array(op, name, a, self.dtype if dtype is None else dtype, shape, ndim)
         return a
 
-    def _dev_out(self, op: str, name: str, out: Any, shape: Sequence[int], dtype: Any = None) -> Array:
+    def _dev_out(self, op: str, name: str, out: Any, shape: Sequence[int], dtype: Any = None,
+                 **inputs: Array | None) -> Array:
+        """The caller's `out=` (checked, and refused where it overlaps one of `inputs`) or a
+        fresh array."""
         dtype = self.dtype if dtype is None else dtype
         if out is None:
             return self.xp.empty(tuple(shape), dtype=dtype)
-        return self._dev_in(op, f"{name} buffer", out, shape=shape, dtype=dtype)
+        out = self._dev_in(op, f"{name} buffer", out, shape=shape, dtype=dtype)
+        for in_name, a in inputs.items():
+            if a is not None and buffers_overlap(out, a):
+                _fail(op, f"{name} buffer {tuple(out.shape)} overlaps {in_name} {tuple(a.shape)}")
+        return out
 
     # ------------------------------------------------------------------ convolution
     def conv2d_fwd(self, x: Array, w: Array, bias: Array | None, stride: Pair, padding: Pair, *,
@@ -301,7 +311,7 @@ class ConvPoolOps:
         g = conv_geometry(op, x.shape, w.shape, stride, padding)
         if bias is not None:
             bias = self._dev_in(op, "bias", bias, shape=(g.K,))
-        out = self._dev_out(op, "out", out, g.y_shape)
+        out = self._dev_out(op, "out", out, g.y_shape, x=x, w=w, bias=bias)
         flags = (np.int32(bias is not None), np.int32(activation == "relu"))
         self._convpool_kernel("conv2d", "conv2d_fwd")(
             conv_fwd_grid(g), BLOCK, (x, w, w if bias is None else bias, out, *g.args(), *flags))
@@ -313,7 +323,7 @@ class ConvPoolOps:
         w = self._dev_in(op, "w", w, ndim=4)
         g = conv_geometry(op, x_shape, w.shape, stride, padding, x_name="x_shape")
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
-        out = self._dev_out(op, "out", out, g.x_shape)
+        out = self._dev_out(op, "out", out, g.x_shape, dy=dy, w=w)
         self._convpool_kernel("conv2d", "conv2d_bwd_data")(
             conv_bwd_data_grid(g), BLOCK, (dy, w, out, *g.args()))
         return out
@@ -324,7 +334,7 @@ class ConvPoolOps:
         x = self._dev_in(op, "x", x, ndim=4)
         g = conv_geometry(op, x.shape, w_shape, stride, padding, w_name="w_shape")
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
-        out = self._dev_out(op, "out", out, g.w_shape)
+        out = self._dev_out(op, "out", out, g.w_shape, x=x, dy=dy)
         plan = conv_bwd_weight_plan(g, op)
         part = out if plan.splits == 1 else self._convpool_workspace(plan.workspace_elems)
         self._convpool_kernel("conv2d", "conv2d_bwd_weight")(
@@ -341,8 +351,8 @@ class ConvPoolOps:
         op = "maxpool2d_fwd"
         x = self._dev_in(op, "x", x, ndim=4)
         g = pool_geometry(op, x.shape, kernel, stride, padding)
-        out = self._dev_out(op, "out", out, g.y_shape)
-        argmax = self._dev_out(op, "argmax", argmax, g.y_shape, np.int32)
+        out = self._dev_out(op, "out", out, g.y_shape, x=x)
+        argmax = self._dev_out(op, "argmax", argmax, g.y_shape, np.int32, x=x, y=out)
         self._convpool_kernel("pool", "maxpool2d_fwd")(
             elementwise_grid(out.size), BLOCK, (x, out, argmax, *g.args()))
         return out, argmax
@@ -353,7 +363,7 @@ class ConvPoolOps:
         g = pool_geometry(op, x_shape, kernel, stride, padding)
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
         argmax = self._dev_in(op, "argmax", argmax, shape=g.y_shape, dtype=np.int32)
-        out = self._dev_out(op, "out", out, g.x_shape)
+        out = self._dev_out(op, "out", out, g.x_shape, dy=dy, argmax=argmax)
         self._convpool_kernel("pool", "maxpool2d_bwd")(
             elementwise_grid(out.size), BLOCK, (dy, argmax, out, *g.args()))
         return out
@@ -363,7 +373,7 @@ class ConvPoolOps:
         op = "avgpool2d_fwd"
         x = self._dev_in(op, "x", x, ndim=4)
         g = pool_geometry(op, x.shape, kernel, stride, padding)
-        out = self._dev_out(op, "out", out, g.y_shape)
+        out = self._dev_out(op, "out", out, g.y_shape, x=x)
         self._convpool_kernel("pool", "avgpool2d_fwd")(
             elementwise_grid(out.size), BLOCK, (x, out, *g.args()))
         return out
@@ -373,7 +383,7 @@ class ConvPoolOps:
         op = "avgpool2d_bwd"
         g = pool_geometry(op, x_shape, kernel, stride, padding)
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
-        out = self._dev_out(op, "out", out, g.x_shape)
+        out = self._dev_out(op, "out", out, g.x_shape, dy=dy)
         self._convpool_kernel("pool", "avgpool2d_bwd")(
             elementwise_grid(out.size), BLOCK, (dy, out, *g.args()))
         return out
