@@ -8,7 +8,7 @@ import pytest
 
 from gpuml.backend import rng
 from gpuml.errors import ShapeError
-from tests.gpu_util import ELEMENTWISE_TOL, GPU, backends, gemm_tol, nan_filled, rel_err
+from tests.gpu_util import ELEMENTWISE_TOL, GPU, U32, backends, gemm_tol, nan_filled, rel_err
 
 pytestmark = GPU
 
@@ -247,10 +247,14 @@ def test_optimizer_steps(method: str, n_state: int, kwargs: dict) -> None:
         extra = {"step": step} if method == "adam_step" else {}
         getattr(cuda, method)(*dev, **kwargs, **extra)
         getattr(cpu, method)(*ref, **kwargs, **extra)
+    steps = 3
     for i, (pd, pr, start) in enumerate(zip(dev[0], ref[0], p0, strict=True)):
-        # compare the parameter change, not the parameter, so the bound is not diluted by p0
-        moved = cuda.to_numpy(pd).astype(np.float64) - start
-        assert rel_err(moved, pr - start) <= 1e-5, f"params[{i}]"
+        # The update itself (a few float32 roundings) is held to 1e-5 of its size; on top of that
+        # the parameter is stored in float32, so each step rounds p by up to u |p|, which for
+        # Adam's ~1e-3-sized steps is a large fraction of the change.
+        got = cuda.to_numpy(pd).astype(np.float64)
+        allowed = 1e-5 * np.linalg.norm(pr - start) + 2 * steps * U32 * np.linalg.norm(pr)
+        assert np.linalg.norm(got - pr) <= allowed, f"params[{i}]"
     for s, (sd, sr) in enumerate(zip(dev[2:], ref[2:], strict=True)):
         for i in range(len(PARAM_SHAPES)):
             assert rel_err(cuda.to_numpy(sd[i]), sr[i]) <= 1e-5, f"state {s}[{i}]"

@@ -88,15 +88,16 @@ class CudaBackend(MultiTensorOps, ConvPoolOps, Backend):
             buf = self._scratch_buffers[key] = self.xp.empty(max(1, int(elems)), dtype=dtype)
         return buf
 
-    def _out_may_alias(self, op: str, out_name: str, out: Array, src_name: str, src: Array) -> None:
+    def _out_may_alias(self, op: str, out_name: str, out: Array, src_name: str, src: Array, /) -> None:
         """`out` may be `src` itself, but may not partly overlap it."""
         if _overlap(out, src) and not _same_buffer(out, src):
             _fail(op, f"{out_name} {out.shape} partly overlaps {src_name} {src.shape}")
 
-    def _no_alias(self, op: str, out_name: str, out: Array, **inputs: Array | None) -> None:
+    def _no_alias(self, op: str, target_name: str, target: Array, /, **inputs: Array | None) -> None:
+        """`target` (an output) shares no byte with any of `inputs`."""
         for name, a in inputs.items():
-            if a is not None and _overlap(out, a):
-                _fail(op, f"{out_name} {out.shape} overlaps input {name} {a.shape}")
+            if a is not None and _overlap(target, a):
+                _fail(op, f"{target_name} {target.shape} overlaps {name} {a.shape}")
 
     # ------------------------------------------------------------------ arrays and transfer
     def asarray(self, x: Any, dtype: Any = None) -> Array:
