@@ -64,6 +64,7 @@ class CudaBackend(MultiTensorOps, ConvPoolOps, Backend):
         self._device_id = cupy.cuda.Device().id
         self._scratch_buffers: dict[tuple[str, int, np.dtype], Array] = {}
         self._gemm_plans: dict[tuple, plan.GemmPlan] = {}
+        self._kernels: dict[tuple[str, str], Any] = {}
 
     # ------------------------------------------------------------------ plumbing
     def describe(self) -> str:
@@ -77,7 +78,12 @@ class CudaBackend(MultiTensorOps, ConvPoolOps, Backend):
         )
 
     def _launch(self, family: str, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-        get_function(family, name)(grid, block, args, shared_mem=shared_mem)
+        # Kernels are memoised here, not only in kernels.get_function: that one re-derives the
+        # kernel folder and device arch per call, too slow for a launch-bound batch-32 step.
+        fn = self._kernels.get((family, name))
+        if fn is None:
+            fn = self._kernels[(family, name)] = get_function(family, name)
+        fn(grid, block, args, shared_mem=shared_mem)
 
     def _scratch(self, name: str, elems: int, dtype: Any = np.float32) -> Array:
         """A per-backend scratch vector, allocated on the first call for its size and reused
