@@ -1,0 +1,97 @@
+"""Markdown tables of benchmark results (the JSON that `gpuml bench ... --json` writes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_rate(rate: float | None, metric: str) -> str:
+    if rate is None:
+        return "-"
+    if metric == "bytes":
+        return f"{rate / 1e9:.1f} GB/s"
+    return f"{rate / 1e12:.2f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def meta_lines(meta: dict[str, Any]) -> list[str]:
+    hw = meta["hardware"]
+    versions = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    lines = [
+        f"- date: {meta['date']}; gpuml commit `{meta['commit']}`",
+        f"- device: {hw['name']} ({meta['device']}"
+        + (f", {hw['cores']} cores" if hw["kind"] == "cpu" else f", CC {hw['compute_capability']}, {hw['sms']} SMs")
+        + ")",
+        f"- versions: {versions}",
+        f"- command: `{meta['command']}`",
+    ]
+    if meta.get("load_average"):
+        lines.append(f"- load average at the end (1, 5, 15 min): {', '.join(map(str, meta['load_average']))}")
+    return lines
+
+
+def kernels_markdown(result: dict[str, Any]) -> str:
+    meta, rows = result["meta"], result["rows"]
+    hw = meta["hardware"]
+    out = [f"### Kernels: {hw['name']} ({meta['device']}{', quick sweep' if meta['quick'] else ''})", ""]
+    out += meta_lines(meta)
+    out.append(f"- limits: FP32 peak {hw['fp32_peak_flops'] / 1e12:.3f} TFLOP/s ({hw['fp32_peak_how']}); "
+               f"copy bandwidth {meta['copy_bytes_per_s'] / 1e9:.1f} GB/s (measured in this run)")
+    out.append("- ratio = anchor time / our time (> 1: ours is faster); for a copy anchor it is the "
+               "fraction of copy bandwidth ours reaches. floor = max(FLOPs / peak, bytes / copy bandwidth).")
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for fam in families:
+        table, last_case = [], None
+        for r in (r for r in rows if r["family"] == fam):
+            if "error" in r:
+                table.append([r["op"], r["shape"], f"ERROR: {r['error']}"] + [""] * 7)
+                continue
+            case = (r["op"], r["shape"])
+            first = case != last_case
+            last_case = case
+            ours = [fmt_time(r["ours_median_s"]), fmt_rate(r["ours_rate"], r["metric"]),
+                    f"{100 * r['ours_fraction_of_floor']:.0f}%"] if first else ["", "", ""]
+            ratio = "-" if r["ratio"] is None else (
+                f"{100 * r['ratio']:.0f}% of copy" if str(r["anchor"]).startswith("copy") else f"{r['ratio']:.2f}x")
+            check = r["check"] if r["rel_err"] is None else f"{r['check']} ({r['rel_err']:.0e})"
+            table.append([r["op"] if first else "", r["shape"] if first else "", *ours, r["anchor"] or "-",
+                          fmt_time(r["anchor_median_s"]), fmt_rate(r["anchor_rate"], r["metric"]), ratio, check])
+        out += ["", f"#### {fam}", "", _table(
+            ["op", "shape", "ours", "ours rate", "of floor", "anchor", "anchor time", "anchor rate",
+             "ours/anchor speed", "check"], table)]
+    return "\n".join(out) + "\n"
+
+
+def train_markdown(result: dict[str, Any]) -> str:
+    meta, rows = result["meta"], result["rows"]
+    out = [f"### Training: {meta['hardware']['name']} ({meta['device']})", ""]
+    out += meta_lines(meta)
+    limit = f"the first {meta['limit']} training images" if meta["limit"] else "all training images"
+    out.append(f"- {meta['epochs']} measured epoch(s) on {limit} after {meta['warmup_steps']} warm-up steps; "
+               "epoch time is the median over epochs; test accuracy on the full test set; "
+               f"backend: {meta['backend']}"
+               + (f"; torch threads {meta['torch_threads']}" if meta.get("torch_threads") else ""))
+    table = []
+    for r in rows:
+        speed = "-" if r.get("speedup_vs_torch_eager") is None else f"{r['speedup_vs_torch_eager']:.2f}x"
+        table.append([r["model"], str(r["batch_size"]), r["impl"], str(r["epochs"]), fmt_time(r["median_epoch_s"]),
+                      f"{r['samples_per_s']:,.0f}", f"{r['us_per_step']:,.0f}", f"{r['train_loss']:.4f}",
+                      f"{r['test_accuracy']:.4f}", speed])
+    out += ["", _table(["model", "batch", "impl", "epochs", "epoch time", "samples/s", "µs/step", "train loss",
+                        "test acc", "vs torch eager"], table)]
+    return "\n".join(out) + "\n"
