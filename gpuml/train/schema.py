@@ -132,7 +132,7 @@ TRAINER: dict[str, Any] = {
     "progress": F("bool|null", None, doc="progress bar; default: when stderr is a terminal"),
     "grad_clip_norm": F("float|null", None, minimum=0, exclusive_min=True),
     "keep_checkpoints": F("int", 2, minimum=1, doc="how many last-epoch checkpoints to keep"),
-    "monitor": F("str", "val_accuracy", doc="metric for the best checkpoint"),
+    "monitor": F("str", "auto", doc="metric for the best checkpoint (auto: val_accuracy, else train_accuracy)"),
     "monitor_mode": F("str", "auto", choices=("auto", "min", "max")),
     "early_stopping": EARLY_STOPPING,
 }
