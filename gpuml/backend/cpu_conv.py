@@ -63,7 +63,7 @@ class Workspace:
 
     def cached_col(self, x: np.ndarray, geom: Geometry) -> np.ndarray | None:
         entry = self._cols.get((x.shape, x.dtype, geom))
-        if entry is None or not np.array_equal(entry[0], x):
+        if entry is None or loops.count_differences(entry[0].reshape(-1), x.reshape(-1)):
             return None
         return entry[1]
 
@@ -71,12 +71,6 @@ class Workspace:
 def _chunk(n_images: int, rows: int, cols_per_image: int, itemsize: int) -> int:
     per_image = rows * cols_per_image * itemsize
     return max(1, min(n_images, COL_BUDGET_BYTES // max(per_image, 1)))
-
-
-def _transpose_dy(dy: np.ndarray, n0: int, n1: int, dyt: np.ndarray) -> None:
-    """dyT (K, n*L) from dy[n0:n1] (n, K, L): contiguous L-runs, so a plain strided copy."""
-    n, K, L = n1 - n0, dy.shape[1], dy.shape[2]
-    np.copyto(dyt.reshape(K, n, L), dy[n0:n1].transpose(1, 0, 2))
 
 
 def conv2d_fwd(
@@ -121,7 +115,7 @@ def conv2d_bwd_data(ws: Workspace, dy: np.ndarray, w: np.ndarray, geom: Geometry
     for n0 in range(0, N, nb):
         n1 = min(N, n0 + nb)
         dyt = ws.scratch("dyT", (K, (n1 - n0) * L), dy.dtype)
-        _transpose_dy(dy3, n0, n1, dyt)
+        loops.batch_to_channel_major(dy3[n0:n1], dyt)
         dcol = ws.scratch("col", (crs, (n1 - n0) * L), dy.dtype)
         np.matmul(w2.T, dyt, out=dcol)
         loops.col2im(dcol, *geom, dx[n0:n1])
@@ -141,7 +135,7 @@ def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dy: np.ndarray, geom: Geomet
             col = ws.scratch("col", (crs, (n1 - n0) * L), x.dtype)
             loops.im2col(x[n0:n1], *geom, col)
         dyt = ws.scratch("dyT", (K, (n1 - n0) * L), dy.dtype)
-        _transpose_dy(dy3, n0, n1, dyt)
+        loops.batch_to_channel_major(dy3[n0:n1], dyt)
         if n0 == 0:
             np.matmul(dyt, col.T, out=dw2)
         else:

@@ -108,6 +108,26 @@ def conv_epilogue(gemm, bias, relu, y):
 
 
 @njit(cache=True, parallel=True)
+def batch_to_channel_major(dy, dyt):
+    """dyt (K, N*L) from dy (N, K, L): the layout the weight- and data-gradient GEMMs need."""
+    N, K, L = dy.shape
+    for k in prange(K):
+        for n in range(N):
+            for i in range(L):
+                dyt[k, n * L + i] = dy[n, k, i]
+
+
+@njit(cache=True, parallel=True)
+def count_differences(a, b):
+    """How many positions of the flat arrays a and b differ (NaN differs from everything)."""
+    diff = 0
+    for i in prange(a.size):
+        if not a[i] == b[i]:
+            diff += 1
+    return diff
+
+
+@njit(cache=True, parallel=True)
 def bias_act_rows(y, bias, has_bias, relu):
     """In place on y (B, N): y = act(y + bias); NaN passes through relu as in np.maximum."""
     B, N = y.shape
