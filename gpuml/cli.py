@@ -89,6 +89,18 @@ def _default_run_dir(name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gpuml.train.trainer import out_of_memory_message
+
+    try:
+        return _train(args)
+    except Exception as exc:
+        oom = out_of_memory_message(exc, getattr(args, "batch_size_seen", None))
+        if oom is not None:
+            raise oom from None
+        raise
+
+
+def _train(args: argparse.Namespace) -> int:
     from gpuml.train import checkpoint as ckpt
     from gpuml.train.config import config_diff, load_config
     from gpuml.train.trainer import Trainer, write_config, write_run_info
@@ -118,6 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise GpumlError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
         trainer = Trainer(cfg, run_dir, source=str(args.config))
         write_config(run_dir, cfg)
+    args.batch_size_seen = cfg["trainer"]["batch_size"]
     write_run_info(run_dir, trainer)
     trainer.fit(progress=False if args.no_progress else None)
     return 0

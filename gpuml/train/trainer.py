@@ -336,12 +336,13 @@ def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
         f.write(dump_config(cfg).encode())
 
 
-def out_of_memory_message(exc: BaseException, batch_size: int) -> DeviceError | None:
-    """Translate CuPy's OutOfMemoryError (matched by name: cupy is not imported here)."""
+def out_of_memory_message(exc: BaseException, batch_size: int | None) -> DeviceError | None:
+    """Translate CuPy's OutOfMemoryError (matched by name: cupy is not imported here), whose
+    text says how many bytes were asked for, into one line naming the batch size."""
     if type(exc).__name__ != "OutOfMemoryError":
         return None
-    return DeviceError(f"GPU out of memory at trainer.batch_size {batch_size}: {exc}; "
-                       "try a smaller trainer.batch_size")
+    where = f"at trainer.batch_size {batch_size}" if batch_size else "while setting up the run"
+    return DeviceError(f"GPU out of memory {where}: {str(exc).strip()}; try a smaller trainer.batch_size")
 
 
 def write_run_info(run_dir: Path, trainer: Trainer) -> None:

@@ -1,0 +1,124 @@
+"""CLI commands on a finished run (predict, export, plot, eval --checkpoint, info) and the
+failure paths that need an in-process fake (out of memory, missing data)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpuml.cli import main
+from gpuml.data.idx import write_idx
+from tests.test_trainer import tiny_config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, fashion_root: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "run"
+    assert main(["train", str(tiny_config(tmp, fashion_root, trainer__epochs=2)), "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_predict_npy_and_idx_match_eval_accuracy(run: Path, fashion_root: Path, tmp_path: Path, capsys) -> None:
+    from gpuml.data.loader import load_dataset
+
+    test = load_dataset("fashion_mnist", root=fashion_root, download=False).test
+    images, labels = test.images[:500], test.labels[:500]
+    np.save(tmp_path / "x.npy", images[:, 0])  # (N, 28, 28) uint8
+    assert main(["predict", str(run), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npy")]) == 0
+    probs = np.load(tmp_path / "p.npy")
+    assert probs.shape == (500, 10) and np.allclose(probs.sum(1), 1.0)
+    acc = (probs.argmax(1) == labels).mean()
+    assert acc > 0.6
+    write_idx(tmp_path / "x.idx", images)
+    assert main(["predict", str(run), str(tmp_path / "x.idx"), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "index,class,name,probability" and len(rows) == 501
+    assert [int(r.split(",")[1]) for r in rows[1:]] == list(probs.argmax(1))
+
+
+def test_predict_rejects_wrong_shapes(run: Path, tmp_path: Path, capsys) -> None:
+    np.save(tmp_path / "bad.npy", np.zeros((3, 27, 27), dtype=np.uint8))
+    assert main(["predict", str(run), str(tmp_path / "bad.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "(3, 27, 27)" in err and "(1, 28, 28)" in err
+
+
+def test_export_safetensors_reads_back_without_gpuml(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    with np.load(run / "weights.npz") as z:
+        ref = {k: z[k] for k in z.files}
+    # Parse the published format by hand: u64 header length, JSON header, raw little-endian data.
+    blob = out.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    for name, arr in ref.items():
+        meta = header[name]
+        lo, hi = meta["data_offsets"]
+        got = np.frombuffer(data[lo:hi], dtype="<f4").reshape(meta["shape"])
+        assert meta["dtype"] == "F32" and np.array_equal(got, arr)
+    st = pytest.importorskip("safetensors.numpy")
+    loaded = st.load_file(str(out))
+    assert loaded.keys() == ref.keys() and all(np.array_equal(loaded[k], ref[k]) for k in ref)
+
+
+def test_export_npz_and_eval_checkpoints(run: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", str(run), "--format", "npz", "--out", str(tmp_path / "w.npz"), "--checkpoint", "best"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--checkpoint", "last"]) == 0
+    last = json.loads(capsys.readouterr().out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert last["test_accuracy"] == pytest.approx(summary["test_accuracy"])  # last epoch == final weights
+    assert main(["eval", str(run), "--checkpoint", "nonexistent.npz"]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_plot_overlays_runs(run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(run), str(run), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_out_of_memory_is_one_line_naming_batch_size(tmp_path: Path, fashion_root: Path, monkeypatch,
+                                                      capsys) -> None:
+    from gpuml.train.trainer import Trainer
+
+    class OutOfMemoryError(Exception):  # what CuPy raises, matched by name
+        pass
+
+    def boom(self, x, y, lr):
+        raise OutOfMemoryError("Out of memory allocating 8,589,934,592 bytes (allocated so far: 1,024 bytes).")
+
+    monkeypatch.setattr(Trainer, "_step", boom)
+    code = main(["train", str(tiny_config(tmp_path, fashion_root)), "--out", str(tmp_path / "oom"),
+                 "--set", "trainer.batch_size=4096", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 4 and "batch_size 4096" in err and "8,589,934,592 bytes" in err
+
+
+def test_missing_dataset_lists_where_it_looked(tmp_path: Path, monkeypatch, capsys) -> None:
+    import gpuml.data.datasets as ds
+
+    monkeypatch.setenv("GPUML_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(ds, "SYSTEM_DATASET_DIRS", [tmp_path / "system"], raising=False)
+    cfg = tiny_config(tmp_path, tmp_path / "nowhere", data={"dataset": "mnist", "root": str(tmp_path / "nowhere"),
+                                                              "download": False})
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gpuml: error: ") and "Traceback" not in "\n".join(err)
+    assert str(tmp_path / "nowhere") in err[-1] and str(tmp_path / "data") in err[-1]
+
+
+def test_info_names_backends(capsys) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends: cpu" in out and "numpy" in out and "gpu:" in out
