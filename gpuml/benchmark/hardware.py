@@ -124,7 +124,10 @@ def gpu_info() -> dict[str, Any]:
     cc = (int(props["major"]), int(props["minor"]))
 
     def attr(code: int) -> int:  # cudaDeviceAttr values, stable across CUDA versions
-        return int(rt.deviceGetAttribute(code, dev.id))
+        try:
+            return int(rt.deviceGetAttribute(code, dev.id))
+        except Exception:  # an attribute a newer runtime dropped: report 0, i.e. unknown
+            return 0
 
     sms, clock_khz, mem_khz, bus_bits, l2 = attr(16), attr(13), attr(36), attr(37), attr(38)
     lanes = FP32_LANES_PER_SM.get(cc, 128)
@@ -134,10 +137,11 @@ def gpu_info() -> dict[str, Any]:
         "name": name.decode() if isinstance(name, bytes) else str(name),
         "compute_capability": f"{cc[0]}.{cc[1]}",
         "sms": sms,
-        "l2_bytes": l2,
-        "fp32_peak_flops": sms * lanes * 2 * clock_khz * 1e3,
+        "l2_bytes": l2 or 128 << 20,  # unknown: flush a size larger than any current L2
+        # None when the clock is unknown: no peak line rather than a wrong one
+        "fp32_peak_flops": sms * lanes * 2 * clock_khz * 1e3 or None,
         "fp32_peak_how": f"{sms} SMs x {lanes} FP32 lanes x 2 x {clock_khz / 1e6:.2f} GHz boost clock",
-        "dram_bytes_per_s": 2 * mem_khz * 1e3 * bus_bits / 8,
+        "dram_bytes_per_s": 2 * mem_khz * 1e3 * bus_bits / 8 or None,
         "cuda_runtime": rt.runtimeGetVersion(),
         "cuda_driver": rt.driverGetVersion(),
     }

@@ -125,7 +125,7 @@ def copy_bandwidth(env: Env, plan: TimingPlan) -> float:
     return 2 * nbytes / stats.median_s
 
 
-def run_case(env: Env, case: Case, plan: TimingPlan, peak: float, copy_bw: float) -> list[dict[str, Any]]:
+def run_case(env: Env, case: Case, plan: TimingPlan, peak: float | None, copy_bw: float) -> list[dict[str, Any]]:
     impls = case.build(env)
     ours, anchors = impls[0], impls[1:]
     checks: dict[str, float | None] = {}
@@ -138,7 +138,7 @@ def run_case(env: Env, case: Case, plan: TimingPlan, peak: float, copy_bw: float
                           if a.result and ours_out is not None else None)
     stats = {i.name: env.time(i, plan) for i in impls}
     work = case.flops if case.metric == "flops" else case.bytes
-    floor_s = max(case.flops / peak, case.bytes / copy_bw)
+    floor_s = max(case.flops / peak if peak else 0.0, case.bytes / copy_bw)
     base = {
         "family": case.family, "op": case.op, "shape": case.shape, "flops": case.flops,
         "bytes": case.bytes, "metric": case.metric,
@@ -173,8 +173,9 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
         f"{'quick' if quick else 'full'} sweep; anchors: "
         f"{'torch ' + env.torch.__version__ if env.torch else 'no torch'}")
     copy_bw = copy_bandwidth(env, plan)
-    peak = float(env.info["fp32_peak_flops"])
-    log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 peak {peak / 1e12:.3f} TFLOP/s ({env.info['fp32_peak_how']})")
+    peak = env.info["fp32_peak_flops"]
+    log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 peak "
+        + (f"{peak / 1e12:.3f} TFLOP/s ({env.info['fp32_peak_how']})" if peak else "unknown"))
     rows: list[dict[str, Any]] = []
     started = time.time()
     for case in cases:

@@ -50,7 +50,8 @@ def _draw_family(ax: Any, rows: list[dict[str, Any]], meta: dict[str, Any], fami
         limit, label = meta["copy_bytes_per_s"], "copy bandwidth (measured)"
     else:
         limit, label = hw["fp32_peak_flops"], f"FP32 peak ({hw['fp32_peak_how']})"
-    ax.axhline(limit / scale, color="k", linestyle=":", linewidth=1.2, label=label)
+    if limit:
+        ax.axhline(limit / scale, color="k", linestyle=":", linewidth=1.2, label=label)
     if metric == "flops" and meta.get("best_gemm_flops_per_s"):
         ax.axhline(meta["best_gemm_flops_per_s"] / scale, color="0.5", linestyle="-.", linewidth=1,
                    label="best GEMM rate measured in this run (any implementation)")

@@ -50,7 +50,8 @@ def kernels_markdown(result: dict[str, Any]) -> str:
     hw = meta["hardware"]
     out = [f"### Kernels: {hw['name']} ({meta['device']}{', quick sweep' if meta['quick'] else ''})", ""]
     out += meta_lines(meta)
-    out.append(f"- limits: FP32 peak {hw['fp32_peak_flops'] / 1e12:.3f} TFLOP/s ({hw['fp32_peak_how']}); "
+    peak = f"{hw['fp32_peak_flops'] / 1e12:.3f} TFLOP/s ({hw['fp32_peak_how']})" if hw["fp32_peak_flops"] else "unknown"
+    out.append(f"- limits: FP32 peak {peak}; "
                f"copy bandwidth {meta['copy_bytes_per_s'] / 1e9:.1f} GB/s (measured in this run)")
     out.append("- ratio = anchor time / our time (> 1: ours is faster); for a copy anchor it is the "
                "fraction of copy bandwidth ours reaches. floor = max(FLOPs / peak, bytes / copy bandwidth).")

@@ -62,7 +62,8 @@ def repeat_count(first_s: float, budget_s: float, min_repeats: int, max_repeats:
     """How many timed repeats fit `budget_s` given one call takes `first_s`, within the bounds."""
     if first_s <= 0:
         return max_repeats
-    return int(min(max_repeats, max(min_repeats, budget_s // first_s)))
+    fits = int(budget_s / first_s + 1e-9)  # + 1e-9: 1.0 / 0.1 is 9.999... in binary
+    return min(max_repeats, max(min_repeats, fits))
 
 
 @dataclass(frozen=True)

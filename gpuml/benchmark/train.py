@@ -220,6 +220,19 @@ def run_torch(cfg: dict[str, Any], data: Dataset, device: str, graph: bool, warm
 
 
 # ------------------------------------------------------------------------------------- driver
+def _release(device: str, torch: Any) -> None:
+    """Return cached GPU memory between runs, so one run's pool does not crowd the next."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+        if torch is not None:
+            torch.cuda.empty_cache()
+
+
 def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: int, limit: int | None,
               warmup_steps: int = 20, log: Log = print, command: str = "", with_torch: bool = True) -> dict[str, Any]:
     from gpuml.backend import get_backend
@@ -247,6 +260,7 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
                 log(f"  {r['model']:12s} B={batch:<5d} {r['impl']:17s} {r['samples_per_s']:10.0f} samples/s "
                     f"{r['us_per_step']:9.0f} us/step  test acc {r['test_accuracy']:.4f}")
             rows += new
+            _release(device, torch)
     if not rows:
         raise GpumlError("bench train: no models or batch sizes given")
     meta = {

@@ -1,0 +1,167 @@
+"""`gpuml bench`: the CPU kernel sweep and its JSON, the timers, the work formulas, the plots, and
+a tiny training benchmark next to PyTorch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpuml.benchmark import formulas as fm
+from gpuml.benchmark.timing import TimingPlan, median, quantile, repeat_count, summarize, time_host
+from gpuml.cli import main
+
+
+# ------------------------------------------------------------------------------------- kernels
+@pytest.fixture(scope="module")
+def quick_kernels(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    rc = main(["bench", "kernels", "--device", "cpu", "--quick", "--json", str(out)])
+    assert rc == 0, "the quick sweep reported an error or a mismatch against an anchor"
+    return json.loads(out.read_text())
+
+
+def test_quick_kernels_json_has_rows_with_times_and_ratios(quick_kernels: dict) -> None:
+    rows = quick_kernels["rows"]
+    assert not [r for r in rows if "error" in r]
+    for family in ("matmul", "conv2d", "maxpool2d", "softmax_xent"):
+        mine = [r for r in rows if r["family"] == family]
+        assert mine, f"no {family} rows"
+        for r in mine:
+            assert r["ours_median_s"] > 0 and math.isfinite(r["ours_median_s"])
+            assert r["anchor"], f"{family} row without an anchor"
+            assert r["anchor_median_s"] > 0
+            assert isinstance(r["ratio"], float) and r["ratio"] > 0
+            assert r["ratio"] == pytest.approx(r["anchor_median_s"] / r["ours_median_s"])
+            assert r["check"] in ("ok", "n/a")
+    meta = quick_kernels["meta"]
+    assert meta["device"] == "cpu" and meta["quick"] is True
+    assert meta["copy_bytes_per_s"] > 0 and meta["hardware"]["fp32_peak_flops"] > 0
+
+
+def test_quick_kernels_rates_follow_from_the_work_formulas(quick_kernels: dict) -> None:
+    gemm = next(r for r in quick_kernels["rows"] if r["op"] == "gemm_square" and r["shape"] == "256x256x256")
+    assert gemm["flops"] == 2 * 256**3
+    assert gemm["ours_rate"] == pytest.approx(gemm["flops"] / gemm["ours_median_s"])
+    pool = next(r for r in quick_kernels["rows"] if r["op"] == "maxpool2d_fwd")
+    assert pool["metric"] == "bytes"
+    assert pool["ours_rate"] == pytest.approx(pool["bytes"] / pool["ours_median_s"])
+    copy_rows = [r for r in quick_kernels["rows"] if str(r["anchor"]).startswith("copy")]
+    assert {r["family"] for r in copy_rows} >= {"maxpool2d", "avgpool2d", "softmax_xent", "adam"}
+
+
+def test_unknown_family_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "kernels", "--device", "cpu", "--families", "matmul,convv"]) == 2
+    assert "unknown convv" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- timing
+def test_median_and_quantiles() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    values = [5.0, 1.0, 9.0, 2.0, 7.0, 3.0]
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+        assert quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
+    s = summarize([0.3, 0.1, 0.2, 10.0])
+    assert (s.median_s, s.min_s, s.repeats) == (0.25, 0.1, 4)
+    with pytest.raises(ValueError):
+        median([])
+
+
+def test_repeat_count_respects_budget_and_bounds() -> None:
+    assert repeat_count(0.01, 1.0, 5, 50) == 50
+    assert repeat_count(0.1, 1.0, 5, 50) == 10
+    assert repeat_count(2.0, 1.0, 5, 50) == 5
+
+
+def test_time_host_warms_up_flushes_and_takes_the_median_of_timed_calls() -> None:
+    durations = iter([0.5, 0.1, 0.3, 0.2, 0.4])  # the timed calls; warm-up calls are not timed
+    now = [0.0]
+    calls = {"fn": 0, "flush": 0}
+    pending: list[float] = []
+
+    def clock() -> float:
+        return now[0]
+
+    def fn() -> None:
+        calls["fn"] += 1
+        if calls["fn"] > 2:  # after the two warm-up calls
+            pending.append(next(durations))
+            now[0] += pending[-1]
+
+    def flush() -> None:
+        calls["flush"] += 1
+
+    stats = time_host(fn, TimingPlan(warmup=2, min_repeats=5, max_repeats=5, budget_s=0.0), flush=flush, clock=clock)
+    assert calls["fn"] == 7 and calls["flush"] == 5
+    assert stats.repeats == 5
+    assert stats.median_s == pytest.approx(0.3)
+    assert stats.min_s == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------- formulas
+def test_gemm_formulas() -> None:
+    assert fm.gemm_flops(2, 3, 4) == 48
+    assert fm.gemm_bytes(2, 3, 4) == 4 * (8 + 12 + 6)
+    assert fm.gemm_flops(8192, 8192, 8192) == 1_099_511_627_776
+
+
+def test_conv_formulas_for_the_seed_cnn_and_a_padded_layer() -> None:
+    # seed conv1: 256 x 1 x 28 x 28 -> 256 x 32 x 26 x 26, 3x3
+    assert fm.conv_flops(256, 1, 28, 28, 32, 3, 3) == 99_680_256
+    assert fm.conv_bytes("conv2d_fwd", 256, 1, 28, 28, 32, 3, 3) == 4 * (200_704 + 288 + 32 + 5_537_792)
+    assert fm.conv_bytes("conv2d_bwd_weight", 256, 1, 28, 28, 32, 3, 3) == 4 * (200_704 + 288 + 5_537_792)
+    # 3x3 pad 1 keeps 56x56: 2 * 64 * 64 * 3136 * 64 * 9
+    assert fm.conv_flops(64, 64, 56, 56, 64, 3, 3, 1, 1) == 14_797_504_512
+    with pytest.raises(ValueError):
+        fm.conv_bytes("conv2d_bwd", 1, 1, 3, 3, 1, 3, 3)
+
+
+def test_bandwidth_formulas() -> None:
+    # 256 x 64 x 56 x 56 = 51,380,224 inputs; 2x2 pooling -> 12,845,056 outputs
+    assert fm.pool_bytes("maxpool2d_fwd", 256, 64, 56, 56, 2, 2) == 4 * (51_380_224 + 2 * 12_845_056)
+    assert fm.pool_bytes("maxpool2d_bwd", 256, 64, 56, 56, 2, 2) == 4 * (51_380_224 + 2 * 12_845_056)
+    assert fm.pool_bytes("avgpool2d_fwd", 256, 64, 56, 56, 2, 2) == 4 * (51_380_224 + 12_845_056)
+    assert fm.softmax_xent_bytes(256, 10) == 21_508
+    mlp = [(784, 1024), (1024,), (1024, 1024), (1024,), (1024, 10), (10,)]
+    assert fm.num_elements(mlp) == 1_863_690
+    assert fm.adam_bytes(1_863_690) == 52_183_320
+
+
+# ------------------------------------------------------------------------------------- plots
+def test_plots_write_pngs(quick_kernels: dict, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from gpuml.benchmark.plots import plot_families, plot_overview
+
+    overview = plot_overview(quick_kernels, tmp_path / "all.png")
+    files = plot_families(quick_kernels, tmp_path / "fam", "kernels-cpu")
+    assert {p.name for p in files} >= {"kernels-cpu-matmul.png", "kernels-cpu-conv2d.png", "kernels-cpu-adam.png"}
+    for p in [overview, *files]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------- train
+def test_bench_train_tiny_limit_rows_next_to_torch(tmp_path: Path, fashion_root: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUML_DATA", str(fashion_root.parent))
+    out = tmp_path / "train.json"
+    rc = main(["bench", "train", "--device", "cpu", "--models", "mlp", "--batch-sizes", "128",
+               "--limit", "512", "--epochs", "1", "--warmup-steps", "2", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    impls = [r["impl"] for r in rows]
+    assert impls[0] == "gpuml"
+    for r in rows:
+        assert r["samples_per_epoch"] == 512 and r["steps_per_epoch"] == 4
+        assert r["samples_per_s"] > 0
+        assert r["us_per_step"] == pytest.approx(r["median_epoch_s"] / 4 * 1e6)
+        assert 0.1 < r["test_accuracy"] <= 1.0
+    if "torch eager" in impls:
+        ours, torch_row = rows[0], rows[impls.index("torch eager")]
+        # Same initial weights, data order, optimizer and loss: the runs agree up to rounding.
+        assert ours["train_loss"] == pytest.approx(torch_row["train_loss"], rel=1e-3)
+        assert abs(ours["test_accuracy"] - torch_row["test_accuracy"]) < 0.01
