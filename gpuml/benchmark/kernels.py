@@ -33,7 +33,7 @@ from gpuml.benchmark.torch_models import import_torch
 
 PLANS = {
     ("cpu", True): TimingPlan(warmup=1, min_repeats=3, max_repeats=20, budget_s=0.1),
-    ("cpu", False): TimingPlan(warmup=2, min_repeats=5, max_repeats=50, budget_s=1.0),
+    ("cpu", False): TimingPlan(warmup=1, min_repeats=3, max_repeats=50, budget_s=1.0),
     ("cuda", True): TimingPlan(warmup=3, min_repeats=10, max_repeats=100, budget_s=0.1),
     ("cuda", False): TimingPlan(warmup=10, min_repeats=20, max_repeats=500, budget_s=0.5),
 }

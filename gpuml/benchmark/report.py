@@ -8,6 +8,8 @@ from typing import Any
 def fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 1e-6:
+        return f"{seconds * 1e9:.0f} ns"
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} µs"
     if seconds < 1:
