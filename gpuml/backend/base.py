@@ -384,6 +384,24 @@ class Backend(ABC):
         """x = (images[indices] / 255 - mean) / std as self.dtype, y = labels[indices] as int32.
         images uint8 (N, ...), labels (N,) integers, indices int64/int32 (B,)."""
 
+    @abstractmethod
+    def augment_images(
+        self,
+        x: Array,
+        *,
+        seed: int,
+        offset: int,
+        max_shift: float,
+        max_rotate: float,
+        max_scale: float,
+        hflip: bool,
+        fill: float,
+        out: Array | None = None,
+    ) -> Array:
+        """Random affine transform of each image of x (N, C, H, W), bilinear, drawn from the
+        counter-based generator; the exact contract is in gpuml/backend/augment.py. `out` must
+        not be x."""
+
     def is_finite(self, x: Array) -> bool:
         """True when x (usually the 0-d loss) holds no NaN/Inf. Synchronises."""
         return bool(np.isfinite(self.to_numpy(x)).all())

@@ -14,7 +14,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from gpuml.backend import cpu_conv
+from gpuml.backend import augment, cpu_conv
 from gpuml.backend import cpu_loops as loops
 from gpuml.backend.base import ACTIVATIONS, Backend, Pair
 from gpuml.backend.cpu_checks import Checks, fail
@@ -378,6 +378,28 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         loops.gather_rows_lut(rows, indices.astype(np.int64), self._lut(mean, std), out_x.reshape(B, -1))
         np.copyto(out_y, labels[indices], casting="unsafe")
         return out_x, out_y
+
+    def augment_images(
+        self,
+        x: np.ndarray,
+        *,
+        seed: int,
+        offset: int,
+        max_shift: float,
+        max_rotate: float,
+        max_scale: float,
+        hflip: bool,
+        fill: float,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "augment_images"
+        x = self.float_in(op, "x", x, ndim=4)
+        out = self.out_buf(op, "out", out, x.shape)
+        if np.shares_memory(out, x):
+            fail(op, "out must not overlap x (every output pixel reads several inputs)")
+        params = augment.sample_params(seed, offset, x.shape[0], max_shift, max_rotate, max_scale, hflip)
+        augment.affine_sample(x, params, float(fill), out)
+        return out
 
     def _lut(self, mean: float, std: float) -> np.ndarray:
         """(v / 255 - mean) / std for every uint8 v, evaluated in float64 then rounded once."""

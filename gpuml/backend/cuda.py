@@ -18,6 +18,7 @@ import numpy as np
 
 from gpuml.backend import cuda_launch as plan
 from gpuml.backend.base import ACTIVATIONS, Array, Backend
+from gpuml.backend.cuda_augment import AugmentOps
 from gpuml.backend.cuda_conv import ConvPoolOps
 from gpuml.backend.cuda_optim import MultiTensorOps
 from gpuml.backend.kernels import arch_from_compute_capability, get_function
@@ -46,7 +47,7 @@ def _aligned16(*arrays: Array | None) -> bool:
     return all(a is None or a.data.ptr % 16 == 0 for a in arrays)
 
 
-class CudaBackend(MultiTensorOps, ConvPoolOps, Backend):
+class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, Backend):
     name = "cuda"
 
     def __init__(self, dtype: str | np.dtype = "float32") -> None:

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,14 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.backend, self.model)
         self.schedule = build_schedule(cfg, len(self.train_iter))
         self.grads = [g for _, _, g in self.model.named_parameters()]
+        aug = cfg["data"]["augment"]
+        self.augment = aug if (aug["shift"] or aug["rotate"] or aug["scale"] or aug["hflip"]) else None
+        if self.augment and len(input_shape) != 3:
+            raise GpumlError(f"{source}: data.augment needs image input (channels, height, width), "
+                             f"the model input is {input_shape}")
+        self._augment_seed = zlib.crc32(f"{cfg['seed']}:augment".encode())
+        self._augment_fill = (0.0 - mean) / std  # a black pixel, normalised
+        self._augment_out: dict[tuple[int, ...], Array] = {}
         self.metric_names = ["train_loss", "train_accuracy", "lr"]
         if "val" in self.eval_iters:
             self.metric_names[2:2] = ["val_loss", "val_accuracy"]
@@ -223,6 +232,8 @@ class Trainer:
         steps_since_read = 0
         try:
             for x, y in self.train_iter:
+                if self.augment:
+                    x = self._augmented(x)
                 lr = self.schedule.lr(self.global_step)
                 self._step(x, y, lr)
                 self.global_step += 1
@@ -255,6 +266,16 @@ class Trainer:
         self.epoch += 1
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         return row
+
+    def _augmented(self, x: Array) -> Array:
+        """The batch under a random affine transform keyed by (run seed, step)."""
+        a = self.augment
+        out = self._augment_out.get(tuple(x.shape))
+        if out is None:
+            out = self._augment_out[tuple(x.shape)] = self.backend.empty(x.shape)
+        return self.backend.augment_images(
+            x, seed=self._augment_seed, offset=self.global_step << 32, max_shift=a["shift"],
+            max_rotate=a["rotate"], max_scale=a["scale"], hflip=a["hflip"], fill=self._augment_fill, out=out)
 
     def _step(self, x: Array, y: Array, lr: float) -> None:
         be = self.backend
