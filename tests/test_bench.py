@@ -157,7 +157,7 @@ def test_bench_train_tiny_limit_rows_next_to_torch(tmp_path: Path, fashion_root:
     assert impls[0] == "gpuml"
     for r in rows:
         assert r["samples_per_epoch"] == 512 and r["steps_per_epoch"] == 4
-        assert r["samples_per_s"] > 0
+        assert r["samples_per_s"] > 0 and r["cpu_busy"] > 0
         assert r["us_per_step"] == pytest.approx(r["median_epoch_s"] / 4 * 1e6)
         assert 0.1 < r["test_accuracy"] <= 1.0
     if "torch eager" in impls:

@@ -177,7 +177,7 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
     log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 peak "
         + (f"{peak / 1e12:.3f} TFLOP/s ({env.info['fp32_peak_how']})" if peak else "unknown"))
     rows: list[dict[str, Any]] = []
-    started = time.time()
+    started, load_before = time.time(), hardware.load_average()
     for case in cases:
         try:
             new = run_case(env, case, plan, peak, copy_bw)
@@ -199,7 +199,7 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
         "copy_bytes_per_s": copy_bw, "best_gemm_flops_per_s": max(gemm_rates, default=None),
         "versions": hardware.versions(), "commit": hardware.git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_average": hardware.load_average(),
-        "seconds": time.time() - started, "command": command,
+        "load_average_before": load_before, "seconds": time.time() - started, "command": command,
         "timing": plan.__dict__, "threads": hardware.core_count() if device == "cpu" else None,
     }
     return {"meta": meta, "rows": rows}

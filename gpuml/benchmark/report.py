@@ -43,7 +43,10 @@ def meta_lines(meta: dict[str, Any]) -> list[str]:
         f"- command: `{meta['command']}`",
     ]
     if meta.get("load_average"):
-        lines.append(f"- load average at the end (1, 5, 15 min): {', '.join(map(str, meta['load_average']))}")
+        before = meta.get("load_average_before")
+        lines.append("- load average (1, 5, 15 min)"
+                     + (f" before: {', '.join(map(str, before))};" if before else "")
+                     + f" after: {', '.join(map(str, meta['load_average']))}")
     return lines
 
 
@@ -92,9 +95,13 @@ def train_markdown(result: dict[str, Any]) -> str:
     table = []
     for r in rows:
         speed = "-" if r.get("speedup_vs_torch_eager") is None else f"{r['speedup_vs_torch_eager']:.2f}x"
+        busy = f"{r['cpu_busy']:.2f}" if r.get("cpu_busy") is not None else "-"
         table.append([r["model"], str(r["batch_size"]), r["impl"], str(r["epochs"]), fmt_time(r["median_epoch_s"]),
                       f"{r['samples_per_s']:,.0f}", f"{r['us_per_step']:,.0f}", f"{r['train_loss']:.4f}",
-                      f"{r['test_accuracy']:.4f}", speed])
+                      f"{r['test_accuracy']:.4f}", speed, busy])
     out += ["", _table(["model", "batch", "impl", "epochs", "epoch time", "samples/s", "µs/step", "train loss",
-                        "test acc", "vs torch eager"], table)]
+                        "test acc", "vs torch eager", "CPU busy"], table)]
+    if meta["device"] == "cpu":
+        out.append("\nCPU busy: process CPU seconds per wall second over the measured epochs "
+                   "(close to the core count when the run had the cores to itself).")
     return "\n".join(out) + "\n"

@@ -55,7 +55,7 @@ def load_data(cfg: dict[str, Any]) -> Dataset:
 
 
 def _result(cfg: dict[str, Any], impl: str, epoch_s: list[float], samples: int, steps: int,
-            train: dict[str, float], test_accuracy: float) -> dict[str, Any]:
+            train: dict[str, float], test_accuracy: float, busy: float) -> dict[str, Any]:
     median_s = statistics.median(epoch_s)
     return {
         "model": cfg["name"], "batch_size": cfg["trainer"]["batch_size"], "impl": impl,
@@ -63,7 +63,21 @@ def _result(cfg: dict[str, Any], impl: str, epoch_s: list[float], samples: int, 
         "steps_per_epoch": steps, "epoch_seconds": epoch_s, "median_epoch_s": median_s,
         "samples_per_s": samples / median_s, "us_per_step": median_s / steps * 1e6,
         "train_loss": train["loss"], "train_accuracy": train["accuracy"], "test_accuracy": test_accuracy,
+        # process CPU seconds per wall second over the measured epochs: about the core count when
+        # the run had the machine to itself, less when other processes took cores from it
+        "cpu_busy": busy,
     }
+
+
+class _BusyMeter:
+    """CPU time of this process (all threads) over wall time, between start() and stop()."""
+
+    def start(self) -> None:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+
+    def stop(self) -> float:
+        wall = time.perf_counter() - self._wall
+        return (time.process_time() - self._cpu) / wall if wall > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------- gpuml
@@ -79,12 +93,15 @@ def run_gpuml(cfg: dict[str, Any], data: Dataset, warmup_steps: int, log: Log) -
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(cfg, Path(tmp) / "warmup", log=quiet, dataset=warm_data)._train_epoch(False)
         trainer = Trainer(cfg, Path(tmp) / "run", log=quiet, dataset=data)
+        meter = _BusyMeter()
+        meter.start()
         rows = [trainer._train_epoch(False) for _ in range(cfg["trainer"]["epochs"])]
+        busy = meter.stop()
         test = trainer.evaluate("test")
     last = rows[-1]
     return _result(cfg, "gpuml", [r["seconds"] for r in rows], trainer.train_iter.num_samples,
                    len(trainer.train_iter), {"loss": last["train_loss"], "accuracy": last["train_accuracy"]},
-                   test["accuracy"])
+                   test["accuracy"], busy)
 
 
 # ------------------------------------------------------------------------------------- torch
@@ -212,11 +229,14 @@ def run_torch(cfg: dict[str, Any], data: Dataset, device: str, graph: bool, warm
     run.prepare(warmup_steps)
     rng = np.random.default_rng(cfg["seed"])  # the permutations gpuml's BatchIterator draws
     times, train = [], {}
+    meter = _BusyMeter()
+    meter.start()
     for _ in range(cfg["trainer"]["epochs"]):
         seconds, samples, steps, train = run.epoch(rng.permutation(len(data.train)))
         times.append(seconds)
+    busy = meter.stop()
     return _result(cfg, "torch cuda-graph" if graph else "torch eager", times, samples, steps, train,
-                   run.test_accuracy())
+                   run.test_accuracy(), busy)
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -242,7 +262,7 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
     torch = import_torch(device) if with_torch else None
     log(f"bench train: {backend.describe()}; PyTorch: {torch.__version__ if torch else 'not available'}")
     rows: list[dict[str, Any]] = []
-    started = time.time()
+    started, load_before = time.time(), hardware.load_average()
     for model in models:
         data: Dataset | None = None
         for batch in batch_sizes:
@@ -268,7 +288,8 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
         "hardware": hardware.gpu_info() if device == "cuda" else hardware.cpu_info(),
         "versions": hardware.versions(), "commit": hardware.git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_average": hardware.load_average(),
-        "seconds": time.time() - started, "command": command, "epochs": epochs, "limit": limit,
+        "load_average_before": load_before, "seconds": time.time() - started, "command": command,
+        "epochs": epochs, "limit": limit,
         "warmup_steps": warmup_steps, "torch_threads": torch.get_num_threads() if torch and device == "cpu" else None,
     }
     return {"meta": meta, "rows": rows}
