@@ -32,7 +32,7 @@ from gpuml.benchmark.timing import (
 from gpuml.benchmark.torch_models import import_torch
 
 PLANS = {
-    ("cpu", True): TimingPlan(warmup=1, min_repeats=3, max_repeats=20, budget_s=0.1),
+    ("cpu", True): TimingPlan(warmup=1, min_repeats=3, max_repeats=20, budget_s=0.05),
     ("cpu", False): TimingPlan(warmup=1, min_repeats=3, max_repeats=50, budget_s=1.0),
     ("cuda", True): TimingPlan(warmup=3, min_repeats=10, max_repeats=100, budget_s=0.1),
     ("cuda", False): TimingPlan(warmup=10, min_repeats=20, max_repeats=500, budget_s=0.5),
@@ -118,9 +118,9 @@ def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max()) / (scale or 1.0)
 
 
-def copy_bandwidth(env: Env, plan: TimingPlan) -> float:
+def copy_bandwidth(env: Env, plan: TimingPlan, quick: bool) -> float:
     """Bytes/s (read + write) of a copy far larger than the last-level cache, measured now."""
-    nbytes = 1 << 30 if env.device == "cuda" else 256 << 20
+    nbytes = 1 << 30 if env.device == "cuda" else (64 << 20 if quick else 256 << 20)
     stats = env.time(env.copy_impl(2 * nbytes), plan)
     return 2 * nbytes / stats.median_s
 
@@ -172,7 +172,7 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
     log(f"bench kernels: {env.info['name']} ({device}), {len(cases)} cases, "
         f"{'quick' if quick else 'full'} sweep; anchors: "
         f"{'torch ' + env.torch.__version__ if env.torch else 'no torch'}")
-    copy_bw = copy_bandwidth(env, plan)
+    copy_bw = copy_bandwidth(env, plan, quick)
     peak = env.info["fp32_peak_flops"]
     log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 peak "
         + (f"{peak / 1e12:.3f} TFLOP/s ({env.info['fp32_peak_how']})" if peak else "unknown"))
