@@ -22,6 +22,8 @@
 //              split z sums reduction steps [z*chunk, min((z+1)*chunk, N*P*Q)) into
 //              part[z] (K, C*R*S). With splits == 1, part is dw itself.
 //   reduce     grid ceil(K*C*R*S / 32), block 256 (32 outputs x 8 split lanes)
+// Epilogues store 4 consecutive outputs as one float4 where the run they sit in (P*Q, H*W or
+// C*R*S) is a multiple of 4 and the output pointer is 16-byte aligned, else one float at a time.
 // Determinism: no atomics. Every output element is owned by one thread, each sum runs in an
 // order fixed by the shapes alone, so results are bitwise identical from run to run.
 //
@@ -38,19 +40,51 @@ namespace conv2d {
 constexpr int THREADS = 256;
 constexpr int TGRID = 16;  // the 256 threads form a 16 x 16 grid over the output tile
 
+// Thread t's accumulator i sits at tile row (or column) tile_offset(i, t): groups of 4
+// consecutive rows, 4*16 rows apart. A group is one 16-byte shared-memory load in the mainloop
+// and, when the output rows are contiguous and aligned, one 16-byte store in the epilogue.
+__device__ __forceinline__ int tile_offset(int i, int t) {
+    return (i / 4) * (4 * TGRID) + 4 * t + i % 4;
+}
+
+template <int COUNT>
+__device__ __forceinline__ void load_fragment(float (&v)[COUNT], const float* row, int t) {
+#pragma unroll
+    for (int g = 0; g < COUNT / 4; ++g) {
+        const float4 q = *reinterpret_cast<const float4*>(row + g * 4 * TGRID + 4 * t);
+        v[4 * g] = q.x;
+        v[4 * g + 1] = q.y;
+        v[4 * g + 2] = q.z;
+        v[4 * g + 3] = q.w;
+    }
+}
+
+// Whether an epilogue may store 4 consecutive rows as one float4: the output's rows come in
+// runs of `run` elements (an image plane, or C*R*S), so a 4-aligned group never straddles two
+// runs when run % 4 == 0, and the base pointer must be 16-byte aligned. The stores go through
+// __stwb (st.global.wb, the default policy) because a plain float4 assignment was split into
+// four 4-byte stores by nvcc 13.0 in two of the three epilogues.
+__device__ __forceinline__ bool vector_stores(const float* out, int run) {
+    return run % 4 == 0 && (reinterpret_cast<unsigned long long>(out) & 15ull) == 0;
+}
+
 // Register-prefetched, double-buffered SIMT GEMM mainloop over reduction steps [k_begin, k_end).
-// Thread (tx, ty) accumulates acc[i][j] = sum_k A[m0 + tx + 16i][k] * B[k][n0 + ty + 16j]; the
-// strided assignment makes a warp read 16 consecutive A values (no bank conflict) and makes the
-// epilogue store 16 consecutive m. `Gather` fetches one BK slice of A and B from global memory
-// into registers (zero outside the matrices) and stages it into shared memory as As[k][m],
-// Bs[k][n]. One barrier per slice: the slice t+1 is staged into the buffer read during t-1,
-// which every thread finished before the barrier that closed t-1.
+// Thread (tx, ty) accumulates acc[i][j] = sum_k A[m0 + tile_offset(i, tx)][k] *
+// B[k][n0 + tile_offset(j, ty)]. A warp's 16 tx read 256 contiguous bytes of an As row (the two
+// ty of a warp read the same bytes: broadcast), its B reads are 2 broadcast addresses; no bank
+// conflicts, and 3 (fwd) or 2 (bwd_weight) 16-byte loads per 32 or 16 FMAs.
+// `Gather` fetches one BK slice of A and B from global memory into registers (zero outside the
+// matrices) and stages it into shared memory as As[k][m], Bs[k][n]. One barrier per slice: the
+// slice t+1 is staged into the buffer read during t-1, which every thread finished before the
+// barrier that closed t-1.
 template <typename Gather>
 __device__ __forceinline__ void gemm_mainloop(const Gather& g, int k_begin, int k_end,
                                               float (&acc)[Gather::TM][Gather::TN]) {
     constexpr int BK = Gather::BK, TM = Gather::TM, TN = Gather::TN;
-    __shared__ float As[2][BK][Gather::A_LD];
-    __shared__ float Bs[2][BK][Gather::B_LD];
+    static_assert(TM % 4 == 0 && TN % 4 == 0 && Gather::A_LD % 4 == 0 && Gather::B_LD % 4 == 0,
+                  "fragments are read as aligned float4");
+    __shared__ __align__(16) float As[2][BK][Gather::A_LD];
+    __shared__ __align__(16) float Bs[2][BK][Gather::B_LD];
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
     float a_next[Gather::A_LOADS], b_next[Gather::B_LOADS];
 
@@ -64,10 +98,8 @@ __device__ __forceinline__ void gemm_mainloop(const Gather& g, int k_begin, int 
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
             float a[TM], b[TN];
-#pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][tx + TGRID * i];
-#pragma unroll
-            for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][ty + TGRID * j];
+            load_fragment(a, As[buf][kk], tx);
+            load_fragment(b, Bs[buf][kk], ty);
 #pragma unroll
             for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -140,6 +172,12 @@ struct FwdGather : WideTile {
     }
 };
 
+// NaN passes the ReLU, as in the CPU backend.
+__device__ __forceinline__ float bias_relu(float v, float b, int relu) {
+    v += b;
+    return (relu && v < 0.0f) ? 0.0f : v;
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS)
 conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
            float* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
@@ -164,20 +202,43 @@ conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, const float
     gemm_mainloop(g, 0, g.CRS, acc);
 
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
+    float b_k[G::TN];
+#pragma unroll
+    for (int j = 0; j < G::TN; ++j) {
+        const int k = n0 + tile_offset(j, ty);
+        b_k[j] = (has_bias && k < K) ? __ldg(bias + k) : 0.0f;
+    }
+    if (vector_stores(y, PQ)) {  // each group of 4 pixels: valid or not as a whole, one image
+#pragma unroll
+        for (int gi = 0; gi < G::TM / 4; ++gi) {
+            const int m4 = m0 + tile_offset(4 * gi, tx);
+            if (m4 >= M) continue;
+            const int ni = m4 / PQ;
+            float* y_pix = y + ni * K * PQ + (m4 - ni * PQ);
+#pragma unroll
+            for (int j = 0; j < G::TN; ++j) {
+                const int k = n0 + tile_offset(j, ty);
+                if (k >= K) continue;
+                const float b = b_k[j];
+                __stwb(reinterpret_cast<float4*>(y_pix + k * PQ),
+                       make_float4(bias_relu(acc[4 * gi][j], b, relu),
+                                   bias_relu(acc[4 * gi + 1][j], b, relu),
+                                   bias_relu(acc[4 * gi + 2][j], b, relu),
+                                   bias_relu(acc[4 * gi + 3][j], b, relu)));
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < G::TM; ++i) {
-        const int mi = m0 + tx + TGRID * i;
+        const int mi = m0 + tile_offset(i, tx);
         if (mi >= M) continue;
-        const int ni = mi / PQ, pqi = mi - ni * PQ;
-        float* y_pix = y + ni * K * PQ + pqi;
+        const int ni = mi / PQ;
+        float* y_pix = y + ni * K * PQ + (mi - ni * PQ);
 #pragma unroll
         for (int j = 0; j < G::TN; ++j) {
-            const int k = n0 + ty + TGRID * j;
-            if (k >= K) continue;
-            float v = acc[i][j];
-            if (has_bias) v += __ldg(bias + k);
-            if (relu && v < 0.0f) v = 0.0f;  // NaN passes, as in the CPU backend
-            y_pix[k * PQ] = v;
+            const int k = n0 + tile_offset(j, ty);
+            if (k < K) y_pix[k * PQ] = bias_relu(acc[i][j], b_k[j], relu);
         }
     }
 }
@@ -262,15 +323,33 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
     gemm_mainloop(g, 0, g.KRS, acc);
 
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
+    if (vector_stores(dx, HW)) {  // each group of 4 pixels: valid or not as a whole, one image
+#pragma unroll
+        for (int gi = 0; gi < G::TM / 4; ++gi) {
+            const int m4 = m0 + tile_offset(4 * gi, tx);
+            if (m4 >= M) continue;
+            const int ni = m4 / HW;
+            float* dx_pix = dx + ni * C * HW + (m4 - ni * HW);
+#pragma unroll
+            for (int j = 0; j < G::TN; ++j) {
+                const int c = n0 + tile_offset(j, ty);
+                if (c >= C) continue;
+                __stwb(reinterpret_cast<float4*>(dx_pix + c * HW),
+                       make_float4(acc[4 * gi][j], acc[4 * gi + 1][j], acc[4 * gi + 2][j],
+                                   acc[4 * gi + 3][j]));
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < G::TM; ++i) {
-        const int mi = m0 + tx + TGRID * i;
+        const int mi = m0 + tile_offset(i, tx);
         if (mi >= M) continue;
-        const int ni = mi / HW, hwi = mi - ni * HW;
-        float* dx_pix = dx + ni * C * HW + hwi;
+        const int ni = mi / HW;
+        float* dx_pix = dx + ni * C * HW + (mi - ni * HW);
 #pragma unroll
         for (int j = 0; j < G::TN; ++j) {
-            const int c = n0 + ty + TGRID * j;
+            const int c = n0 + tile_offset(j, ty);
             if (c < C) dx_pix[c * HW] = acc[i][j];
         }
     }
@@ -278,14 +357,15 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
 
 // bwd_weight: A[m][kk] = x[n, c, p*sh - ph + r, q*sw - pw + s], m = (c, r, s), kk = (n, p, q);
 // B[kk][k] = dy[n, k, p, q]. Tile 64 x 64 x 16. Thread t loads reduction step ak = t % 16 for
-// A rows am + 16i and B columns am + 16j (am = t / 16): a warp reads 16 consecutive (p, q) of two
-// rows, and its 16 steps x 2 rows land in 32 distinct banks because A_LD = B_LD = 66 = 2 (mod 32).
+// A rows am + 16i and B columns am + 16j (am = t / 16), so a warp reads 16 consecutive (p, q)
+// of two rows. Rows of 68 floats keep the float4 reads aligned; the warp's 16 steps x 2 rows
+// then meet 2 to a bank when staged (8 stores per slice, against 32 conflict-free float4 loads).
 // Each A row's (c, r, s) is decoded once per kernel; each slice costs one (n, p, q) decode.
 struct BwdWeightGather {
     static constexpr int TM = 4, TN = 4, BM = TGRID * TM, BN = TGRID * TN, BK = 16;
-    static constexpr int A_LD = BM + 2, B_LD = BN + 2;
+    static constexpr int A_LD = BM + 4, B_LD = BN + 4;
     static constexpr int A_LOADS = BM * BK / THREADS, B_LOADS = BN * BK / THREADS;
-    static_assert(A_LOADS == TM && B_LOADS == TN && THREADS / BK == TGRID, "slot map");
+    static_assert(A_LOADS == 4 && B_LOADS == 4 && TM == 4 && THREADS / BK == TGRID, "slot map");
     const float* __restrict__ x;
     const float* __restrict__ dy;
     int C, H, W, K, P, Q, PQ, sh, sw, ph, pw, n0;
@@ -357,14 +437,25 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy,
 
     float* out = part + blockIdx.z * K * CRS;
     const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
-#pragma unroll
-    for (int i = 0; i < G::TM; ++i) {
-        const int crs = m0 + tx + TGRID * i;
-        if (crs >= CRS) continue;
+    const int crs4 = m0 + tile_offset(0, tx);  // this thread's 4 consecutive (c, r, s)
+    if (vector_stores(out, CRS)) {  // the 4 are valid or not as a whole
+        if (crs4 >= CRS) return;
 #pragma unroll
         for (int j = 0; j < G::TN; ++j) {
-            const int k = n0 + ty + TGRID * j;
-            if (k < K) out[k * CRS + crs] = acc[i][j];
+            const int k = n0 + tile_offset(j, ty);
+            if (k >= K) continue;
+            __stwb(reinterpret_cast<float4*>(out + k * CRS + crs4),
+                   make_float4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < G::TM; ++i) {
+        if (crs4 + i >= CRS) continue;
+#pragma unroll
+        for (int j = 0; j < G::TN; ++j) {
+            const int k = n0 + tile_offset(j, ty);
+            if (k < K) out[k * CRS + crs4 + i] = acc[i][j];
         }
     }
 }
