@@ -124,6 +124,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ConfigError("gpuml train: give a CONFIG file, or --resume RUN_DIR")
+        args.config = resolve_config(args.config)
         cfg = load_config(args.config, args.overrides)
         run_dir = args.out or _default_run_dir(cfg["name"])
         if ckpt.list_checkpoints(run_dir / "checkpoints") or (run_dir / "summary.json").exists():
@@ -134,6 +135,19 @@ def _train(args: argparse.Namespace) -> int:
     write_run_info(run_dir, trainer)
     trainer.fit(progress=False if args.no_progress else None)
     return 0
+
+
+def resolve_config(name: str) -> str:
+    """A config path as given, else a seed config by name (`gpuml train mlp` finds the
+    installed configs/mlp.yaml)."""
+    from gpuml.paths import config_dir
+
+    if Path(name).exists():
+        return name
+    for candidate in (config_dir() / name, config_dir() / f"{name}.yaml"):
+        if candidate.exists():
+            return str(candidate)
+    return name  # load_config reports it missing
 
 
 # ---------------------------------------------------------------------------------- runs
