@@ -198,7 +198,7 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         out = self.out_buf(op, "out", out, x_shape)
         kh, kw, sh, sw, ph, pw = geom
         if (sh, sw) == (kh, kw) and ph == pw == 0:
-            loops.maxpool_bwd_tiled(_planes(dy), _planes(argmax), kh, kw, _planes(out))
+            loops.maxpool_bwd_tiled(_planes(dy), _planes(argmax), _planes(out))
         else:
             loops.maxpool_bwd(_planes(dy), _planes(argmax), *geom, _planes(out))
         return out
