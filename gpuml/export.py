@@ -43,7 +43,8 @@ def export_weights(weights: dict[str, np.ndarray], out: Path, fmt: str) -> Path:
         if fmt == "npz":
             np.savez(f, **weights)
         elif fmt == "safetensors":
-            f.write(safetensors_bytes(weights, {"format": "gpuml", "layout": "dense W (in, out); conv W (out, in, kh, kw)"}))
+            layout = "dense W (in, out); conv W (out, in, kh, kw)"
+            f.write(safetensors_bytes(weights, {"format": "gpuml", "layout": layout}))
         else:
             raise GpumlError(f"export: unknown format {fmt!r} (npz or safetensors)")
     return out

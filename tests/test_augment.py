@@ -41,7 +41,7 @@ def reference(x: np.ndarray, seed: int, offset: int, max_shift: float, max_rotat
         padded = np.full((c, h + 4 + 2 * h, w + 4 + 2 * w), fill)  # generous border of `fill`
         padded[:, h + 2:2 * h + 2, w + 2:2 * w + 2] = x[b]
 
-        def at(yy, xx):
+        def at(yy, xx, padded=padded):
             yy = np.clip(yy + h + 2, 0, padded.shape[1] - 1)
             xx = np.clip(xx + w + 2, 0, padded.shape[2] - 1)
             return padded[:, yy, xx]

@@ -17,7 +17,8 @@ def cuda_status() -> tuple[bool, str]:
     try:
         import cupy  # noqa: F401
     except Exception as exc:  # ImportError, or a broken CUDA install raising at import
-        return False, f"CuPy is not installed or failed to import ({type(exc).__name__}: {exc}); install gpuml[cuda12] or gpuml[cuda13]"
+        return False, (f"CuPy is not installed or failed to import ({type(exc).__name__}: {exc}); "
+                       "install gpuml[cuda12] or gpuml[cuda13]")
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:

@@ -77,7 +77,7 @@ class Backend(ABC):
         dst.fill(value)
         return dst
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - a no-op on synchronous backends is the right default
         """Wait for all queued work (no-op on CPU)."""
 
     # ------------------------------------------------------------------ dense algebra

@@ -19,35 +19,21 @@ import numpy as np
 from gpuml.backend import cuda_launch as plan
 from gpuml.backend.base import ACTIVATIONS, Array, Backend
 from gpuml.backend.cuda_augment import AugmentOps
+from gpuml.backend.cuda_common import DevicePlumbing, aligned16, fail
 from gpuml.backend.cuda_conv import ConvPoolOps
 from gpuml.backend.cuda_optim import MultiTensorOps
-from gpuml.backend.kernels import arch_from_compute_capability, get_function
-from gpuml.errors import DeviceError, ShapeError
+from gpuml.backend.kernels import arch_from_compute_capability
+from gpuml.errors import DeviceError
 
 BLOCK = (plan.THREADS, 1, 1)
 _LABEL_KINDS = {np.dtype(np.uint8): 0, np.dtype(np.int32): 1, np.dtype(np.int64): 2}
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def _fail(op: str, message: str) -> None:
-    raise ShapeError(f"{op}: {message}")
+_fail = fail
 
 
-def _overlap(a: Array, b: Array) -> bool:
-    """Whether two device arrays share any byte (pointer arithmetic only: no sync)."""
-    a0, b0 = a.data.ptr, b.data.ptr
-    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes and a.nbytes > 0 and b.nbytes > 0
-
-
-def _same_buffer(a: Array, b: Array) -> bool:
-    return a.data.ptr == b.data.ptr and a.nbytes == b.nbytes
-
-
-def _aligned16(*arrays: Array | None) -> bool:
-    return all(a is None or a.data.ptr % 16 == 0 for a in arrays)
-
-
-class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, Backend):
+class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backend):
     name = "cuda"
 
     def __init__(self, dtype: str | np.dtype = "float32") -> None:
@@ -63,9 +49,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, Backend):
             raise DeviceError(f"the CUDA backend needs CuPy ({type(exc).__name__}: {exc})") from None
         self.xp = cupy
         self._device_id = cupy.cuda.Device().id
-        self._scratch_buffers: dict[tuple[str, int, np.dtype], Array] = {}
         self._gemm_plans: dict[tuple, plan.GemmPlan] = {}
-        self._kernels: dict[tuple[str, str], Any] = {}
 
     # ------------------------------------------------------------------ plumbing
     def describe(self) -> str:
@@ -77,34 +61,6 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, Backend):
             f"cuda:{self._device_id} ({gpu}, compute capability {arch}, "
             f"{props['multiProcessorCount']} SMs, CuPy {cupy.__version__}, float32)"
         )
-
-    def _launch(self, family: str, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-        # Kernels are memoised here, not only in kernels.get_function: that one re-derives the
-        # kernel folder and device arch per call, too slow for a launch-bound batch-32 step.
-        fn = self._kernels.get((family, name))
-        if fn is None:
-            fn = self._kernels[(family, name)] = get_function(family, name)
-        fn(grid, block, args, shared_mem=shared_mem)
-
-    def _scratch(self, name: str, elems: int, dtype: Any = np.float32) -> Array:
-        """A per-backend scratch vector, allocated on the first call for its size and reused
-        (launches are stream-ordered, so consecutive ops never use one concurrently)."""
-        key = (name, int(elems), np.dtype(dtype))
-        buf = self._scratch_buffers.get(key)
-        if buf is None:
-            buf = self._scratch_buffers[key] = self.xp.empty(max(1, int(elems)), dtype=dtype)
-        return buf
-
-    def _out_may_alias(self, op: str, out_name: str, out: Array, src_name: str, src: Array, /) -> None:
-        """`out` may be `src` itself, but may not partly overlap it."""
-        if _overlap(out, src) and not _same_buffer(out, src):
-            _fail(op, f"{out_name} {out.shape} partly overlaps {src_name} {src.shape}")
-
-    def _no_alias(self, op: str, target_name: str, target: Array, /, **inputs: Array | None) -> None:
-        """`target` (an output) shares no byte with any of `inputs`."""
-        for name, a in inputs.items():
-            if a is not None and _overlap(target, a):
-                _fail(op, f"{target_name} {target.shape} overlaps {name} {a.shape}")
 
     # ------------------------------------------------------------------ arrays and transfer
     def asarray(self, x: Any, dtype: Any = None) -> Array:
@@ -158,7 +114,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, Backend):
             | (plan.EPILOGUE_ACCUMULATE if accumulate else 0)
         )
         lda, ldb = a.shape[1], b.shape[1]
-        vec4 = lda % 4 == 0 and ldb % 4 == 0 and N % 4 == 0 and _aligned16(a, b, out, bias)
+        vec4 = lda % 4 == 0 and ldb % 4 == 0 and N % 4 == 0 and aligned16(a, b, out, bias)
         key = (M, N, K, bool(trans_a), bool(trans_b), vec4)
         gp = self._gemm_plans.get(key)
         if gp is None:
@@ -223,7 +179,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, Backend):
         dlogits = self._dev_out(op, "dlogits", dlogits, (B, K))
         self._out_may_alias(op, "dlogits", dlogits, "logits", logits)
         self._no_alias(op, "loss", loss, logits=logits, dlogits=dlogits)
-        xp_plan = plan.softmax_xent_plan(B, K, _aligned16(logits, dlogits))
+        xp_plan = plan.softmax_xent_plan(B, K, aligned16(logits, dlogits))
         row_loss = self._scratch("xent_row_loss", B)
         args = (logits, labels, dlogits, row_loss, np.int32(B), np.int32(K),
                 np.float32(label_smoothing), np.float32(1.0 / B))

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 from gpuml.backend.base import Array, Pair, conv_out_size
-from gpuml.errors import ShapeError
+from gpuml.backend.cuda_common import fail
 
 THREADS = 256
 #: conv2d_fwd / conv2d_bwd_data output tile: (pixels, channels) per block
@@ -41,8 +41,7 @@ Grid = tuple[int, int, int]
 BLOCK: Grid = (THREADS, 1, 1)
 
 
-def _fail(op: str, message: str) -> NoReturn:
-    raise ShapeError(f"{op}: {message}")
+_fail = fail
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -173,25 +172,6 @@ def pool_geometry(op: str, x_shape: Sequence[int], kernel: Any, stride: Any, pad
     return PoolGeometry(N, C, H, W, kh, kw, sh, sw, ph, pw, P, Q)
 
 
-def buffers_overlap(a: Any, b: Any) -> bool:
-    """Whether two device arrays share a byte (pointer arithmetic on cupy arrays: no sync)."""
-    a0, b0 = a.data.ptr, b.data.ptr
-    return a.nbytes > 0 and b.nbytes > 0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
-
-
-def check_array(op: str, name: str, a: Any, dtype: Any, shape: Sequence[int] | None = None,
-                ndim: int | None = None) -> None:
-    """dtype, shape and C-contiguity of an array (numpy or cupy alike); ShapeError if wrong."""
-    if a.dtype != np.dtype(dtype):
-        _fail(op, f"{name} {tuple(a.shape)} has dtype {a.dtype}, expected {np.dtype(dtype)}")
-    if ndim is not None and a.ndim != ndim:
-        _fail(op, f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
-    if shape is not None and tuple(a.shape) != tuple(shape):
-        _fail(op, f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-    if not a.flags.c_contiguous:
-        _fail(op, f"{name} {tuple(a.shape)} must be C-contiguous")
-
-
 # ------------------------------------------------------------------------------------ launch plans
 
 
@@ -254,51 +234,12 @@ def conv_bwd_weight_plan(g: ConvGeometry, op: str = "conv2d_bwd_weight") -> Wgra
 
 class ConvPoolOps:
     """conv2d_* / maxpool2d_* / avgpool2d_* of the CUDA backend (mixed into CudaBackend, which
-    provides `dtype` and `xp` = cupy). Kernels come from `gpuml.backend.kernels.get_function`.
+    provides `dtype` and `xp` = cupy). Kernels are launched through DevicePlumbing._launch.
     Every kernel reads its inputs while it writes its outputs, so an output overlapping an input
-    is refused. `_dev_in` / `_dev_out` are the argument checks the rest of CudaBackend uses too."""
+    is refused. Argument checks, launches and scratch buffers come from DevicePlumbing."""
 
     dtype: np.dtype
     xp: Any
-
-    def _convpool_kernel(self, family: str, name: str) -> Any:
-        cache = self.__dict__.setdefault("_convpool_kernels", {})
-        fn = cache.get((family, name))
-        if fn is None:
-            from gpuml.backend.kernels import get_function
-
-            fn = cache[(family, name)] = get_function(family, name)
-        return fn
-
-    def _convpool_workspace(self, elems: int) -> Array:
-        """A scratch vector of `elems` items, allocated on first use and kept: a training step
-        then allocates nothing. Shared by every op needing that size; safe because all launches
-        go to the current stream in order."""
-        cache = self.__dict__.setdefault("_convpool_workspaces", {})
-        buf = cache.get(elems)
-        if buf is None:
-            buf = cache[elems] = self.xp.empty(elems, dtype=np.float32)
-        return buf
-
-    def _dev_in(self, op: str, name: str, a: Any, *, shape: Sequence[int] | None = None,
-                ndim: int | None = None, dtype: Any = None) -> Array:
-        if not isinstance(a, self.xp.ndarray):
-            _fail(op, f"{name} must be a device array ({self.xp.__name__}.ndarray), got {type(a).__name__}")
-        check_array(op, name, a, self.dtype if dtype is None else dtype, shape, ndim)
-        return a
-
-    def _dev_out(self, op: str, name: str, out: Any, shape: Sequence[int], dtype: Any = None,
-                 **inputs: Array | None) -> Array:
-        """The caller's `out=` (checked, and refused where it overlaps one of `inputs`) or a
-        fresh array."""
-        dtype = self.dtype if dtype is None else dtype
-        if out is None:
-            return self.xp.empty(tuple(shape), dtype=dtype)
-        out = self._dev_in(op, f"{name} buffer", out, shape=shape, dtype=dtype)
-        for in_name, a in inputs.items():
-            if a is not None and buffers_overlap(out, a):
-                _fail(op, f"{name} buffer {tuple(out.shape)} overlaps {in_name} {tuple(a.shape)}")
-        return out
 
     # ------------------------------------------------------------------ convolution
     def conv2d_fwd(self, x: Array, w: Array, bias: Array | None, stride: Pair, padding: Pair, *,
@@ -313,8 +254,8 @@ class ConvPoolOps:
             bias = self._dev_in(op, "bias", bias, shape=(g.K,))
         out = self._dev_out(op, "out", out, g.y_shape, x=x, w=w, bias=bias)
         flags = (np.int32(bias is not None), np.int32(activation == "relu"))
-        self._convpool_kernel("conv2d", "conv2d_fwd")(
-            conv_fwd_grid(g), BLOCK, (x, w, w if bias is None else bias, out, *g.args(), *flags))
+        args = (x, w, w if bias is None else bias, out, *g.args(), *flags)
+        self._launch("conv2d", "conv2d_fwd", conv_fwd_grid(g), BLOCK, args)
         return out
 
     def conv2d_bwd_data(self, dy: Array, w: Array, x_shape: Sequence[int], stride: Pair,
@@ -324,8 +265,7 @@ class ConvPoolOps:
         g = conv_geometry(op, x_shape, w.shape, stride, padding, x_name="x_shape")
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
         out = self._dev_out(op, "out", out, g.x_shape, dy=dy, w=w)
-        self._convpool_kernel("conv2d", "conv2d_bwd_data")(
-            conv_bwd_data_grid(g), BLOCK, (dy, w, out, *g.args()))
+        self._launch("conv2d", "conv2d_bwd_data", conv_bwd_data_grid(g), BLOCK, (dy, w, out, *g.args()))
         return out
 
     def conv2d_bwd_weight(self, x: Array, dy: Array, w_shape: Sequence[int], stride: Pair,
@@ -336,13 +276,12 @@ class ConvPoolOps:
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
         out = self._dev_out(op, "out", out, g.w_shape, x=x, dy=dy)
         plan = conv_bwd_weight_plan(g, op)
-        part = out if plan.splits == 1 else self._convpool_workspace(plan.workspace_elems)
-        self._convpool_kernel("conv2d", "conv2d_bwd_weight")(
-            plan.grid, BLOCK, (x, dy, part, *g.args(), np.int32(plan.chunk)))
+        part = out if plan.splits == 1 else self._scratch("conv2d_bwd_weight", plan.workspace_elems)
+        self._launch("conv2d", "conv2d_bwd_weight", plan.grid, BLOCK, (x, dy, part, *g.args(), np.int32(plan.chunk)))
         if plan.splits > 1:
             count = np.int32(g.K * g.C * g.R * g.S)
-            self._convpool_kernel("conv2d", "conv2d_bwd_weight_reduce")(
-                plan.reduce_grid, BLOCK, (part, out, count, np.int32(plan.splits)))
+            self._launch("conv2d", "conv2d_bwd_weight_reduce", plan.reduce_grid, BLOCK,
+                         (part, out, count, np.int32(plan.splits)))
         return out
 
     # ------------------------------------------------------------------ pooling
@@ -353,8 +292,7 @@ class ConvPoolOps:
         g = pool_geometry(op, x.shape, kernel, stride, padding)
         out = self._dev_out(op, "out", out, g.y_shape, x=x)
         argmax = self._dev_out(op, "argmax", argmax, g.y_shape, np.int32, x=x, y=out)
-        self._convpool_kernel("pool", "maxpool2d_fwd")(
-            elementwise_grid(out.size), BLOCK, (x, out, argmax, *g.args()))
+        self._launch("pool", "maxpool2d_fwd", elementwise_grid(out.size), BLOCK, (x, out, argmax, *g.args()))
         return out, argmax
 
     def maxpool2d_bwd(self, dy: Array, argmax: Array, x_shape: Sequence[int], kernel: Pair,
@@ -364,8 +302,7 @@ class ConvPoolOps:
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
         argmax = self._dev_in(op, "argmax", argmax, shape=g.y_shape, dtype=np.int32)
         out = self._dev_out(op, "out", out, g.x_shape, dy=dy, argmax=argmax)
-        self._convpool_kernel("pool", "maxpool2d_bwd")(
-            elementwise_grid(out.size), BLOCK, (dy, argmax, out, *g.args()))
+        self._launch("pool", "maxpool2d_bwd", elementwise_grid(out.size), BLOCK, (dy, argmax, out, *g.args()))
         return out
 
     def avgpool2d_fwd(self, x: Array, kernel: Pair, stride: Pair, padding: Pair, *,
@@ -374,8 +311,7 @@ class ConvPoolOps:
         x = self._dev_in(op, "x", x, ndim=4)
         g = pool_geometry(op, x.shape, kernel, stride, padding)
         out = self._dev_out(op, "out", out, g.y_shape, x=x)
-        self._convpool_kernel("pool", "avgpool2d_fwd")(
-            elementwise_grid(out.size), BLOCK, (x, out, *g.args()))
+        self._launch("pool", "avgpool2d_fwd", elementwise_grid(out.size), BLOCK, (x, out, *g.args()))
         return out
 
     def avgpool2d_bwd(self, dy: Array, x_shape: Sequence[int], kernel: Pair, stride: Pair,
@@ -384,6 +320,5 @@ class ConvPoolOps:
         g = pool_geometry(op, x_shape, kernel, stride, padding)
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
         out = self._dev_out(op, "out", out, g.x_shape, dy=dy)
-        self._convpool_kernel("pool", "avgpool2d_bwd")(
-            elementwise_grid(out.size), BLOCK, (dy, out, *g.args()))
+        self._launch("pool", "avgpool2d_bwd", elementwise_grid(out.size), BLOCK, (dy, out, *g.args()))
         return out

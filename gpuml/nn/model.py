@@ -81,7 +81,8 @@ class Sequential:
             raise ShapeError(f"{source}: parameters do not match the model (missing {missing}, unexpected {extra})")
         for name, p, _ in self.named_parameters():
             if tuple(state[name].shape) != tuple(p.shape):
-                raise ShapeError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model wants {tuple(p.shape)}")
+                raise ShapeError(f"{source}: {name} has shape {tuple(state[name].shape)}, "
+                                 f"the model wants {tuple(p.shape)}")
             self.backend.copy_(p, self.backend.asarray(np.asarray(state[name], dtype=self.backend.dtype)))
 
     def summary(self) -> str:

@@ -157,7 +157,8 @@ def validate(raw: Any, source: str = "<config>", overridden: set[str] | None = N
     cfg["model"]["layers"] = _validate_layers(cfg["model"]["layers"], ctx)
     shape = cfg["model"]["input_shape"]
     if shape is not None and (len(shape) not in (1, 3) or min(shape) < 1):
-        raise ctx.fail("model.input_shape", f"expected [features] or [channels, height, width] of positive ints, got {shape}")
+        raise ctx.fail("model.input_shape",
+                       f"expected [features] or [channels, height, width] of positive ints, got {shape}")
     val = cfg["data"]["val_split"]
     if isinstance(val, float) and not 0.0 <= val < 1.0:
         raise ctx.fail("data.val_split", f"a fraction must be in [0, 1), got {val}")
