@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gpuml.backend import cuda_common
 from gpuml.backend import cuda_conv as cc
 from gpuml.errors import ShapeError
 
@@ -145,12 +146,12 @@ def test_pool_geometry_errors(args: tuple, fragment: str) -> None:
 
 def test_check_array_names_the_culprit() -> None:
     a = np.zeros((2, 3, 4, 4), np.float32)
-    cc.check_array("op", "x", a, np.float32, shape=(2, 3, 4, 4), ndim=4)
+    cuda_common.check_array("op", "x", a, np.float32, shape=(2, 3, 4, 4), ndim=4)
     with pytest.raises(ShapeError, match=r"^op: x \(2, 3, 4, 4\) has dtype float32, expected float64$"):
-        cc.check_array("op", "x", a, np.float64)
+        cuda_common.check_array("op", "x", a, np.float64)
     with pytest.raises(ShapeError, match=r"^op: x has shape \(2, 3, 4, 4\), expected \(2, 3, 4, 5\)$"):
-        cc.check_array("op", "x", a, np.float32, shape=(2, 3, 4, 5))
+        cuda_common.check_array("op", "x", a, np.float32, shape=(2, 3, 4, 5))
     with pytest.raises(ShapeError, match=r"^op: x must be 3-D"):
-        cc.check_array("op", "x", a, np.float32, ndim=3)
+        cuda_common.check_array("op", "x", a, np.float32, ndim=3)
     with pytest.raises(ShapeError, match="must be C-contiguous"):
-        cc.check_array("op", "x", a.transpose(0, 1, 3, 2)[..., :3], np.float32)
+        cuda_common.check_array("op", "x", a.transpose(0, 1, 3, 2)[..., :3], np.float32)
