@@ -21,6 +21,7 @@
 //       per-thread order and a fixed tree: deterministic.
 //   add_scaled_inplace (dst, src, alpha, n)   dst += alpha * src
 //   scale_inplace (dst, factor, n); scale_inplace_by_device (dst, factor_ptr, n)
+//   clip_factor (norm_ptr, factor_ptr, max_norm)   factor = min(1, max_norm / (norm + 1e-6)); grid 1
 //   sum_squares_partial (tensor_ptrs, offsets, num_tensors, partials)
 //       tensors laid end to end (see gpuml_tensor_of); block b writes the sum of squares of its
 //       grid-stride share, in double, to partials[b]. Fixed grid => fixed result.
@@ -144,6 +145,13 @@ extern "C" __global__ void scale_inplace_by_device(float* __restrict__ dst, cons
                                                    gpuml_i64 n) {
     const float factor = *factor_ptr;
     GRID_STRIDE_LOOP(i, n) dst[i] *= factor;
+}
+
+// clip_factor (norm_ptr, factor_ptr, max_norm): one thread; factor = min(1, max_norm / (norm + 1e-6)),
+// the gradient-clipping scale, computed on the device so clipping needs no host round trip.
+extern "C" __global__ void clip_factor(const float* __restrict__ norm_ptr, float* __restrict__ factor_ptr,
+                                       float max_norm) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) factor_ptr[0] = fminf(1.0f, max_norm / (norm_ptr[0] + 1e-6f));
 }
 
 // ---------------------------------------------------------------------------------------------

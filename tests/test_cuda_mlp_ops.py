@@ -200,6 +200,20 @@ def test_global_norm() -> None:
     assert rel_err(cuda.to_numpy(got), want) <= 1e-6  # double accumulation: one final rounding
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 1e4])
+def test_clip_grad_norm(max_norm: float) -> None:
+    cuda, cpu = backends()
+    gen = np.random.default_rng(9)
+    arrays = [_rand(gen, *s) for s in [(7, 33), (1,), (1000, 3)]]
+    dev = [cuda.asarray(a) for a in arrays]
+    ref = [a.astype(np.float64) for a in arrays]
+    norm = cuda.clip_grad_norm_(dev, max_norm)
+    want_norm = cpu.clip_grad_norm_(ref, max_norm)
+    assert rel_err(cuda.to_numpy(norm), want_norm) <= 1e-6
+    for d, r in zip(dev, ref):
+        assert rel_err(cuda.to_numpy(d), r) <= ELEMENTWISE_TOL
+
+
 def test_gather_batch() -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(8)

@@ -164,9 +164,25 @@ class MultiTensorOps:
     def global_norm(self, arrays: list[Array]) -> Array:
         """sqrt of the sum of squares of every element, deterministic (fixed partial grid,
         double accumulation). Allocates its 0-d result (the protocol has no out=)."""
+        return self._global_norm_into(arrays, self.xp.zeros((), dtype=np.float32))
+
+    def clip_grad_norm_(self, grads: list[Array], max_norm: float) -> Array:
+        """As Backend.clip_grad_norm_, in 3 + len(grads) launches and no host round trip; the
+        returned norm is a scratch view, valid until the next call."""
+        norm = self._scratch("clip_norm", 1).reshape(())
+        factor = self._scratch("clip_factor", 1)
+        self._global_norm_into(grads, norm)
+        self._launch("elementwise", "clip_factor", (1, 1, 1), (1, 1, 1), (norm, factor, np.float32(max_norm)))
+        for g in grads:
+            if g.size:
+                self._launch("elementwise", "scale_inplace_by_device", grid_1d(g.size), (THREADS, 1, 1),
+                             (g, factor, np.int64(g.size)))
+        return norm
+
+    def _global_norm_into(self, arrays: list[Array], out: Array) -> Array:
         table = self._tensor_table("global_norm", [arrays])
-        out = self.xp.zeros((), dtype=np.float32)
         if table.total == 0:
+            out.fill(0)
             return out
         grid = partials_grid(table.total)
         partials = self._scratch("norm_partials", grid[0], np.float64)

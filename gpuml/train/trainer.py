@@ -97,8 +97,8 @@ class Trainer:
         es = t["early_stopping"]
         if es["enabled"]:
             self._check_metric(es["monitor"], "trainer.early_stopping.monitor")
-        # Device accumulators: loss sum (weighted by batch size), correct count, one scratch.
-        self._acc = self.backend.zeros((3,))
+        # Device accumulators: loss sum (weighted by batch size), correct count.
+        self._acc = self.backend.zeros((2,))
         self._correct = self.backend.zeros(())
         # Progress state (restored on resume)
         self.epoch = 0            # completed epochs
@@ -282,8 +282,7 @@ class Trainer:
         out = self.model.forward(x, training=True, step=self.global_step)
         be.add_(self._acc[1:2], be.count_correct(out, y, out=self._correct).reshape(1))
         loss, dout = self.loss_fn(out, y)
-        be.add_(self._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))
-        be.copy_(self._acc[2:3], loss.reshape(1))
+        be.add_(self._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))  # a NaN loss stays NaN in the sum
         self.model.backward(dout)
         clip = self.cfg["trainer"]["grad_clip_norm"]
         if clip is not None:
@@ -294,15 +293,15 @@ class Trainer:
         """Move the device accumulators into `self.partial`; stop on a non-finite loss."""
         if steps == 0:
             return
-        loss_sum, correct, last = (float(v) for v in self.backend.to_numpy(self._acc))
+        loss_sum, correct = (float(v) for v in self.backend.to_numpy(self._acc))
         self.backend.fill_(self._acc, 0.0)
-        if check and not (math.isfinite(loss_sum) and math.isfinite(last)):
+        if check and not math.isfinite(loss_sum):
             good = ckpt.list_checkpoints(self.run_dir / "checkpoints")
             where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was saved yet"
             first = self.global_step - steps + 1
             span = f"step {self.global_step}" if steps == 1 else f"steps {first}-{self.global_step}"
             raise TrainingDiverged(
-                f"loss became {last if not math.isfinite(last) else loss_sum} at {span} "
+                f"loss became {loss_sum} at {span} "
                 f"(epoch {self.epoch + 1}); {where}. Try a lower optimizer.lr or trainer.grad_clip_norm"
             )
         self.partial["loss_sum"] += loss_sum
