@@ -8,7 +8,10 @@ Reductions over float32 data accumulate in float64. Every op is deterministic.
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -20,7 +23,7 @@ from gpuml.backend.base import ACTIVATIONS, Backend, Pair
 from gpuml.backend.cpu_checks import Checks, fail
 from gpuml.backend.cpu_optim import OptimizerSteps
 
-_ACT_CODE = {"relu": 0, "tanh": 1, "sigmoid": 2}
+_ACT_BWD = {"relu": loops.relu_bwd, "tanh": loops.tanh_bwd, "sigmoid": loops.sigmoid_bwd}
 
 
 class CpuBackend(OptimizerSteps, Checks, Backend):
@@ -33,9 +36,7 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         self._luts: dict[tuple[float, float], np.ndarray] = {}
 
     def describe(self) -> str:
-        return (
-            f"cpu (numpy {np.__version__}, numba {numba.__version__}, {numba.get_num_threads()} threads, {self.dtype})"
-        )
+        return f"cpu (numpy {np.__version__}, numba {numba.__version__}, {_blas_threads()} BLAS threads, {self.dtype})"
 
     # ------------------------------------------------------------------ arrays and transfer
     def asarray(self, x: Any, dtype: Any = None) -> np.ndarray:
@@ -301,7 +302,7 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         y = self.float_in(op, "y", y)
         dy = self.float_in(op, "dy", dy, shape=y.shape)
         out = self.out_buf(op, "out", out, y.shape)
-        loops.activation_bwd(_ACT_CODE[kind], y.reshape(-1), dy.reshape(-1), out.reshape(-1))
+        _ACT_BWD[kind](y.reshape(-1), dy.reshape(-1), out.reshape(-1))
         return out
 
     def dropout_fwd(
@@ -407,6 +408,21 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         if key not in self._luts:
             self._luts[key] = ((np.arange(256) / 255.0 - key[0]) / key[1]).astype(self.dtype)
         return self._luts[key]
+
+
+def _blas_threads() -> int:
+    """Threads of the BLAS numpy loaded (OpenBLAS in numpy's wheels): every GEMM runs on them, and
+    the numba loops on the calling thread. Falls back to the usable core count."""
+    libs = Path(np.__file__).parent.parent / "numpy.libs"
+    for path in sorted(libs.glob("*openblas*")) if libs.is_dir() else []:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            if hasattr(lib, name):
+                return int(getattr(lib, name)())
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _planes(a: np.ndarray) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Numba loops of the CPU backend: the work NumPy cannot express without large temporaries.
 
-Every function writes into arrays it is given (nothing allocates but `sum_squares`'s per-chunk
-partials) and is deterministic: a parallel loop gives each output element to exactly one
-iteration, and every sum runs in a fixed order. Arrays are C-contiguous. Layouts:
+Every function writes into arrays it is given and is deterministic: every sum runs in a fixed
+order. Arrays are C-contiguous. The loops are single-threaded on purpose: OpenBLAS already runs
+every GEMM on all cores, and a second thread pool (numba's OpenMP one) taking turns with it on a
+2-core machine made whole training steps 5-10x slower with libgomp's default spin-waiting, and no
+faster than serial loops with passive waiting. The loops are a third of the step; the GEMMs the rest.
+Layouts:
 - images NCHW; pooling loops see them as planes (M = N*C, H, W).
 - the im2col matrix `col` is (C*R*S, N*P*Q): row (c*R + r)*S + s, column n*P*Q + p*Q + q holds
   x[n, c, p*sh - ph + r, q*sw - pw + s], or 0 where that falls in the padding. One GEMM with the
-  (K, C*R*S) weight matrix then covers the whole batch, and the GEMM result is (K, N*P*Q).
+  (K, C*R*S) weight matrix then covers all N images, and the GEMM result is (K, N*P*Q).
 Reductions over a float32 row (softmax, pooling sums, losses) accumulate in float64.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 @njit(cache=True, inline="always")
@@ -46,7 +49,7 @@ def _covering_span(i, kernel, stride, pad, count):
 _U = np.uint64
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def im2col(x, kh, kw, sh, sw, ph, pw, col):
     """x (N, C, H, W) -> col (C*kh*kw, N*P*Q), zeros in the padding."""
     N, C, H, W = x.shape
@@ -56,7 +59,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, col):
     NPQ = col.shape[1]
     xf = x.reshape(-1)
     cf = col.reshape(-1)
-    for n in prange(N):
+    for n in range(N):
         for c in range(C):
             for r in range(kh):
                 for s in range(kw):
@@ -82,10 +85,10 @@ def im2col(x, kh, kw, sh, sw, ph, pw, col):
                             cf[dst + q] = 0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def col2im(col, kh, kw, sh, sw, ph, pw, dx):
-    """dx (N, C, H, W) = the adjoint of im2col: every col entry added back onto its pixel.
-    One image per iteration, so each dx element has a single writer and a fixed summation order."""
+    """dx (N, C, H, W) = the adjoint of im2col: every col entry added back onto its pixel, in a
+    fixed order."""
     N, C, H, W = dx.shape
     P = (H + 2 * ph - kh) // sh + 1
     Q = (W + 2 * pw - kw) // sw + 1
@@ -94,7 +97,7 @@ def col2im(col, kh, kw, sh, sw, ph, pw, dx):
     CHW = C * H * W
     cf = col.reshape(-1)
     dxf = dx.reshape(-1)
-    for n in prange(N):
+    for n in range(N):
         for i in range(_U(n * CHW), _U((n + 1) * CHW)):
             dxf[i] = 0
         for c in range(C):
@@ -116,12 +119,12 @@ def col2im(col, kh, kw, sh, sw, ph, pw, dx):
                                 dxf[_U(dst + q * sw)] += cf[src + _U(q)]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def conv_epilogue(gemm, bias, relu, y):
     """y (N, K, L) = act(gemm (K, N*L) + bias (K,)), transposing the GEMM's channel-major result
     into NCHW in the same pass. relu keeps NaN, as np.maximum does."""
     N, K, L = y.shape
-    for n in prange(N):
+    for n in range(N):
         for k in range(K):
             b = bias[k]
             src = gemm[k, n * L : (n + 1) * L]
@@ -135,20 +138,20 @@ def conv_epilogue(gemm, bias, relu, y):
                     dst[i] = src[i] + b
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def batch_to_channel_major(dy, dyt):
     """dyt (K, N*L) from dy (N, K, L): the layout the weight- and data-gradient GEMMs need."""
     N, K, L = dy.shape
-    for k in prange(K):
+    for k in range(K):
         for n in range(N):
             dyt[k, n * L : (n + 1) * L] = dy[n, k]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def bias_act_rows(y, bias, has_bias, relu):
     """In place on y (B, N): y = act(y + bias); NaN passes through relu as in np.maximum."""
     B, N = y.shape
-    for i in prange(B):
+    for i in range(B):
         for j in range(N):
             v = y[i, j]
             if has_bias:
@@ -168,13 +171,13 @@ def _wins(v, best):
     return (v > best) | ((v != v) & (best == best))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, argmax):
     """x (M, H, W) -> y, argmax (M, P, Q). Only in-image cells compete (the caller guarantees
     pad <= k/2, so every window holds one); visited in row-major window order."""
     M, H, W = x.shape
     _, P, Q = y.shape
-    for m in prange(M):
+    for m in range(M):
         for p in range(P):
             h0 = p * sh - ph
             r_lo = max(0, -h0)
@@ -195,13 +198,13 @@ def maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, argmax):
                 argmax[m, p, q] = best_i
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def maxpool_fwd_2x2(x, y, argmax):
     """maxpool_fwd for 2x2 windows, stride 2, no padding, unrolled: the common case, where the
     general loop's two-trip inner loops cost ten times the arithmetic."""
     M, H, W = x.shape
     _, P, Q = y.shape
-    for m in prange(M):
+    for m in range(M):
         for p in range(P):
             h = 2 * p
             top = x[m, h]
@@ -228,7 +231,7 @@ def maxpool_fwd_2x2(x, y, argmax):
                 ar[q] = i
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def maxpool_bwd(dy, argmax, kh, kw, sh, sw, ph, pw, dx):
     """dx (M, H, W) as a gather: each input cell visits the windows covering it and sums the dy of
     those whose argmax is that cell, in row-major window order (no scatter, no race)."""
@@ -238,7 +241,7 @@ def maxpool_bwd(dy, argmax, kh, kw, sh, sw, ph, pw, dx):
     q_hi = np.empty(W, np.int64)
     for w in range(W):
         q_lo[w], q_hi[w] = _covering_span(w, kw, sw, pw, Q)
-    for m in prange(M):
+    for m in range(M):
         for h in range(H):
             p_lo, p_hi = _covering_span(h, kh, sh, ph, P)
             for w in range(W):
@@ -251,16 +254,16 @@ def maxpool_bwd(dy, argmax, kh, kw, sh, sw, ph, pw, dx):
                 dx[m, h, w] = acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def maxpool_bwd_tiled(dy, argmax, dx):
     """maxpool_bwd when the windows do not overlap (stride == kernel, no padding): a cell is
     covered by one window at most, so the gather reduces to dx = 0 except dx[argmax] = dy. One
-    thread writes a whole plane in window order, so this stays race-free and deterministic at a
-    fifth of the gather's cost (no per-cell compare). Indices outside the plane are skipped."""
+    loop writes a whole plane in window order, so this is deterministic, and a fifth of the
+    gather's cost (no per-cell compare). Indices outside the plane are skipped."""
     M, H, W = dx.shape
     _, P, Q = dy.shape
     HW = H * W
-    for m in prange(M):
+    for m in range(M):
         plane = dx[m].reshape(HW)
         plane[:] = 0
         for p in range(P):
@@ -270,13 +273,13 @@ def maxpool_bwd_tiled(dy, argmax, dx):
                     plane[i] += dy[m, p, q]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def avgpool_fwd(x, kh, kw, sh, sw, ph, pw, y):
     """y (M, P, Q): window sums over in-image cells divided by kh*kw (count_include_pad)."""
     M, H, W = x.shape
     _, P, Q = y.shape
     inv = 1.0 / (kh * kw)
-    for m in prange(M):
+    for m in range(M):
         for p in range(P):
             h0 = p * sh - ph
             for q in range(Q):
@@ -288,13 +291,13 @@ def avgpool_fwd(x, kh, kw, sh, sw, ph, pw, y):
                 y[m, p, q] = acc * inv
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def avgpool_bwd(dy, kh, kw, sh, sw, ph, pw, dx):
     """dx (M, H, W): each cell gathers dy / (kh*kw) from every window covering it."""
     M, H, W = dx.shape
     _, P, Q = dy.shape
     inv = 1.0 / (kh * kw)
-    for m in prange(M):
+    for m in range(M):
         for h in range(H):
             p_lo, p_hi = _covering_span(h, kh, sh, ph, P)
             for w in range(W):
@@ -354,30 +357,42 @@ def mse_flat(pred, target, dpred):
 # --------------------------------------------------------------------------- elementwise
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def sigmoid_fwd(x, out):
-    """Stable logistic: exp of a non-positive argument only, so nothing overflows."""
-    for i in prange(x.size):
+    """Stable logistic: exp of -|x| only, so nothing overflows; 1/(1+e) for x >= 0, e/(1+e) below.
+    Branch-free, as the sign of activations is a coin flip for the branch predictor."""
+    one = x.dtype.type(1)
+    for i in range(x.size):
         v = x[i]
-        if v >= 0:
-            out[i] = 1.0 / (1.0 + math.exp(-v))
-        else:
-            e = math.exp(v)
-            out[i] = e / (1.0 + e)
+        e = math.exp(-abs(v))
+        r = one / (one + e)
+        out[i] = r if v >= 0 else e * r
 
 
-@njit(cache=True, parallel=True)
-def activation_bwd(kind, y, dy, out):
-    """kind 0 relu: dy*(y>0); 1 tanh: dy*(1-y^2); 2 sigmoid: dy*y*(1-y). out may be dy."""
+@njit(cache=True)
+def relu_bwd(y, dy, out):
+    """out = dy * (y > 0) as a select (a NaN dy where y <= 0 gives 0). out may be dy."""
+    for i in range(y.size):
+        g = dy[i]
+        out[i] = g if y[i] > 0 else 0
+
+
+@njit(cache=True)
+def tanh_bwd(y, dy, out):
+    """out = dy * (1 - y^2). out may be dy."""
     one = y.dtype.type(1)
-    for i in prange(y.size):
+    for i in range(y.size):
         v = y[i]
-        if kind == 0:
-            out[i] = dy[i] if v > 0 else 0
-        elif kind == 1:
-            out[i] = dy[i] * (one - v * v)
-        else:
-            out[i] = dy[i] * v * (one - v)
+        out[i] = dy[i] * (one - v * v)
+
+
+@njit(cache=True)
+def sigmoid_bwd(y, dy, out):
+    """out = dy * y * (1 - y). out may be dy."""
+    one = y.dtype.type(1)
+    for i in range(y.size):
+        v = y[i]
+        out[i] = dy[i] * v * (one - v)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -385,11 +400,11 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def dropout_fwd(x, p, seed, offset, scale, out, mask):
     """The splitmix64 keep test of gpuml.backend.rng.uniform, bit for bit (uint64 wrap-around),
     fused with out = x * mask * scale. seed and offset are uint64; p and scale floats."""
-    for i in prange(x.size):
+    for i in range(x.size):
         z = seed + _GOLDEN * (offset + np.uint64(i) + np.uint64(1))
         z = (z ^ (z >> np.uint64(30))) * _M1
         z = (z ^ (z >> np.uint64(27))) * _M2
@@ -400,38 +415,39 @@ def dropout_fwd(x, p, seed, offset, scale, out, mask):
         out[i] = x[i] * (scale if keep else 0)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def mask_scale(dy, mask, scale, out):
     """out = dy * mask * scale (dropout backward)."""
-    for i in prange(dy.size):
-        out[i] = dy[i] * (scale if mask[i] else 0)
+    for i in range(dy.size):
+        g = dy[i]
+        out[i] = g * (scale if mask[i] else 0)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def axpy(dst, src, alpha):
     """dst += alpha * src."""
-    for i in prange(dst.size):
+    for i in range(dst.size):
         dst[i] += alpha * src[i]
 
 
 # --------------------------------------------------------------------------- data
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def gather_rows_lut(images, indices, lut, out):
     """out[b, j] = lut[images[indices[b], j]]: uint8 pixels through a 256-entry table."""
     B, D = out.shape
-    for b in prange(B):
+    for b in range(B):
         src = indices[b]
         for j in range(D):
             out[b, j] = lut[images[src, j]]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def channel_sums(dy, out):
     """out[c] = sum of dy (N, C, L) over n and l, in float64 with four running accumulators."""
     N, C, L = dy.shape
-    for c in prange(C):
+    for c in range(C):
         a0 = 0.0
         a1 = 0.0
         a2 = 0.0

@@ -2,8 +2,7 @@
 
 All arrays are flat (1-D views of C-contiguous tensors) of one float dtype, and the scalar
 hyper-parameters arrive already cast to that dtype, so a float32 update rounds like a float32
-device kernel and a float64 one is exact to the formula. Each element is independent, so the
-parallel split cannot change the result.
+device kernel and a float64 one is exact to the formula.
 """
 
 from __future__ import annotations
@@ -11,22 +10,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from gpuml.backend.cpu_checks import Checks
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def sgd_update(p, g, lr, wd):
     """p -= lr * (g + wd p)"""
-    for i in prange(p.size):
+    for i in range(p.size):
         p[i] -= lr * (g[i] + wd * p[i])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def momentum_update(p, g, vel, lr, mu, wd, nesterov):
     """g' = g + wd p; v = mu v + g'; p -= lr * (g' + mu v if nesterov else v)"""
-    for i in prange(p.size):
+    for i in range(p.size):
         gi = g[i] + wd * p[i]
         vi = mu * vel[i] + gi
         vel[i] = vi
@@ -36,13 +35,13 @@ def momentum_update(p, g, vel, lr, mu, wd, nesterov):
             p[i] -= lr * vi
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def adam_update(p, g, m, v, lr_t, beta1, one_m_beta1, beta2, one_m_beta2, inv_sqrt_bc2, eps, wd, decay):
     """Adam/AdamW in PyTorch's arrangement: g' = g + wd p (wd = 0 for AdamW); p *= decay
     (1 - lr wd for AdamW, else 1); m, v moments; p -= lr_t m / (sqrt(v) inv_sqrt_bc2 + eps) with
     lr_t = lr / (1 - beta1^t) and inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t), which is
     lr m_hat / (sqrt(v_hat) + eps)."""
-    for i in prange(p.size):
+    for i in range(p.size):
         gi = g[i] + wd * p[i]
         mi = beta1 * m[i] + one_m_beta1 * gi
         vi = beta2 * v[i] + one_m_beta2 * gi * gi
@@ -51,53 +50,41 @@ def adam_update(p, g, m, v, lr_t, beta1, one_m_beta1, beta2, one_m_beta2, inv_sq
         p[i] = p[i] * decay - lr_t * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def rmsprop_update(p, g, sq, lr, alpha, one_m_alpha, eps, wd):
     """g' = g + wd p; s = alpha s + (1 - alpha) g'^2; p -= lr g' / (sqrt(s) + eps)"""
-    for i in prange(p.size):
+    for i in range(p.size):
         gi = g[i] + wd * p[i]
         si = alpha * sq[i] + one_m_alpha * gi * gi
         sq[i] = si
         p[i] -= lr * gi / (math.sqrt(si) + eps)
 
 
-_CHUNK = 1 << 14
-
-
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def sum_squares(a):
-    """sum(a^2) as float64. Fixed chunks, each summed with four running accumulators, then the
-    chunk partials added in order: the result does not depend on the thread count."""
+    """sum(a^2) as float64, with four running accumulators (a serial float64 sum cannot be
+    vectorised; four independent chains run four times faster)."""
     n = a.size
-    chunks = (n + _CHUNK - 1) // _CHUNK
-    parts = np.zeros(chunks)
-    for c in prange(chunks):
-        lo = c * _CHUNK
-        hi = min(n, lo + _CHUNK)
-        a0 = 0.0
-        a1 = 0.0
-        a2 = 0.0
-        a3 = 0.0
-        i = lo
-        while i + 4 <= hi:
-            v0 = float(a[i])
-            v1 = float(a[i + 1])
-            v2 = float(a[i + 2])
-            v3 = float(a[i + 3])
-            a0 += v0 * v0
-            a1 += v1 * v1
-            a2 += v2 * v2
-            a3 += v3 * v3
-            i += 4
-        while i < hi:
-            v0 = float(a[i])
-            a0 += v0 * v0
-            i += 1
-        parts[c] = (a0 + a1) + (a2 + a3)
-    total = 0.0
-    for c in range(chunks):
-        total += parts[c]
-    return total
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    a3 = 0.0
+    i = 0
+    while i + 4 <= n:
+        v0 = float(a[i])
+        v1 = float(a[i + 1])
+        v2 = float(a[i + 2])
+        v3 = float(a[i + 3])
+        a0 += v0 * v0
+        a1 += v1 * v1
+        a2 += v2 * v2
+        a3 += v3 * v3
+        i += 4
+    while i < n:
+        v0 = float(a[i])
+        a0 += v0 * v0
+        i += 1
+    return (a0 + a1) + (a2 + a3)
 
 
 class OptimizerSteps(Checks):
