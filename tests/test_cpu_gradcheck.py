@@ -44,6 +44,7 @@ def assert_close(analytic: np.ndarray, numeric: np.ndarray, tol: float = 1e-7) -
         ((2, 3, 7, 6), (4, 3, 3, 3), (1, 1), (1, 1)),
         ((1, 2, 8, 9), (3, 2, 3, 2), (2, 3), (0, 2)),
         ((3, 1, 6, 5), (2, 1, 5, 5), (1, 2), (2, 2)),
+        ((2, 8, 5, 6), (2, 8, 3, 3), (2, 1), (1, 0)),
     ],
 )
 def test_conv2d(xs, ws, stride, pad):

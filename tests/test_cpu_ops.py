@@ -210,6 +210,11 @@ CONV_CASES = [
     ((5, 1, 6, 6), (2, 1, 3, 3), (2, 2), (1, 1)),
     ((3, 2, 4, 4), (2, 2, 1, 1), (1, 1), (2, 2)),
     ((2, 4, 13, 13), (3, 4, 3, 3), (1, 1), (0, 0)),
+    # 8+ input channels: forward and weight gradient go through the channels-last im2col
+    ((2, 8, 9, 7), (3, 8, 3, 3), (1, 1), (1, 1)),
+    ((3, 9, 8, 10), (2, 9, 3, 5), (2, 1), (2, 2)),
+    ((1, 8, 7, 7), (2, 8, 5, 3), (3, 2), (0, 1)),
+    ((2, 16, 6, 5), (3, 16, 1, 1), (1, 1), (0, 0)),
 ]
 
 
@@ -243,11 +248,12 @@ def test_conv2d_no_bias_and_allocating(be, dt):
     assert rel_err(be.conv2d_bwd_weight(x, dy, w.shape, (1, 1), (1, 1)), dw_ref) < TOL[dt]
 
 
-def test_conv2d_batch_chunks(be, dt, monkeypatch):
+@pytest.mark.parametrize("channels", [3, 8])
+def test_conv2d_batch_chunks(be, dt, monkeypatch, channels):
     """A batch whose im2col matrix passes the budget runs in chunks; dW sums over them."""
-    monkeypatch.setattr(cpu_conv, "COL_BUDGET_BYTES", 2 * 27 * 16 * np.dtype(dt).itemsize)  # 2 images
+    monkeypatch.setattr(cpu_conv, "COL_BUDGET_BYTES", 2 * 9 * channels * 16 * np.dtype(dt).itemsize)  # 2 images
     rng = np.random.default_rng(5)
-    x, w, b = randn(rng, (5, 3, 6, 6), dt), randn(rng, (2, 3, 3, 3), dt), randn(rng, (2,), dt)
+    x, w, b = randn(rng, (5, channels, 6, 6), dt), randn(rng, (2, channels, 3, 3), dt), randn(rng, (2,), dt)
     dy = randn(rng, (5, 2, 4, 4), dt)
     y_ref, dx_ref, dw_ref = conv_ref(x, w, b, dy, (1, 1), (0, 0))
     y, dx, dw = nan_buf(dy.shape, dt), nan_buf(x.shape, dt), nan_buf(w.shape, dt)

@@ -22,11 +22,12 @@ from gpuml.backend import cpu_loops as loops
 from gpuml.backend.base import ACTIVATIONS, Backend, Pair
 from gpuml.backend.cpu_checks import Checks, fail
 from gpuml.backend.cpu_optim import OptimizerSteps
+from gpuml.backend.cpu_pool import PoolingOps
 
 _ACT_BWD = {"relu": loops.relu_bwd, "tanh": loops.tanh_bwd, "sigmoid": loops.sigmoid_bwd}
 
 
-class CpuBackend(OptimizerSteps, Checks, Backend):
+class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
     name = "cpu"
     xp = np
 
@@ -156,86 +157,6 @@ class CpuBackend(OptimizerSteps, Checks, Backend):
         dy = self.float_in(op, "dy", dy, shape=y_shape)
         out = self.out_buf(op, "out", out, w_shape)
         cpu_conv.conv2d_bwd_weight(self._ws, x, dy, geom, out)
-        return out
-
-    # ------------------------------------------------------------------ pooling
-    def maxpool2d_fwd(
-        self,
-        x: np.ndarray,
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-        *,
-        out: np.ndarray | None = None,
-        argmax: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        op = "maxpool2d_fwd"
-        x = self.float_in(op, "x", x, ndim=4)
-        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
-        out = self.out_buf(op, "out", out, y_shape)
-        argmax = self.out_buf(op, "argmax", argmax, y_shape, np.int32)
-        if geom == (2, 2, 2, 2, 0, 0):
-            loops.maxpool_fwd_2x2(_planes(x), _planes(out), _planes(argmax))
-        else:
-            loops.maxpool_fwd(_planes(x), *geom, _planes(out), _planes(argmax))
-        return out, argmax
-
-    def maxpool2d_bwd(
-        self,
-        dy: np.ndarray,
-        argmax: np.ndarray,
-        x_shape: Sequence[int],
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-        *,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        op = "maxpool2d_bwd"
-        x_shape = self.shape4(op, "x_shape", x_shape)
-        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
-        dy = self.float_in(op, "dy", dy, shape=y_shape)
-        argmax = self.typed_in(op, "argmax", argmax, np.int32, y_shape)
-        out = self.out_buf(op, "out", out, x_shape)
-        kh, kw, sh, sw, ph, pw = geom
-        if (sh, sw) == (kh, kw) and ph == pw == 0:
-            loops.maxpool_bwd_tiled(_planes(dy), _planes(argmax), _planes(out))
-        else:
-            loops.maxpool_bwd(_planes(dy), _planes(argmax), *geom, _planes(out))
-        return out
-
-    def avgpool2d_fwd(
-        self,
-        x: np.ndarray,
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-        *,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        op = "avgpool2d_fwd"
-        x = self.float_in(op, "x", x, ndim=4)
-        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
-        out = self.out_buf(op, "out", out, y_shape)
-        loops.avgpool_fwd(_planes(x), *geom, _planes(out))
-        return out
-
-    def avgpool2d_bwd(
-        self,
-        dy: np.ndarray,
-        x_shape: Sequence[int],
-        kernel: Pair,
-        stride: Pair,
-        padding: Pair,
-        *,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        op = "avgpool2d_bwd"
-        x_shape = self.shape4(op, "x_shape", x_shape)
-        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
-        dy = self.float_in(op, "dy", dy, shape=y_shape)
-        out = self.out_buf(op, "out", out, x_shape)
-        loops.avgpool_bwd(_planes(dy), *geom, _planes(out))
         return out
 
     # ------------------------------------------------------------------ losses
@@ -423,11 +344,6 @@ def _blas_threads() -> int:
             if hasattr(lib, name):
                 return int(getattr(lib, name)())
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _planes(a: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) -> (N*C, H, W) view."""
-    return a.reshape(-1, a.shape[2], a.shape[3])
 
 
 def _check_kind(op: str, kind: str) -> None:

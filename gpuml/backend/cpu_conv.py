@@ -4,22 +4,199 @@ With col (C*R*S, n*P*Q) the im2col matrix of a chunk of n images (layout in cpu_
     fwd         gemm (K, n*P*Q) = W (K, C*R*S) @ col;  y = act(gemm + b), transposed to NCHW
     bwd_data    dyT (K, n*P*Q) = dy transposed;  dcol = W.T @ dyT;  dx = col2im(dcol)
     bwd_weight  dW (K, C*R*S) = sum over the chunks, in order, of dyT @ col.T
+With NHWC_MIN_CHANNELS input channels or more, fwd and bwd_weight build col channels-last instead,
+as (n*P*Q, R*S*C) with W reordered to match, which copies runs of S*C inputs instead of Q.
 The chunk is sized so that col and the GEMM result stay near COL_BUDGET_BYTES: a col that fits in cache is written
 and read back by the GEMM at cache speed, which on a 2-core machine more than pays for the extra
 GEMM calls, and lets bwd_weight rebuild col instead of keeping the forward's. Arguments arrive
 validated (shapes, dtype, C-contiguous) from CpuBackend; these functions only compute.
+
+Layout of col (NCHW path): row (c*R + r)*S + s, column n*P*Q + p*Q + q holds
+x[n, c, p*sh - ph + r, q*sw - pw + s], or 0 where that falls in the padding. The numba loops are
+single-threaded; see cpu_loops for why.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from gpuml.backend import cpu_loops as loops
+from numba import njit
 
 #: the size one im2col matrix aims at; a batch is split into equal chunks of whole images
 COL_BUDGET_BYTES = 4 << 20
+#: from this many input channels on, fwd and bwd_weight build im2col from a channels-last copy
+NHWC_MIN_CHANNELS = 8
 
 Geometry = tuple[int, int, int, int, int, int]  # kh, kw, sh, sw, ph, pw
+
+
+# --------------------------------------------------------------------------- loops
+
+
+@njit(cache=True, inline="always")
+def _valid_span(offset, stride, size, count):
+    """[lo, hi): the outputs q in [0, count) whose input q*stride + offset lies in [0, size)."""
+    lo = 0 if offset >= 0 else (-offset + stride - 1) // stride
+    hi = 0 if size - offset <= 0 else (size - offset + stride - 1) // stride
+    lo = min(lo, count)
+    hi = max(lo, min(hi, count))
+    return lo, hi
+
+
+# The hot copy loops below index flat views with uint64 offsets: numba guards every signed index
+# against negative wraparound, and that branch keeps LLVM from vectorising the loop (4x slower).
+# A signed offset that is negative as a whole converts to the same bits, so sums stay exact.
+_U = np.uint64
+
+
+@njit(cache=True)
+def im2col(x, kh, kw, sh, sw, ph, pw, col):
+    """x (N, C, H, W) -> col (C*kh*kw, N*P*Q), zeros in the padding."""
+    N, C, H, W = x.shape
+    P = (H + 2 * ph - kh) // sh + 1
+    Q = (W + 2 * pw - kw) // sw + 1
+    PQ = P * Q
+    NPQ = col.shape[1]
+    xf = x.reshape(-1)
+    cf = col.reshape(-1)
+    for n in range(N):
+        for c in range(C):
+            for r in range(kh):
+                for s in range(kw):
+                    q_lo, q_hi = _valid_span(s - pw, sw, W, Q)
+                    row = ((c * kh + r) * kw + s) * NPQ + n * PQ
+                    for p in range(P):
+                        h = p * sh - ph + r
+                        dst = _U(row + p * Q)
+                        if h < 0 or h >= H:
+                            for q in range(_U(Q)):
+                                cf[dst + q] = 0
+                            continue
+                        for q in range(_U(q_lo)):
+                            cf[dst + q] = 0
+                        src = ((n * C + c) * H + h) * W + s - pw
+                        if sw == 1:
+                            for q in range(_U(q_lo), _U(q_hi)):
+                                cf[dst + q] = xf[_U(src) + q]
+                        else:
+                            for q in range(q_lo, q_hi):
+                                cf[dst + _U(q)] = xf[_U(src + q * sw)]
+                        for q in range(_U(q_hi), _U(Q)):
+                            cf[dst + q] = 0
+
+
+@njit(cache=True)
+def nchw_to_nhwc(x, out):
+    """out (N, H, W, C) = x (N, C, H, W) transposed, so a pixel's channels are contiguous."""
+    N, C, H, W = x.shape
+    HW = H * W
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    for n in range(N):
+        for c in range(C):
+            src = _U((n * C + c) * HW)
+            dst = _U(n * HW * C + c)
+            for i in range(_U(HW)):
+                of[dst + i * _U(C)] = xf[src + i]
+
+
+@njit(cache=True)
+def im2col_nhwc(xh, kh, kw, sh, sw, ph, pw, col):
+    """xh (N, H, W, C) -> col (N*P*Q, kh*kw*C): row (n*P + p)*Q + q, column (r*kw + s)*C + c. For a
+    fixed (output pixel, r) the kw*C inputs are one contiguous run of xh, so with many channels
+    this copies long runs where the NCHW im2col copies rows of Q."""
+    N, H, W, C = xh.shape
+    P = (H + 2 * ph - kh) // sh + 1
+    Q = (W + 2 * pw - kw) // sw + 1
+    SC = kw * C
+    xf = xh.reshape(-1)
+    cf = col.reshape(-1)
+    for n in range(N):
+        for p in range(P):
+            for q in range(Q):
+                w0 = q * sw - pw
+                s_lo = max(0, -w0)
+                s_hi = max(s_lo, min(kw, W - w0))
+                row = ((n * P + p) * Q + q) * kh * SC
+                for r in range(kh):
+                    h = p * sh - ph + r
+                    dst = _U(row + r * SC)
+                    if h < 0 or h >= H:
+                        for i in range(_U(SC)):
+                            cf[dst + i] = 0
+                        continue
+                    for i in range(_U(s_lo * C)):
+                        cf[dst + i] = 0
+                    src = _U(((n * H + h) * W + w0 + s_lo) * C)
+                    d = dst + _U(s_lo * C)
+                    for i in range(_U((s_hi - s_lo) * C)):
+                        cf[d + i] = xf[src + i]
+                    for i in range(_U(s_hi * C), _U(SC)):
+                        cf[dst + i] = 0
+
+
+@njit(cache=True)
+def col2im(col, kh, kw, sh, sw, ph, pw, dx):
+    """dx (N, C, H, W) = the adjoint of im2col: every col entry added back onto its pixel, in a
+    fixed order."""
+    N, C, H, W = dx.shape
+    P = (H + 2 * ph - kh) // sh + 1
+    Q = (W + 2 * pw - kw) // sw + 1
+    PQ = P * Q
+    NPQ = col.shape[1]
+    CHW = C * H * W
+    cf = col.reshape(-1)
+    dxf = dx.reshape(-1)
+    for n in range(N):
+        for i in range(_U(n * CHW), _U((n + 1) * CHW)):
+            dxf[i] = 0
+        for c in range(C):
+            for r in range(kh):
+                for s in range(kw):
+                    q_lo, q_hi = _valid_span(s - pw, sw, W, Q)
+                    row = ((c * kh + r) * kw + s) * NPQ + n * PQ
+                    for p in range(P):
+                        h = p * sh - ph + r
+                        if h < 0 or h >= H:
+                            continue
+                        src = _U(row + p * Q)
+                        dst = ((n * C + c) * H + h) * W + s - pw
+                        if sw == 1:
+                            for q in range(_U(q_lo), _U(q_hi)):
+                                dxf[_U(dst) + q] += cf[src + q]
+                        else:
+                            for q in range(q_lo, q_hi):
+                                dxf[_U(dst + q * sw)] += cf[src + _U(q)]
+
+
+@njit(cache=True)
+def conv_epilogue(gemm, bias, relu, y):
+    """y (N, K, L) = act(gemm (K, N*L) + bias (K,)), transposing the GEMM's channel-major result
+    into NCHW in the same pass. relu keeps NaN, as np.maximum does."""
+    N, K, L = y.shape
+    for n in range(N):
+        for k in range(K):
+            b = bias[k]
+            src = gemm[k, n * L : (n + 1) * L]
+            dst = y[n, k]
+            if relu:
+                for i in range(L):
+                    v = src[i] + b
+                    dst[i] = 0 if v < 0 else v
+            else:
+                for i in range(L):
+                    dst[i] = src[i] + b
+
+
+@njit(cache=True)
+def batch_to_channel_major(dy, dyt):
+    """dyt (K, N*L) from dy (N, K, L): the layout the weight- and data-gradient GEMMs need."""
+    N, K, L = dy.shape
+    for k in range(K):
+        for n in range(N):
+            dyt[k, n * L : (n + 1) * L] = dy[n, k]
+
+
+# --------------------------------------------------------------------------- drivers
 
 
 class Workspace:
@@ -49,23 +226,51 @@ def _chunks(n_images: int, rows: int, cols_per_image: int, itemsize: int) -> lis
     return [(n0, min(n_images, n0 + size)) for n0 in range(0, n_images, size)]
 
 
+def _use_nhwc(channels: int) -> bool:
+    """Whether im2col goes through a channels-last copy of x (runs of kw*C contiguous inputs)
+    rather than straight from NCHW (runs of Q): the copy pays from about 8 channels on."""
+    return channels >= NHWC_MIN_CHANNELS
+
+
+def _weight_rsc(ws: Workspace, w: np.ndarray) -> np.ndarray:
+    """w (K, C, R, S) reordered to (K, R*S*C), the column order of im2col_nhwc."""
+    K, C, R, S = w.shape
+    w_rsc = ws.scratch("w_rsc", (K, R, S, C), w.dtype)
+    np.copyto(w_rsc, w.transpose(0, 2, 3, 1))
+    return w_rsc.reshape(K, R * S * C)
+
+
+def _im2col_chunk(ws: Workspace, x: np.ndarray, geom: Geometry, L: int) -> np.ndarray:
+    """col of the images x: (C*R*S, n*L) from NCHW, or (n*L, R*S*C) through NHWC."""
+    n, C, H, W = x.shape
+    crs = C * geom[0] * geom[1]
+    if not _use_nhwc(C):
+        col = ws.scratch("col", (crs, n * L), x.dtype)
+        im2col(x, *geom, col)
+        return col
+    xh = ws.scratch("x_nhwc", (n, H, W, C), x.dtype)
+    nchw_to_nhwc(x, xh)
+    col = ws.scratch("col", (n * L, crs), x.dtype)
+    im2col_nhwc(xh, *geom, col)
+    return col
+
+
 def conv2d_fwd(
     ws: Workspace, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None, geom: Geometry, relu: bool, y: np.ndarray
 ) -> None:
     N, K, P, Q = y.shape
     L = P * Q
-    w2 = w.reshape(K, -1)
-    crs = w2.shape[1]
+    nhwc = _use_nhwc(x.shape[1])
+    w2 = _weight_rsc(ws, w) if nhwc else w.reshape(K, -1)
     if bias is None:
         bias = ws.scratch("zero_bias", (K,), w.dtype)
         bias.fill(0)
     y3 = y.reshape(N, K, L)
-    for n0, n1 in _chunks(N, max(crs, K), L, x.itemsize):
-        col = ws.scratch("col", (crs, (n1 - n0) * L), x.dtype)
-        loops.im2col(x[n0:n1], *geom, col)
+    for n0, n1 in _chunks(N, max(w2.shape[1], K), L, x.itemsize):
+        col = _im2col_chunk(ws, x[n0:n1], geom, L)
         gemm = ws.scratch("gemm", (K, (n1 - n0) * L), x.dtype)
-        np.matmul(w2, col, out=gemm)
-        loops.conv_epilogue(gemm, bias, relu, y3[n0:n1])
+        np.matmul(w2, col.T if nhwc else col, out=gemm)
+        conv_epilogue(gemm, bias, relu, y3[n0:n1])
 
 
 def conv2d_bwd_data(ws: Workspace, dy: np.ndarray, w: np.ndarray, geom: Geometry, dx: np.ndarray) -> None:
@@ -76,26 +281,31 @@ def conv2d_bwd_data(ws: Workspace, dy: np.ndarray, w: np.ndarray, geom: Geometry
     dy3 = dy.reshape(N, K, L)
     for n0, n1 in _chunks(N, max(crs, K), L, dy.itemsize):
         dyt = ws.scratch("gemm", (K, (n1 - n0) * L), dy.dtype)
-        loops.batch_to_channel_major(dy3[n0:n1], dyt)
+        batch_to_channel_major(dy3[n0:n1], dyt)
         dcol = ws.scratch("col", (crs, (n1 - n0) * L), dy.dtype)
         np.matmul(w2.T, dyt, out=dcol)
-        loops.col2im(dcol, *geom, dx[n0:n1])
+        col2im(dcol, *geom, dx[n0:n1])
 
 
 def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dy: np.ndarray, geom: Geometry, dw: np.ndarray) -> None:
     N, K, P, Q = dy.shape
     L = P * Q
-    dw2 = dw.reshape(K, -1)
-    crs = dw2.shape[1]
+    C = x.shape[1]
+    nhwc = _use_nhwc(C)
+    # dW in im2col's column order: (K, C*R*S) is dw itself; (K, R*S*C) is reordered at the end
+    dw2 = ws.scratch("dw_rsc", (K, dw[0].size), dw.dtype) if nhwc else dw.reshape(K, -1)
     dy3 = dy.reshape(N, K, L)
-    for n0, n1 in _chunks(N, max(crs, K), L, x.itemsize):
-        col = ws.scratch("col", (crs, (n1 - n0) * L), x.dtype)
-        loops.im2col(x[n0:n1], *geom, col)
+    for n0, n1 in _chunks(N, max(dw2.shape[1], K), L, x.itemsize):
+        col = _im2col_chunk(ws, x[n0:n1], geom, L)
         dyt = ws.scratch("gemm", (K, (n1 - n0) * L), dy.dtype)
-        loops.batch_to_channel_major(dy3[n0:n1], dyt)
+        batch_to_channel_major(dy3[n0:n1], dyt)
+        colT = col if nhwc else col.T
         if n0 == 0:
-            np.matmul(dyt, col.T, out=dw2)
+            np.matmul(dyt, colT, out=dw2)
         else:
             part = ws.scratch("dw_part", dw2.shape, dw.dtype)
-            np.matmul(dyt, col.T, out=part)
+            np.matmul(dyt, colT, out=part)
             dw2 += part
+    if nhwc:
+        R, S = geom[0], geom[1]
+        np.copyto(dw, dw2.reshape(K, R, S, C).transpose(0, 3, 1, 2))

@@ -1,0 +1,264 @@
+"""Pooling for the CPU backend: numba loops over (n, c) planes, and the Backend methods on them.
+
+Planes are (M = N*C, H, W) views of NCHW tensors. Max pooling records argmax as the flat index
+h*W + w of the winner in its plane; its backward is a gather (each input cell visits the windows
+covering it), except for non-overlapping windows, where each cell has one window at most. Loops are
+single-threaded and deterministic (see cpu_loops).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numba import njit
+
+from gpuml.backend.base import Pair
+from gpuml.backend.cpu_checks import Checks
+
+# --------------------------------------------------------------------------- loops
+
+
+@njit(cache=True, inline="always")
+def _covering_span(i, kernel, stride, pad, count):
+    """[lo, hi): the windows o in [0, count) whose input span [o*stride - pad, +kernel) holds i."""
+    a = i + pad - kernel + 1
+    lo = 0 if a <= 0 else (a + stride - 1) // stride
+    hi = min((i + pad) // stride + 1, count)
+    return lo, max(lo, hi)
+
+
+@njit(cache=True, inline="always")
+def _wins(v, best):
+    """The max-pool comparison: strictly greater (so the first of equal values stays), and a NaN
+    beats any number so that it propagates; once the best is NaN it stays."""
+    return (v > best) | ((v != v) & (best == best))
+
+
+@njit(cache=True)
+def maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, argmax):
+    """x (M, H, W) -> y, argmax (M, P, Q). Only in-image cells compete (the caller guarantees
+    pad <= k/2, so every window holds one); visited in row-major window order."""
+    M, H, W = x.shape
+    _, P, Q = y.shape
+    for m in range(M):
+        for p in range(P):
+            h0 = p * sh - ph
+            r_lo = max(0, -h0)
+            r_hi = min(kh, H - h0)
+            for q in range(Q):
+                w0 = q * sw - pw
+                s_lo = max(0, -w0)
+                s_hi = min(kw, W - w0)
+                best = x[m, h0 + r_lo, w0 + s_lo]
+                best_i = (h0 + r_lo) * W + w0 + s_lo
+                for r in range(r_lo, r_hi):
+                    for s in range(s_lo, s_hi):
+                        v = x[m, h0 + r, w0 + s]
+                        if _wins(v, best):
+                            best = v
+                            best_i = (h0 + r) * W + w0 + s
+                y[m, p, q] = best
+                argmax[m, p, q] = best_i
+
+
+@njit(cache=True)
+def maxpool_fwd_2x2(x, y, argmax):
+    """maxpool_fwd for 2x2 windows, stride 2, no padding, unrolled: the common case, where the
+    general loop's two-trip inner loops cost ten times the arithmetic."""
+    M, H, W = x.shape
+    _, P, Q = y.shape
+    for m in range(M):
+        for p in range(P):
+            h = 2 * p
+            top = x[m, h]
+            bottom = x[m, h + 1]
+            yr = y[m, p]
+            ar = argmax[m, p]
+            for q in range(Q):
+                w = 2 * q
+                best = top[w]
+                i = h * W + w
+                v = top[w + 1]
+                c = _wins(v, best)
+                best = v if c else best
+                i = h * W + w + 1 if c else i
+                v = bottom[w]
+                c = _wins(v, best)
+                best = v if c else best
+                i = (h + 1) * W + w if c else i
+                v = bottom[w + 1]
+                c = _wins(v, best)
+                best = v if c else best
+                i = (h + 1) * W + w + 1 if c else i
+                yr[q] = best
+                ar[q] = i
+
+
+@njit(cache=True)
+def maxpool_bwd(dy, argmax, kh, kw, sh, sw, ph, pw, dx):
+    """dx (M, H, W) as a gather: each input cell visits the windows covering it and sums the dy of
+    those whose argmax is that cell, in row-major window order (no scatter, no race)."""
+    M, H, W = dx.shape
+    _, P, Q = dy.shape
+    q_lo = np.empty(W, np.int64)
+    q_hi = np.empty(W, np.int64)
+    for w in range(W):
+        q_lo[w], q_hi[w] = _covering_span(w, kw, sw, pw, Q)
+    for m in range(M):
+        for h in range(H):
+            p_lo, p_hi = _covering_span(h, kh, sh, ph, P)
+            for w in range(W):
+                me = h * W + w
+                acc = 0.0
+                for p in range(p_lo, p_hi):
+                    for q in range(q_lo[w], q_hi[w]):
+                        g = dy[m, p, q]  # loaded unconditionally so the compare becomes a select
+                        acc += g if argmax[m, p, q] == me else 0.0
+                dx[m, h, w] = acc
+
+
+@njit(cache=True)
+def maxpool_bwd_tiled(dy, argmax, dx):
+    """maxpool_bwd when the windows do not overlap (stride == kernel, no padding): a cell is
+    covered by one window at most, so the gather reduces to dx = 0 except dx[argmax] = dy. One
+    loop writes a whole plane in window order, so this is deterministic, and a fifth of the
+    gather's cost (no per-cell compare). Indices outside the plane are skipped."""
+    M, H, W = dx.shape
+    _, P, Q = dy.shape
+    HW = H * W
+    for m in range(M):
+        plane = dx[m].reshape(HW)
+        plane[:] = 0
+        for p in range(P):
+            for q in range(Q):
+                i = argmax[m, p, q]
+                if 0 <= i < HW:
+                    plane[i] += dy[m, p, q]
+
+
+@njit(cache=True)
+def avgpool_fwd(x, kh, kw, sh, sw, ph, pw, y):
+    """y (M, P, Q): window sums over in-image cells divided by kh*kw (count_include_pad)."""
+    M, H, W = x.shape
+    _, P, Q = y.shape
+    inv = 1.0 / (kh * kw)
+    for m in range(M):
+        for p in range(P):
+            h0 = p * sh - ph
+            for q in range(Q):
+                w0 = q * sw - pw
+                acc = 0.0
+                for h in range(max(0, h0), min(H, h0 + kh)):
+                    for w in range(max(0, w0), min(W, w0 + kw)):
+                        acc += x[m, h, w]
+                y[m, p, q] = acc * inv
+
+
+@njit(cache=True)
+def avgpool_bwd(dy, kh, kw, sh, sw, ph, pw, dx):
+    """dx (M, H, W): each cell gathers dy / (kh*kw) from every window covering it."""
+    M, H, W = dx.shape
+    _, P, Q = dy.shape
+    inv = 1.0 / (kh * kw)
+    for m in range(M):
+        for h in range(H):
+            p_lo, p_hi = _covering_span(h, kh, sh, ph, P)
+            for w in range(W):
+                q_lo, q_hi = _covering_span(w, kw, sw, pw, Q)
+                acc = 0.0
+                for p in range(p_lo, p_hi):
+                    for q in range(q_lo, q_hi):
+                        acc += dy[m, p, q]
+                dx[m, h, w] = acc * inv
+
+
+# --------------------------------------------------------------------------- Backend methods
+
+
+def _planes(a: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> (N*C, H, W) view."""
+    return a.reshape(-1, a.shape[2], a.shape[3])
+
+
+class PoolingOps(Checks):
+    """The Backend's pooling methods, mixed into CpuBackend."""
+
+    def maxpool2d_fwd(
+        self,
+        x: np.ndarray,
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+        argmax: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        op = "maxpool2d_fwd"
+        x = self.float_in(op, "x", x, ndim=4)
+        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
+        out = self.out_buf(op, "out", out, y_shape)
+        argmax = self.out_buf(op, "argmax", argmax, y_shape, np.int32)
+        if geom == (2, 2, 2, 2, 0, 0):
+            maxpool_fwd_2x2(_planes(x), _planes(out), _planes(argmax))
+        else:
+            maxpool_fwd(_planes(x), *geom, _planes(out), _planes(argmax))
+        return out, argmax
+
+    def maxpool2d_bwd(
+        self,
+        dy: np.ndarray,
+        argmax: np.ndarray,
+        x_shape: Sequence[int],
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "maxpool2d_bwd"
+        x_shape = self.shape4(op, "x_shape", x_shape)
+        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
+        dy = self.float_in(op, "dy", dy, shape=y_shape)
+        argmax = self.typed_in(op, "argmax", argmax, np.int32, y_shape)
+        out = self.out_buf(op, "out", out, x_shape)
+        kh, kw, sh, sw, ph, pw = geom
+        if (sh, sw) == (kh, kw) and ph == pw == 0:
+            maxpool_bwd_tiled(_planes(dy), _planes(argmax), _planes(out))
+        else:
+            maxpool_bwd(_planes(dy), _planes(argmax), *geom, _planes(out))
+        return out
+
+    def avgpool2d_fwd(
+        self,
+        x: np.ndarray,
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "avgpool2d_fwd"
+        x = self.float_in(op, "x", x, ndim=4)
+        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
+        out = self.out_buf(op, "out", out, y_shape)
+        avgpool_fwd(_planes(x), *geom, _planes(out))
+        return out
+
+    def avgpool2d_bwd(
+        self,
+        dy: np.ndarray,
+        x_shape: Sequence[int],
+        kernel: Pair,
+        stride: Pair,
+        padding: Pair,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        op = "avgpool2d_bwd"
+        x_shape = self.shape4(op, "x_shape", x_shape)
+        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
+        dy = self.float_in(op, "dy", dy, shape=y_shape)
+        out = self.out_buf(op, "out", out, x_shape)
+        avgpool_bwd(_planes(dy), *geom, _planes(out))
+        return out
