@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,18 @@ def fashion_small(fashion_root: Path):
     from gpuml.data.loader import load_dataset
 
     return load_dataset("fashion_mnist", root=fashion_root, limit=1200, val_split=200, download=False)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cuda-emulator", action="store_true",
+                     help="run on tests/cuda_emulator: CuPy emulated on the CPU, kernels built with g++ (not a GPU)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before anything imports cupy or gpuml.backend, so that the emulator is the cupy they find.
+    if config.getoption("--cuda-emulator"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulator"))
+        config.pluginmanager.import_plugin("cuda_emulator_plugin")
 
 
 def _cuda_ok() -> bool:

@@ -82,6 +82,7 @@ def test_seed_cnn_forward_and_gradients_match_reference(models, batch: int) -> N
         assert _rel(got[2][name], want[2][name]) <= GRAD_TOL, name
 
 
+@pytest.mark.emulator_slow
 def test_seed_cnn_step_is_bitwise_repeatable(models) -> None:
     gpu_model, _ = models
     x, y = _to(gpu_model, *_batch(256, seed=11))
