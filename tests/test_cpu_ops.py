@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gpuml.backend import cpu_conv
+from gpuml.backend import cpu_conv, cpu_optim
 from gpuml.backend.base import conv_out_size
 from gpuml.backend.cpu import CpuBackend
 from gpuml.backend.rng import keep_mask
@@ -635,6 +635,31 @@ def test_rmsprop(be, dt, wd):
         p -= 0.01 * g / (np.sqrt(sq) + 1e-8)
 
     _run(be, dt, "rmsprop_step", 1, ref, lr=0.01, alpha=0.99, eps=1e-8, weight_decay=wd)
+
+
+@pytest.mark.parametrize("method", ["sgd_step", "momentum_step", "adam_step", "rmsprop_step"])
+def test_optimizer_split_into_parts_is_bit_identical(be, dt, method, monkeypatch):
+    """Large tensors are updated in parts on helper threads; forcing 3 parts on small ones must
+    change nothing, bit for bit."""
+    hyper = {
+        "sgd_step": {"lr": 0.1, "weight_decay": 0.01},
+        "momentum_step": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        "adam_step": {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "step": 2, "weight_decay": 0.1},
+        "rmsprop_step": {"lr": 0.01, "alpha": 0.9, "eps": 1e-8, "weight_decay": 0.01},
+    }[method]
+    n_state = {"sgd_step": 0, "momentum_step": 1, "adam_step": 2, "rmsprop_step": 1}[method]
+    results = []
+    for min_part in (1 << 40, 5):
+        monkeypatch.setattr(cpu_optim, "MIN_PART", min_part)
+        monkeypatch.setattr(cpu_optim, "_WORKERS", 3)
+        rng = np.random.default_rng(19)
+        params = _params(dt, rng, shapes=((7, 3), (31,), (2,)))
+        grads = [randn(rng, p.shape, dt) for p in params]
+        states = [[np.abs(randn(rng, p.shape, dt)) for p in params] for _ in range(n_state)]
+        getattr(be, method)(params, grads, *states, **hyper)
+        results.append([*params, *(s for group in states for s in group)])
+    for whole, parts in zip(*results, strict=True):
+        assert np.array_equal(whole, parts)
 
 
 def test_optimizer_errors(be, dt):
