@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gpuml.backend import cpu_conv, cpu_optim
+from gpuml.backend import cpu_conv, cpu_loops
 from gpuml.backend.base import conv_out_size
 from gpuml.backend.cpu import CpuBackend
 from gpuml.backend.rng import keep_mask
@@ -548,6 +548,34 @@ def test_dropout_keep_rate(be, dt):
         be.dropout_fwd(x, 1.0, seed=1, offset=0)
 
 
+def test_ops_split_into_parts_are_bit_identical(be, dt, monkeypatch):
+    """Large pooling and elementwise calls run in row ranges on helper threads; forcing 3 parts on
+    small inputs must change nothing, bit for bit."""
+    rng = np.random.default_rng(20)
+    x, dy_act, dst = randn(rng, (3, 2, 8, 7), dt), randn(rng, (3, 2, 8, 7), dt), randn(rng, (3, 2, 8, 7), dt)
+
+    def run() -> list[np.ndarray]:
+        outs = []
+        for kernel, stride, pad in (((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 1), (1, 1)), ((2, 3), (2, 3), (0, 0))):
+            y, am = be.maxpool2d_fwd(x, kernel, stride, pad)
+            g = np.linspace(-1, 1, y.size, dtype=dt).reshape(y.shape)
+            outs += [y, am, be.maxpool2d_bwd(g, am, x.shape, kernel, stride, pad)]
+            outs += [be.avgpool2d_fwd(x, kernel, stride, pad), be.avgpool2d_bwd(g, x.shape, kernel, stride, pad)]
+        for kind in ("relu", "tanh", "sigmoid"):
+            y = be.activation_fwd(kind, x)
+            outs += [y, be.activation_bwd(kind, y, dy_act)]
+        _, mask = be.dropout_fwd(x, 0.3, seed=1, offset=0)
+        outs.append(be.dropout_bwd(dy_act, mask, 0.3))
+        outs.append(be.add_(dst.copy(), x, alpha=0.7))
+        return outs
+
+    whole = run()
+    monkeypatch.setattr(cpu_loops, "MIN_PART", 5)
+    monkeypatch.setattr(cpu_loops, "_WORKERS", 3)
+    for a, b in zip(whole, run(), strict=True):
+        assert np.array_equal(a, b)
+
+
 def test_add_and_scale(be, dt):
     rng = np.random.default_rng(14)
     dst, src = randn(rng, (4, 5), dt), randn(rng, (4, 5), dt)
@@ -650,8 +678,8 @@ def test_optimizer_split_into_parts_is_bit_identical(be, dt, method, monkeypatch
     n_state = {"sgd_step": 0, "momentum_step": 1, "adam_step": 2, "rmsprop_step": 1}[method]
     results = []
     for min_part in (1 << 40, 5):
-        monkeypatch.setattr(cpu_optim, "MIN_PART", min_part)
-        monkeypatch.setattr(cpu_optim, "_WORKERS", 3)
+        monkeypatch.setattr(cpu_loops, "MIN_PART", min_part)
+        monkeypatch.setattr(cpu_loops, "_WORKERS", 3)
         rng = np.random.default_rng(19)
         params = _params(dt, rng, shapes=((7, 3), (31,), (2,)))
         grads = [randn(rng, p.shape, dt) for p in params]

@@ -214,7 +214,7 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         elif kind == "tanh":
             np.tanh(x, out=out)
         else:
-            loops.sigmoid_fwd(x.reshape(-1), out.reshape(-1))
+            loops.run_parts(loops.sigmoid_fwd, (x.reshape(-1), out.reshape(-1)), (0, 1), x.size)
         return out
 
     def activation_bwd(self, kind: str, y: np.ndarray, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -223,7 +223,7 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         y = self.float_in(op, "y", y)
         dy = self.float_in(op, "dy", dy, shape=y.shape)
         out = self.out_buf(op, "out", out, y.shape)
-        _ACT_BWD[kind](y.reshape(-1), dy.reshape(-1), out.reshape(-1))
+        loops.run_parts(_ACT_BWD[kind], (y.reshape(-1), dy.reshape(-1), out.reshape(-1)), (0, 1, 2), y.size)
         return out
 
     def dropout_fwd(
@@ -255,13 +255,14 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         mask = self.typed_in(op, "mask", mask, np.uint8, dy.shape)
         scale = _dropout_scale(op, p)
         out = self.out_buf(op, "out", out, dy.shape)
-        loops.mask_scale(dy.reshape(-1), mask.reshape(-1), self.dtype.type(scale), out.reshape(-1))
+        args = (dy.reshape(-1), mask.reshape(-1), self.dtype.type(scale), out.reshape(-1))
+        loops.run_parts(loops.mask_scale, args, (0, 1, 3), dy.size)
         return out
 
     def add_(self, dst: np.ndarray, src: np.ndarray, alpha: float = 1.0) -> np.ndarray:
         dst = self.inplace("add_", "dst", dst)
         src = self.float_in("add_", "src", src, shape=dst.shape)
-        loops.axpy(dst.reshape(-1), src.reshape(-1), self.dtype.type(alpha))
+        loops.run_parts(loops.axpy, (dst.reshape(-1), src.reshape(-1), self.dtype.type(alpha)), (0, 1), dst.size)
         return dst
 
     def scale_(self, dst: np.ndarray, factor: float | np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ def _valid_span(offset, stride, size, count):
 _U = np.uint64
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def im2col(x, kh, kw, sh, sw, ph, pw, col):
     """x (N, C, H, W) -> col (C*kh*kw, N*P*Q), zeros in the padding."""
     N, C, H, W = x.shape
@@ -84,7 +84,7 @@ def im2col(x, kh, kw, sh, sw, ph, pw, col):
                             cf[dst + q] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def nchw_to_nhwc(x, out):
     """out (N, H, W, C) = x (N, C, H, W) transposed, so a pixel's channels are contiguous."""
     N, C, H, W = x.shape
@@ -99,7 +99,7 @@ def nchw_to_nhwc(x, out):
                 of[dst + i * _U(C)] = xf[src + i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def im2col_nhwc(xh, kh, kw, sh, sw, ph, pw, col):
     """xh (N, H, W, C) -> col (N*P*Q, kh*kw*C): row (n*P + p)*Q + q, column (r*kw + s)*C + c. For a
     fixed (output pixel, r) the kw*C inputs are one contiguous run of xh, so with many channels
@@ -134,7 +134,7 @@ def im2col_nhwc(xh, kh, kw, sh, sw, ph, pw, col):
                         cf[dst + i] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def col2im(col, kh, kw, sh, sw, ph, pw, dx):
     """dx (N, C, H, W) = the adjoint of im2col: every col entry added back onto its pixel, in a
     fixed order."""
@@ -168,7 +168,7 @@ def col2im(col, kh, kw, sh, sw, ph, pw, dx):
                                 dxf[_U(dst + q * sw)] += cf[src + _U(q)]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def conv_epilogue(gemm, bias, relu, y):
     """y (N, K, L) = act(gemm (K, N*L) + bias (K,)), transposing the GEMM's channel-major result
     into NCHW in the same pass. relu keeps NaN, as np.maximum does."""
@@ -187,7 +187,7 @@ def conv_epilogue(gemm, bias, relu, y):
                     dst[i] = src[i] + b
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def batch_to_channel_major(dy, dyt):
     """dyt (K, N*L) from dy (N, K, L): the layout the weight- and data-gradient GEMMs need."""
     N, K, L = dy.shape

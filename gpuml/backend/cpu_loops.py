@@ -2,22 +2,60 @@
 (convolution loops live in cpu_conv, pooling loops in cpu_pool).
 
 Every function writes into arrays it is given and is deterministic: every sum runs in a fixed
-order. Arrays are C-contiguous (1-D loops take flat views). The numba loops of this backend are
-single-threaded on purpose: OpenBLAS already runs every GEMM on all cores, and a second thread
-pool (numba's OpenMP one) taking turns with it on a 2-core machine made whole training steps
-5-10x slower with libgomp's default spin-waiting, and no faster than serial loops with passive
-waiting. Reductions over float32 data accumulate in float64.
+order. Arrays are C-contiguous (1-D loops take flat views). Reductions over float32 data
+accumulate in float64.
+
+Threads. The numba loops of this backend are compiled serial (no parallel=True): OpenBLAS already
+runs every GEMM on all cores, and numba's OpenMP pool taking turns with it made whole training
+steps 5-10x slower on 2 cores with libgomp's default spin-waiting. Instead `run_parts` cuts a large
+memory-bound loop into row ranges and runs them on plain helper threads, which sleep on a queue
+between calls and so never compete with BLAS. Loops run that way release the GIL (nogil) and treat
+rows independently, so the split cannot change a result.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
 
+#: elements of work below which a part is not worth a thread hand-off (about 60 us)
+MIN_PART = 1 << 17
+_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_pool: ThreadPoolExecutor | None = None
 
-@njit(cache=True)
+
+def run_parts(loop: Callable[..., object], args: Sequence[object], sliced: Sequence[int], work: int) -> None:
+    """loop(*args), with the arrays args[i], i in `sliced`, cut along their first axis (of equal
+    length) into up to _WORKERS parts of at least MIN_PART elements of `work`; the calling thread
+    runs the first part, helper threads the others."""
+    global _pool
+    rows = args[sliced[0]].shape[0]  # type: ignore[attr-defined]
+    parts = max(1, min(_WORKERS, rows, work // MIN_PART))
+    if parts == 1:
+        loop(*args)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="gpuml-cpu")
+    cuts = [rows * i // parts for i in range(parts + 1)]
+
+    def part(k: int) -> list[object]:
+        a = list(args)
+        for i in sliced:
+            a[i] = args[i][cuts[k] : cuts[k + 1]]  # type: ignore[index]
+        return a
+
+    futures = [_pool.submit(loop, *part(k)) for k in range(1, parts)]
+    loop(*part(0))
+    for future in futures:
+        future.result()
+
+
+@njit(cache=True, nogil=True)
 def bias_act_rows(y, bias, has_bias, relu):
     """In place on y (B, N): y = act(y + bias); NaN passes through relu as in np.maximum."""
     B, N = y.shape
@@ -34,7 +72,7 @@ def bias_act_rows(y, bias, has_bias, relu):
 # --------------------------------------------------------------------------- losses
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def softmax_xent_rows(logits, labels, eps, dlogits):
     """Per row: stable log-softmax (max subtracted), loss against t = (1-eps) onehot + eps/K,
     dlogits = (softmax - t) / B. Returns the batch-mean loss as a float64. `dlogits` may be
@@ -63,7 +101,7 @@ def softmax_xent_rows(logits, labels, eps, dlogits):
     return total * inv_b
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mse_flat(pred, target, dpred):
     """Returns mean((pred - target)^2) as float64; dpred = 2 (pred - target) / n."""
     n = pred.size
@@ -79,7 +117,7 @@ def mse_flat(pred, target, dpred):
 # --------------------------------------------------------------------------- elementwise
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sigmoid_fwd(x, out):
     """Stable logistic: exp of -|x| only, so nothing overflows; 1/(1+e) for x >= 0, e/(1+e) below.
     Branch-free, as the sign of activations is a coin flip for the branch predictor."""
@@ -91,7 +129,7 @@ def sigmoid_fwd(x, out):
         out[i] = r if v >= 0 else e * r
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relu_bwd(y, dy, out):
     """out = dy * (y > 0) as a select (a NaN dy where y <= 0 gives 0). out may be dy."""
     for i in range(y.size):
@@ -99,7 +137,7 @@ def relu_bwd(y, dy, out):
         out[i] = g if y[i] > 0 else 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def tanh_bwd(y, dy, out):
     """out = dy * (1 - y^2). out may be dy."""
     one = y.dtype.type(1)
@@ -108,7 +146,7 @@ def tanh_bwd(y, dy, out):
         out[i] = dy[i] * (one - v * v)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sigmoid_bwd(y, dy, out):
     """out = dy * y * (1 - y). out may be dy."""
     one = y.dtype.type(1)
@@ -122,7 +160,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dropout_fwd(x, p, seed, offset, scale, out, mask):
     """The splitmix64 keep test of gpuml.backend.rng.uniform, bit for bit (uint64 wrap-around),
     fused with out = x * mask * scale. seed and offset are uint64; p and scale floats."""
@@ -137,7 +175,7 @@ def dropout_fwd(x, p, seed, offset, scale, out, mask):
         out[i] = x[i] * (scale if keep else 0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mask_scale(dy, mask, scale, out):
     """out = dy * mask * scale (dropout backward)."""
     for i in range(dy.size):
@@ -145,7 +183,7 @@ def mask_scale(dy, mask, scale, out):
         out[i] = g * (scale if mask[i] else 0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def axpy(dst, src, alpha):
     """dst += alpha * src."""
     for i in range(dst.size):
@@ -155,7 +193,7 @@ def axpy(dst, src, alpha):
 # --------------------------------------------------------------------------- data
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def gather_rows_lut(images, indices, lut, out):
     """out[b, j] = lut[images[indices[b], j]]: uint8 pixels through a 256-entry table."""
     B, D = out.shape
@@ -165,7 +203,7 @@ def gather_rows_lut(images, indices, lut, out):
             out[b, j] = lut[images[src, j]]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def channel_sums(dy, out):
     """out[c] = sum of dy (N, C, L) over n and l, in float64 with four running accumulators."""
     N, C, L = dy.shape

@@ -4,23 +4,21 @@ All arrays are flat (1-D views of C-contiguous tensors) of one float dtype, and 
 hyper-parameters arrive already cast to that dtype, so a float32 update rounds like a float32
 device kernel and a float64 one is exact to the formula.
 
-An update is memory-bound, and one core cannot draw a socket's bandwidth, so a large tensor is cut
-into parts run at once on helper threads (`_run_parts`). The loops release the GIL; the helpers
-sleep on a queue between steps (no spin-waiting that would steal the cores from OpenBLAS, see
-cpu_loops). Each element is updated on its own, so the split cannot change the result.
+An update is memory-bound and one core cannot draw the machine's bandwidth, so a large tensor is
+updated in parts on several threads (cpu_loops.run_parts); each element is updated on its own, so
+the split cannot change the result.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
 
 from gpuml.backend.cpu_checks import Checks
+from gpuml.backend.cpu_loops import run_parts
 
 
 @njit(cache=True, nogil=True)
@@ -68,30 +66,6 @@ def rmsprop_update(p, g, sq, lr, alpha, one_m_alpha, eps, wd):
         p[i] -= lr * gi / (math.sqrt(si) + eps)
 
 
-#: smallest part worth a thread hand-off (about 60 us of dispatch against ~0.3 ms of work)
-MIN_PART = 1 << 17
-_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-_pool: ThreadPoolExecutor | None = None
-
-
-def _run_parts(update: Callable[..., None], flats: tuple[np.ndarray, ...], *scalars: object) -> None:
-    """update(*flats, *scalars), cut into up to _WORKERS parts of MIN_PART elements or more: the
-    first on the calling thread, the others on helper threads."""
-    global _pool
-    n = flats[0].size
-    parts = max(1, min(_WORKERS, n // MIN_PART))
-    if parts == 1:
-        update(*flats, *scalars)
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="gpuml-cpu-optim")
-    cuts = [n * i // parts for i in range(parts + 1)]
-    futures = [_pool.submit(update, *(a[cuts[i] : cuts[i + 1]] for a in flats), *scalars) for i in range(1, parts)]
-    update(*(a[: cuts[1]] for a in flats), *scalars)
-    for future in futures:
-        future.result()
-
-
 @njit(cache=True)
 def sum_squares(a):
     """sum(a^2) as float64, with four running accumulators (a serial float64 sum cannot be
@@ -119,6 +93,11 @@ def sum_squares(a):
     return (a0 + a1) + (a2 + a3)
 
 
+def _update(loop: Callable[..., None], flats: tuple[np.ndarray, ...], *scalars: object) -> None:
+    """loop(*flats, *scalars) over flat tensors, in parts on several threads when large."""
+    run_parts(loop, (*flats, *scalars), tuple(range(len(flats))), flats[0].size)
+
+
 class OptimizerSteps(Checks):
     """The Backend's optimizer methods on the loops above, mixed into CpuBackend."""
 
@@ -127,7 +106,7 @@ class OptimizerSteps(Checks):
     ) -> None:
         t = self.dtype.type
         for flats in self.param_groups("sgd_step", params, grads):
-            _run_parts(sgd_update, flats, t(lr), t(weight_decay))
+            _update(sgd_update, flats, t(lr), t(weight_decay))
 
     def momentum_step(
         self,
@@ -142,7 +121,7 @@ class OptimizerSteps(Checks):
     ) -> None:
         t = self.dtype.type
         for flats in self.param_groups("momentum_step", params, grads, velocities):
-            _run_parts(momentum_update, flats, t(lr), t(momentum), t(weight_decay), bool(nesterov))
+            _update(momentum_update, flats, t(lr), t(momentum), t(weight_decay), bool(nesterov))
 
     def adam_step(
         self,
@@ -167,7 +146,7 @@ class OptimizerSteps(Checks):
         l2 = t(0.0 if decoupled else weight_decay)
         decay = t(1.0 - lr * weight_decay if decoupled else 1.0)
         for flats in self.param_groups("adam_step", params, grads, m, v):
-            _run_parts(
+            _update(
                 adam_update, flats, lr_t, t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
                 inv_sqrt_bc2, t(eps), l2, decay,
             )  # fmt: skip
@@ -185,7 +164,7 @@ class OptimizerSteps(Checks):
     ) -> None:
         t = self.dtype.type
         for flats in self.param_groups("rmsprop_step", params, grads, sq):
-            _run_parts(rmsprop_update, flats, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay))
+            _update(rmsprop_update, flats, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay))
 
     def global_norm(self, arrays: list[np.ndarray]) -> np.ndarray:
         total = 0.0

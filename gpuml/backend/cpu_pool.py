@@ -3,7 +3,7 @@
 Planes are (M = N*C, H, W) views of NCHW tensors. Max pooling records argmax as the flat index
 h*W + w of the winner in its plane; its backward is a gather (each input cell visits the windows
 covering it), except for non-overlapping windows, where each cell has one window at most. Loops are
-single-threaded and deterministic (see cpu_loops).
+deterministic and run on several threads by ranges of planes (cpu_loops.run_parts).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from numba import njit
 
 from gpuml.backend.base import Pair
 from gpuml.backend.cpu_checks import Checks
+from gpuml.backend.cpu_loops import run_parts
 
 # --------------------------------------------------------------------------- loops
 
@@ -35,7 +36,7 @@ def _wins(v, best):
     return (v > best) | ((v != v) & (best == best))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, argmax):
     """x (M, H, W) -> y, argmax (M, P, Q). Only in-image cells compete (the caller guarantees
     pad <= k/2, so every window holds one); visited in row-major window order."""
@@ -62,7 +63,7 @@ def maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, argmax):
                 argmax[m, p, q] = best_i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def maxpool_fwd_2x2(x, y, argmax):
     """maxpool_fwd for 2x2 windows, stride 2, no padding, unrolled: the common case, where the
     general loop's two-trip inner loops cost ten times the arithmetic."""
@@ -95,7 +96,7 @@ def maxpool_fwd_2x2(x, y, argmax):
                 ar[q] = i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def maxpool_bwd(dy, argmax, kh, kw, sh, sw, ph, pw, dx):
     """dx (M, H, W) as a gather: each input cell visits the windows covering it and sums the dy of
     those whose argmax is that cell, in row-major window order (no scatter, no race)."""
@@ -118,7 +119,7 @@ def maxpool_bwd(dy, argmax, kh, kw, sh, sw, ph, pw, dx):
                 dx[m, h, w] = acc
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def maxpool_bwd_tiled(dy, argmax, dx):
     """maxpool_bwd when the windows do not overlap (stride == kernel, no padding): a cell is
     covered by one window at most, so the gather reduces to dx = 0 except dx[argmax] = dy. One
@@ -137,7 +138,7 @@ def maxpool_bwd_tiled(dy, argmax, dx):
                     plane[i] += dy[m, p, q]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def avgpool_fwd(x, kh, kw, sh, sw, ph, pw, y):
     """y (M, P, Q): window sums over in-image cells divided by kh*kw (count_include_pad)."""
     M, H, W = x.shape
@@ -155,7 +156,7 @@ def avgpool_fwd(x, kh, kw, sh, sw, ph, pw, y):
                 y[m, p, q] = acc * inv
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def avgpool_bwd(dy, kh, kw, sh, sw, ph, pw, dx):
     """dx (M, H, W): each cell gathers dy / (kh*kw) from every window covering it."""
     M, H, W = dx.shape
@@ -200,9 +201,9 @@ class PoolingOps(Checks):
         out = self.out_buf(op, "out", out, y_shape)
         argmax = self.out_buf(op, "argmax", argmax, y_shape, np.int32)
         if geom == (2, 2, 2, 2, 0, 0):
-            maxpool_fwd_2x2(_planes(x), _planes(out), _planes(argmax))
+            run_parts(maxpool_fwd_2x2, (_planes(x), _planes(out), _planes(argmax)), (0, 1, 2), x.size)
         else:
-            maxpool_fwd(_planes(x), *geom, _planes(out), _planes(argmax))
+            run_parts(maxpool_fwd, (_planes(x), *geom, _planes(out), _planes(argmax)), (0, 7, 8), x.size)
         return out, argmax
 
     def maxpool2d_bwd(
@@ -224,9 +225,9 @@ class PoolingOps(Checks):
         out = self.out_buf(op, "out", out, x_shape)
         kh, kw, sh, sw, ph, pw = geom
         if (sh, sw) == (kh, kw) and ph == pw == 0:
-            maxpool_bwd_tiled(_planes(dy), _planes(argmax), _planes(out))
+            run_parts(maxpool_bwd_tiled, (_planes(dy), _planes(argmax), _planes(out)), (0, 1, 2), out.size)
         else:
-            maxpool_bwd(_planes(dy), _planes(argmax), *geom, _planes(out))
+            run_parts(maxpool_bwd, (_planes(dy), _planes(argmax), *geom, _planes(out)), (0, 1, 8), out.size)
         return out
 
     def avgpool2d_fwd(
@@ -242,7 +243,7 @@ class PoolingOps(Checks):
         x = self.float_in(op, "x", x, ndim=4)
         geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
         out = self.out_buf(op, "out", out, y_shape)
-        avgpool_fwd(_planes(x), *geom, _planes(out))
+        run_parts(avgpool_fwd, (_planes(x), *geom, _planes(out)), (0, 7), x.size)
         return out
 
     def avgpool2d_bwd(
@@ -260,5 +261,5 @@ class PoolingOps(Checks):
         geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
         dy = self.float_in(op, "dy", dy, shape=y_shape)
         out = self.out_buf(op, "out", out, x_shape)
-        avgpool_bwd(_planes(dy), *geom, _planes(out))
+        run_parts(avgpool_bwd, (_planes(dy), *geom, _planes(out)), (0, 7), out.size)
         return out
