@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from gpuml.benchmark import formulas as fm
-from gpuml.benchmark.timing import TimingPlan, median, quantile, repeat_count, summarize, time_host
+from gpuml.benchmark.timing import (
+    TimingPlan,
+    median,
+    quantile,
+    repeat_count,
+    summarize,
+    time_host,
+    time_host_interleaved,
+)
 from gpuml.cli import main
 
 
@@ -100,6 +108,24 @@ def test_time_host_warms_up_flushes_and_takes_the_median_of_timed_calls() -> Non
     assert stats.repeats == 5
     assert stats.median_s == pytest.approx(0.3)
     assert stats.min_s == pytest.approx(0.1)
+
+
+def test_interleaved_timing_alternates_and_keeps_each_implementation_apart() -> None:
+    now = [0.0]
+    order: list[str] = []
+
+    def make(name: str, seconds: float):
+        def fn() -> None:
+            order.append(name)
+            now[0] += seconds
+        return fn
+
+    plan = TimingPlan(warmup=1, min_repeats=3, max_repeats=100, budget_s=1.0)
+    stats = time_host_interleaved({"a": make("a", 0.1), "b": make("b", 0.25)}, plan, clock=lambda: now[0])
+    # warm-ups, then rounds of a, b; the slower b (0.25 s) fits 4 repeats in the 1 s budget
+    assert order == ["a", "b"] + ["a", "b"] * 4
+    assert stats["a"].median_s == pytest.approx(0.1) and stats["a"].repeats == 4
+    assert stats["b"].median_s == pytest.approx(0.25) and stats["b"].repeats == 4
 
 
 # ------------------------------------------------------------------------------------- formulas

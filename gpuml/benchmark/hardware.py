@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,15 @@ def gpu_info() -> dict[str, Any]:
         "cuda_runtime": rt.runtimeGetVersion(),
         "cuda_driver": rt.driverGetVersion(),
     }
+
+
+def busy_warning(log: Callable[[str], None], device: str) -> None:
+    """Say so when other processes are loading the CPU: host timings are then unreliable."""
+    load = load_average()
+    cores = core_count()
+    if device == "cpu" and load and load[0] > 0.5 * cores:
+        log(f"warning: load average {load[0]} on {cores} cores: other processes are running, the CPU "
+            "timings will be slower and noisier than on an idle machine")
 
 
 # ------------------------------------------------------------------------------------- copies

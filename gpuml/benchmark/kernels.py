@@ -27,7 +27,7 @@ from gpuml.benchmark.timing import (
     Stats,
     TimingPlan,
     time_cuda,
-    time_host,
+    time_host_interleaved,
 )
 from gpuml.benchmark.torch_models import import_torch
 
@@ -95,10 +95,17 @@ class Env:
         return np.asarray(self.backend.to_numpy(arr))
 
     def time(self, impl: Impl, plan: TimingPlan) -> Stats:
+        return self.time_all([impl], plan)[impl.name]
+
+    def time_all(self, impls: list[Impl], plan: TimingPlan) -> dict[str, Stats]:
+        """On a GPU, each implementation in turn (CUDA events); on the host, interleaved."""
         if self.device == "cuda":
-            lib = impl.lib if impl.lib in self.events else "cupy"
-            return time_cuda(impl.run, plan, self.events[lib], flush=self.flushers[lib])
-        return time_host(impl.run, plan, flush=self.flushers["host"])
+            out = {}
+            for impl in impls:
+                lib = impl.lib if impl.lib in self.events else "cupy"
+                out[impl.name] = time_cuda(impl.run, plan, self.events[lib], flush=self.flushers[lib])
+            return out
+        return time_host_interleaved({i.name: i.run for i in impls}, plan, flush=self.flushers["host"])
 
     def release(self) -> None:
         """Give cached device memory back between cases (large cases follow small ones)."""
@@ -136,7 +143,7 @@ def run_case(env: Env, case: Case, plan: TimingPlan, peak: float | None, copy_bw
         a.run()
         checks[a.name] = (relative_error(ours_out, env.to_host(a.result()))
                           if a.result and ours_out is not None else None)
-    stats = {i.name: env.time(i, plan) for i in impls}
+    stats = env.time_all(impls, plan)
     work = case.flops if case.metric == "flops" else case.bytes
     floor_s = max(case.flops / peak if peak else 0.0, case.bytes / copy_bw)
     base = {
@@ -172,6 +179,7 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
     log(f"bench kernels: {env.info['name']} ({device}), {len(cases)} cases, "
         f"{'quick' if quick else 'full'} sweep; anchors: "
         f"{'torch ' + env.torch.__version__ if env.torch else 'no torch'}")
+    hardware.busy_warning(log, device)
     copy_bw = copy_bandwidth(env, plan, quick)
     peak = env.info["fp32_peak_flops"]
     log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 peak "

@@ -92,22 +92,33 @@ class HostCacheFlusher:
 def time_host(fn: Callable[[], Any], plan: TimingPlan, *, flush: Callable[[], None] | None = None,
               clock: Callable[[], float] = time.perf_counter) -> Stats:
     """Median-of-repeats wall time of `fn()` on the host (CPU backend, NumPy, PyTorch CPU)."""
-    for _ in range(plan.warmup):
-        fn()
-    if flush:
-        flush()
-    t0 = clock()
-    fn()
-    first = clock() - t0
-    times = [first]
-    n = repeat_count(first, plan.budget_s, plan.min_repeats, plan.max_repeats)
-    while len(times) < n:
-        if flush:
-            flush()
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return summarize(times)
+    return time_host_interleaved({"fn": fn}, plan, flush=flush, clock=clock)["fn"]
+
+
+def time_host_interleaved(fns: dict[str, Callable[[], Any]], plan: TimingPlan, *,
+                          flush: Callable[[], None] | None = None,
+                          clock: Callable[[], float] = time.perf_counter) -> dict[str, Stats]:
+    """Time several implementations of one op in rounds (one repeat of each per round), so that
+    a disturbance from another process (a shared machine) hits all of them alike and their
+    ratios stay meaningful. The slowest implementation's first repeat sets the round count."""
+    for fn in fns.values():
+        for _ in range(plan.warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def one_round() -> None:
+        for name, fn in fns.items():
+            if flush:
+                flush()
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+
+    one_round()
+    rounds = repeat_count(max(t[0] for t in times.values()), plan.budget_s, plan.min_repeats, plan.max_repeats)
+    for _ in range(rounds - 1):
+        one_round()
+    return {name: summarize(t) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------- CUDA

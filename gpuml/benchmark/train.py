@@ -261,6 +261,7 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
     device = backend.name
     torch = import_torch(device) if with_torch else None
     log(f"bench train: {backend.describe()}; PyTorch: {torch.__version__ if torch else 'not available'}")
+    hardware.busy_warning(log, device)
     rows: list[dict[str, Any]] = []
     started, load_before = time.time(), hardware.load_average()
     for model in models:
