@@ -37,13 +37,17 @@ def _draw_family(ax: Any, rows: list[dict[str, Any]], meta: dict[str, Any], fami
     for i, op in enumerate(ops):
         mine = [r for r in rows if r["op"] == op]
         marker = markers[i % len(markers)]
+        # Lines join the points of a one-parameter sweep (square GEMM); the other ops' points
+        # are different layer shapes, which a line would wrongly suggest form a trend.
+        line = "-" if op == "gemm_square" else "none"
         ours = sorted({(r[work], r["ours_rate"]) for r in mine})  # a case has one row per anchor
         ax.plot([p[0] for p in ours], [p[1] / scale for p in ours], marker=marker, color="C0",
-                label=f"gpuml {op}")
+                linestyle=line, label=f"gpuml {op}")
         for name in anchors:
             pts = sorted((r[work], r["anchor_rate"]) for r in mine if r["anchor"] == name)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] / scale for p in pts], marker=marker, linestyle="--",
+                ax.plot([p[0] for p in pts], [p[1] / scale for p in pts], marker=marker,
+                        linestyle="--" if line == "-" else "none",
                         color=f"C{anchors.index(name) + 1}", fillstyle="none", label=f"{name} {op}")
     hw = meta["hardware"]
     if metric == "bytes":
