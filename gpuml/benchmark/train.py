@@ -65,7 +65,7 @@ def _result(cfg: dict[str, Any], impl: str, epoch_s: list[float], samples: int, 
         "train_loss": train["loss"], "train_accuracy": train["accuracy"], "test_accuracy": test_accuracy,
         # process CPU seconds per wall second over the measured epochs: about the core count when
         # the run had the machine to itself, less when other processes took cores from it
-        "cpu_busy": busy,
+        "cpu_busy": busy if cfg["device"] == "cpu" else None,
     }
 
 
