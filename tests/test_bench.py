@@ -128,6 +128,23 @@ def test_interleaved_timing_alternates_and_keeps_each_implementation_apart() -> 
     assert stats["b"].median_s == pytest.approx(0.25) and stats["b"].repeats == 4
 
 
+def test_interleaved_timing_settles_short_calls_untimed_before_each_block() -> None:
+    now = [0.0]
+    order: list[str] = []
+
+    def make(name: str, seconds: float):
+        def fn() -> None:
+            order.append(name)
+            now[0] += seconds
+        return fn
+
+    # 0.01 s calls, 7 repeats each: one first repeat, then 3 blocks of 2, each after an untimed call
+    plan = TimingPlan(warmup=0, min_repeats=7, max_repeats=7, budget_s=0.0)
+    stats = time_host_interleaved({"a": make("a", 0.01), "b": make("b", 0.01)}, plan, clock=lambda: now[0])
+    assert order == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 3
+    assert stats["a"].repeats == stats["b"].repeats == 7
+
+
 # ------------------------------------------------------------------------------------- formulas
 def test_gemm_formulas() -> None:
     assert fm.gemm_flops(2, 3, 4) == 48

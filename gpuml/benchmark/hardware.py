@@ -148,13 +148,33 @@ def gpu_info() -> dict[str, Any]:
     }
 
 
-def busy_warning(log: Callable[[str], None], device: str) -> None:
-    """Say so when other processes are loading the CPU: host timings are then unreliable."""
-    load = load_average()
-    cores = core_count()
-    if device == "cpu" and load and load[0] > 0.5 * cores:
-        log(f"warning: load average {load[0]} on {cores} cores: other processes are running, the CPU "
-            "timings will be slower and noisier than on an idle machine")
+def cpu_idle_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all cores' time spent idle over the next `seconds` (Linux /proc/stat), or None.
+    Unlike the load average, it does not remember this process's own earlier work."""
+
+    def snapshot() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(seconds)
+        idle1, total1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def busy_warning(log: Callable[[str], None], device: str) -> float | None:
+    """Measure how idle the CPU is before a host benchmark and warn when other processes are
+    using it (host timings are then slower and noisier). Returns the idle fraction."""
+    if device != "cpu":
+        return None
+    idle = cpu_idle_fraction()
+    if idle is not None and idle < 0.9:
+        log(f"warning: the CPU was only {100 * idle:.0f}% idle just before this run: other processes "
+            "are using it, so the CPU timings will be slower and noisier than on an idle machine")
+    return idle
 
 
 # ------------------------------------------------------------------------------------- copies

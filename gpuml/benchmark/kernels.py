@@ -179,7 +179,7 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
     log(f"bench kernels: {env.info['name']} ({device}), {len(cases)} cases, "
         f"{'quick' if quick else 'full'} sweep; anchors: "
         f"{'torch ' + env.torch.__version__ if env.torch else 'no torch'}")
-    hardware.busy_warning(log, device)
+    idle_before = hardware.busy_warning(log, device)
     copy_bw = copy_bandwidth(env, plan, quick)
     peak = env.info["fp32_peak_flops"]
     log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 peak "
@@ -207,7 +207,8 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
         "copy_bytes_per_s": copy_bw, "best_gemm_flops_per_s": max(gemm_rates, default=None),
         "versions": hardware.versions(), "commit": hardware.git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_average": hardware.load_average(),
-        "load_average_before": load_before, "seconds": time.time() - started, "command": command,
+        "load_average_before": load_before, "cpu_idle_before": idle_before,
+        "seconds": time.time() - started, "command": command,
         "timing": plan.__dict__, "threads": hardware.core_count() if device == "cpu" else None,
     }
     return {"meta": meta, "rows": rows}

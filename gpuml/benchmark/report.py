@@ -46,7 +46,9 @@ def meta_lines(meta: dict[str, Any]) -> list[str]:
         before = meta.get("load_average_before")
         lines.append("- load average (1, 5, 15 min)"
                      + (f" before: {', '.join(map(str, before))};" if before else "")
-                     + f" after: {', '.join(map(str, meta['load_average']))}")
+                     + f" after: {', '.join(map(str, meta['load_average']))}"
+                     + (f"; CPU idle just before: {100 * meta['cpu_idle_before']:.0f}%"
+                        if meta.get("cpu_idle_before") is not None else ""))
     return lines
 
 

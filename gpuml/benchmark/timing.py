@@ -95,29 +95,47 @@ def time_host(fn: Callable[[], Any], plan: TimingPlan, *, flush: Callable[[], No
     return time_host_interleaved({"fn": fn}, plan, flush=flush, clock=clock)["fn"]
 
 
+#: calls shorter than this get one untimed call before each block of repeats (see below)
+SETTLE_BELOW_S = 0.05
+BLOCKS = 3
+
+
 def time_host_interleaved(fns: dict[str, Callable[[], Any]], plan: TimingPlan, *,
                           flush: Callable[[], None] | None = None,
                           clock: Callable[[], float] = time.perf_counter) -> dict[str, Stats]:
-    """Time several implementations of one op in rounds (one repeat of each per round), so that
-    a disturbance from another process (a shared machine) hits all of them alike and their
-    ratios stay meaningful. The slowest implementation's first repeat sets the round count."""
+    """Time several implementations of one op, alternating between them in blocks of repeats.
+
+    Alternating spreads a disturbance from another process (a shared machine) over all of them,
+    so their ratios stay meaningful. Blocks rather than single calls, each opened by one untimed
+    call for short ops: on a machine with few cores, the first call after another thread pool ran
+    (OpenBLAS after PyTorch's OpenMP, or the reverse) waits for that pool's spinning threads to
+    yield the cores, a cost a training step never pays, which the untimed call absorbs.
+    The slowest implementation's first repeat sets the repeat count."""
     for fn in fns.values():
         for _ in range(plan.warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
 
-    def one_round() -> None:
-        for name, fn in fns.items():
-            if flush:
-                flush()
-            t0 = clock()
-            fn()
-            times[name].append(clock() - t0)
+    def timed(name: str) -> None:
+        if flush:
+            flush()
+        t0 = clock()
+        fns[name]()
+        times[name].append(clock() - t0)
 
-    one_round()
-    rounds = repeat_count(max(t[0] for t in times.values()), plan.budget_s, plan.min_repeats, plan.max_repeats)
-    for _ in range(rounds - 1):
-        one_round()
+    for name in fns:
+        timed(name)
+    n = repeat_count(max(t[0] for t in times.values()), plan.budget_s, plan.min_repeats, plan.max_repeats)
+    blocks = min(BLOCKS, n - 1)
+    per_block = -(-(n - 1) // blocks) if blocks else 0
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            if len(times[name]) >= n:
+                continue
+            if times[name][0] < SETTLE_BELOW_S:
+                fn()
+            for _ in range(min(per_block, n - len(times[name]))):
+                timed(name)
     return {name: summarize(t) for name, t in times.items()}
 
 

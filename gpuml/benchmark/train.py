@@ -261,7 +261,7 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
     device = backend.name
     torch = import_torch(device) if with_torch else None
     log(f"bench train: {backend.describe()}; PyTorch: {torch.__version__ if torch else 'not available'}")
-    hardware.busy_warning(log, device)
+    idle_before = hardware.busy_warning(log, device)
     rows: list[dict[str, Any]] = []
     started, load_before = time.time(), hardware.load_average()
     for model in models:
@@ -289,7 +289,8 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
         "hardware": hardware.gpu_info() if device == "cuda" else hardware.cpu_info(),
         "versions": hardware.versions(), "commit": hardware.git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_average": hardware.load_average(),
-        "load_average_before": load_before, "seconds": time.time() - started, "command": command,
+        "load_average_before": load_before, "cpu_idle_before": idle_before,
+        "seconds": time.time() - started, "command": command,
         "epochs": epochs, "limit": limit,
         "warmup_steps": warmup_steps, "torch_threads": torch.get_num_threads() if torch and device == "cpu" else None,
     }
