@@ -28,6 +28,8 @@ _ACT_BWD = {"relu": loops.relu_bwd, "tanh": loops.tanh_bwd, "sigmoid": loops.sig
 
 
 class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
+    """NumPy + numba, float32 or float64 (`CpuBackend(dtype="float64")` for gradient checks)."""
+
     name = "cpu"
     xp = np
 

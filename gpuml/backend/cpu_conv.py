@@ -1,19 +1,18 @@
 """Convolution for the CPU backend: im2col (numba) + one BLAS GEMM per chunk of the batch.
 
-With col (C*R*S, n*P*Q) the im2col matrix of a chunk of n images (layout in cpu_loops):
+With col the im2col matrix of a chunk of n images:
     fwd         gemm (K, n*P*Q) = W (K, C*R*S) @ col;  y = act(gemm + b), transposed to NCHW
     bwd_data    dyT (K, n*P*Q) = dy transposed;  dcol = W.T @ dyT;  dx = col2im(dcol)
     bwd_weight  dW (K, C*R*S) = sum over the chunks, in order, of dyT @ col.T
-With NHWC_MIN_CHANNELS input channels or more, fwd and bwd_weight build col channels-last instead,
-as (n*P*Q, R*S*C) with W reordered to match, which copies runs of S*C inputs instead of Q.
-The chunk is sized so that col and the GEMM result stay near COL_BUDGET_BYTES: a col that fits in cache is written
-and read back by the GEMM at cache speed, which on a 2-core machine more than pays for the extra
-GEMM calls, and lets bwd_weight rebuild col instead of keeping the forward's. Arguments arrive
-validated (shapes, dtype, C-contiguous) from CpuBackend; these functions only compute.
+col is (C*R*S, n*P*Q) built from NCHW: row (c*R + r)*S + s, column n*P*Q + p*Q + q holds
+x[n, c, p*sh - ph + r, q*sw - pw + s], or 0 where that falls in the padding. With
+NHWC_MIN_CHANNELS input channels or more, fwd and bwd_weight build it channels-last instead, as
+(n*P*Q, R*S*C) with W reordered to match: that copies runs of S*C inputs instead of runs of Q.
 
-Layout of col (NCHW path): row (c*R + r)*S + s, column n*P*Q + p*Q + q holds
-x[n, c, p*sh - ph + r, q*sw - pw + s], or 0 where that falls in the padding. The numba loops are
-single-threaded; see cpu_loops for why.
+A chunk is sized so that col and the GEMM result stay near COL_BUDGET_BYTES: written and read back
+by the GEMM in cache, which more than pays for the extra GEMM calls, and lets bwd_weight rebuild
+col instead of keeping the forward's. Arguments arrive validated (shapes, dtype, C-contiguous)
+from CpuBackend; these functions only compute. The numba loops are serial (see cpu_loops).
 """
 
 from __future__ import annotations
