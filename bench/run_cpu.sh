@@ -5,6 +5,8 @@
 #
 #   OUT=/some/folder bench/run_cpu.sh          # default OUT: bench/out-cpu
 #   EPOCHS=2 LIMIT=20000 bench/run_cpu.sh      # fewer / shorter epochs
+# Fashion-MNIST is found through $GPUML_DATA (a folder holding fashion-mnist/), the user cache, or
+# downloaded.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
