@@ -43,11 +43,14 @@ def sample_params(seed: int, offset: int, batch: int, max_shift: float, max_rota
     return out
 
 
-@numba.njit(cache=True, parallel=True)
+# Serial on purpose: numba's parallel pool busy-waits between loops and takes the cores the
+# BLAS GEMMs of the same training step need (see cpu_loops.run_parts for how the CPU backend
+# spreads large loops instead).
+@numba.njit(cache=True)
 def affine_sample(x: np.ndarray, params: np.ndarray, fill: float, out: np.ndarray) -> None:
     n, c, h, w = x.shape
     cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    for b in numba.prange(n):
+    for b in range(n):
         ca, sa, tx, ty, flip = params[b, 0], params[b, 1], params[b, 2], params[b, 3], params[b, 4]
         for oy in range(h):
             for ox in range(w):
