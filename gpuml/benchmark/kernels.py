@@ -41,11 +41,15 @@ PLANS = {
 
 def import_cupy_fp32() -> Any:
     """CuPy with cuBLAS in plain FP32 (no TF32): CUPY_TF32=0 and the float32 compute type set to
-    COMPUTE_TYPE_FP32 (value 4 in cupy._core._routines_linalg, checked by its name)."""
+    COMPUTE_TYPE_FP32 (value 4 in cupy._core._routines_linalg, checked by its name). CUPY_TF32=0
+    alone already means FP32; the explicit setting guards against a caller's earlier choice."""
     os.environ["CUPY_TF32"] = "0"
     import cupy
-    from cupy._core import _routines_linalg as linalg
 
+    try:
+        from cupy._core import _routines_linalg as linalg
+    except ImportError:  # a CuPy without this private module: CUPY_TF32=0 has to do
+        return cupy
     if linalg.compute_type_to_str(4) == "COMPUTE_TYPE_FP32":
         linalg.set_compute_type(np.float32, 4)
     return cupy
