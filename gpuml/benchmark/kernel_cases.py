@@ -126,6 +126,8 @@ def conv_cases(n: int, c: int, h: int, k: int, r: int, pad: int, tag: str) -> li
         x, w, _, dy = inputs(env)
         dx = be.empty(x.shape)
         impls = [Impl(OURS, lambda: be.conv2d_bwd_data(dy, w, x.shape, *geo, out=dx), lambda: dx)]
+        if env.device == "cpu":
+            impls.append(_numpy_conv_bwd_data(dy, w, pad))
         return impls + _torch_impl(env, torch_bwd, x, w, dy, 0)
 
     def bwd_weight(env: Any) -> list[Impl]:
@@ -133,6 +135,8 @@ def conv_cases(n: int, c: int, h: int, k: int, r: int, pad: int, tag: str) -> li
         x, w, _, dy = inputs(env)
         dw = be.empty(w.shape)
         impls = [Impl(OURS, lambda: be.conv2d_bwd_weight(x, dy, w.shape, *geo, out=dw), lambda: dw)]
+        if env.device == "cpu":
+            impls.append(_numpy_conv_bwd_weight(x, dy, w.shape, pad))
         return impls + _torch_impl(env, torch_bwd, x, w, dy, 1)
 
     shape = (n, c, h, h, k, r, r, 1, pad)
@@ -168,6 +172,35 @@ def _numpy_conv_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> Im
         held["y"] = np.ascontiguousarray(y.transpose(0, 3, 1, 2))
 
     return Impl("numpy", run, lambda: held["y"])
+
+
+def _numpy_conv_bwd_data(dy: np.ndarray, w: np.ndarray, pad: int) -> Impl:
+    """Stride 1: dx is dy, padded by R-1-pad, correlated with the flipped kernel (C and K swapped)."""
+    held: dict[str, np.ndarray] = {}
+    kh, kw = w.shape[2], w.shape[3]
+    flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1])
+
+    def run() -> None:
+        ph, pw = kh - 1 - pad, kw - 1 - pad
+        dyp = np.pad(dy, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        win = np.lib.stride_tricks.sliding_window_view(dyp, (kh, kw), axis=(2, 3))  # N,K,H,W,R,S
+        dx = np.tensordot(win, flipped, axes=([1, 4, 5], [0, 2, 3]))  # N,H,W,C
+        held["dx"] = np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
+
+    return Impl("numpy", run, lambda: held["dx"])
+
+
+def _numpy_conv_bwd_weight(x: np.ndarray, dy: np.ndarray, w_shape: tuple[int, ...], pad: int) -> Impl:
+    """dw[k, c, r, s] = sum over n, p, q of dy[n, k, p, q] * window[n, c, p, q, r, s]."""
+    held: dict[str, np.ndarray] = {}
+    kh, kw = w_shape[2], w_shape[3]
+
+    def run() -> None:
+        xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
+        win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))  # N,C,P,Q,R,S
+        held["dw"] = np.tensordot(dy, win, axes=([0, 2, 3], [0, 2, 3]))  # K,C,R,S
+
+    return Impl("numpy", run, lambda: held["dw"])
 
 
 # ------------------------------------------------------------------------------------- pooling
