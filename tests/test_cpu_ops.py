@@ -197,6 +197,16 @@ def test_bias_grad(be, dt, shape):
     assert rel_err(out, ref) < TOL[dt]
 
 
+def test_bias_grad_blocks_change_nothing(be, dt, monkeypatch):
+    """bias_grad sums channels in blocks of accumulators; blocks of one channel or of all give the
+    same bits."""
+    dy = randn(np.random.default_rng(22), (6, 5, 4, 3), dt)
+    whole = be.bias_grad(dy)
+    for lanes in (1, 13, 10**6):
+        monkeypatch.setattr(cpu_loops, "SUM_LANES", lanes)
+        assert np.array_equal(be.bias_grad(dy), whole)
+
+
 # --------------------------------------------------------------------------- convolution
 
 CONV_CASES = [
@@ -260,6 +270,30 @@ def test_conv2d_batch_chunks(be, dt, monkeypatch, channels):
     assert rel_err(be.conv2d_fwd(x, w, b, (1, 1), (0, 0), out=y), y_ref) < TOL[dt]
     assert rel_err(be.conv2d_bwd_data(dy, w, x.shape, (1, 1), (0, 0), out=dx), dx_ref) < TOL[dt]
     assert rel_err(be.conv2d_bwd_weight(x, dy, w.shape, (1, 1), (0, 0), out=dw), dw_ref) < TOL[dt]
+
+
+@pytest.mark.parametrize("channels", [3, 8])
+def test_conv2d_same_bits_on_any_core_count(be, dt, monkeypatch, channels):
+    """Convolution chunks run on helper threads, taken in whatever order the threads come free;
+    one thread or three must give the same bits (the weight gradient sums chunks in order)."""
+    monkeypatch.setattr(cpu_conv, "MIN_CHUNKS", 5)
+    rng = np.random.default_rng(21)
+    x, w, b = randn(rng, (7, channels, 6, 5), dt), randn(rng, (4, channels, 3, 3), dt), randn(rng, (4,), dt)
+    dy = randn(rng, (7, 4, 6, 5), dt)
+
+    def run() -> list[np.ndarray]:
+        return [be.conv2d_fwd(x, w, b, (1, 1), (1, 1), activation="relu"),
+                be.conv2d_bwd_data(dy, w, x.shape, (1, 1), (1, 1)),
+                be.conv2d_bwd_weight(x, dy, w.shape, (1, 1), (1, 1))]
+
+    monkeypatch.setattr(cpu_loops, "_WORKERS", 1)
+    one = run()
+    _, _, dw_ref = conv_ref(x, w, b, dy, (1, 1), (1, 1))
+    assert rel_err(one[2], dw_ref) < TOL[dt]
+    monkeypatch.setattr(cpu_loops, "_WORKERS", 3)
+    for _ in range(3):
+        for a, c in zip(one, run(), strict=True):
+            assert np.array_equal(a, c)
 
 
 def test_conv2d_bwd_weight_sees_rewritten_input(be, dt):
@@ -567,6 +601,7 @@ def test_ops_split_into_parts_are_bit_identical(be, dt, monkeypatch):
         _, mask = be.dropout_fwd(x, 0.3, seed=1, offset=0)
         outs.append(be.dropout_bwd(dy_act, mask, 0.3))
         outs.append(be.add_(dst.copy(), x, alpha=0.7))
+        outs.append(be.bias_grad(x))
         return outs
 
     whole = run()

@@ -8,10 +8,8 @@ Reductions over float32 data accumulate in float64. Every op is deterministic.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numba
@@ -97,7 +95,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         if dy.ndim < 2:
             fail("bias_grad", f"dy {dy.shape} needs a batch axis and a channel axis")
         out = self.out_buf("bias_grad", "out", out, (dy.shape[1],))
-        loops.channel_sums(dy.reshape(dy.shape[0], dy.shape[1], -1), out)
+        dy3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
+        loops.run_ranges(loops.channel_sums, (dy3, out, loops.SUM_LANES), dy3.shape[1], dy3.size)
         return out
 
     # ------------------------------------------------------------------ convolution
@@ -337,15 +336,9 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
 def _blas_threads() -> int:
     """Threads of the BLAS numpy loaded (OpenBLAS in numpy's wheels): every GEMM runs on them, and
     the numba loops on the calling thread. Falls back to the usable core count."""
-    libs = Path(np.__file__).parent.parent / "numpy.libs"
-    for path in sorted(libs.glob("*openblas*")) if libs.is_dir() else []:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:
-            continue
-        for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads"):
-            if hasattr(lib, name):
-                return int(getattr(lib, name)())
+    fns = loops.blas_thread_functions()
+    if fns is not None:
+        return int(fns[0]())
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -6,13 +6,16 @@ With col the im2col matrix of a chunk of n images:
     bwd_weight  dW (K, C*R*S) = sum over the chunks, in order, of dyT @ col.T
 col is (C*R*S, n*P*Q) built from NCHW: row (c*R + r)*S + s, column n*P*Q + p*Q + q holds
 x[n, c, p*sh - ph + r, q*sw - pw + s], or 0 where that falls in the padding. With
-NHWC_MIN_CHANNELS input channels or more, fwd and bwd_weight build it channels-last instead, as
-(n*P*Q, R*S*C) with W reordered to match: that copies runs of S*C inputs instead of runs of Q.
+NHWC_MIN_CHANNELS input channels or more, col (and bwd_data's dcol) is channels-last instead,
+(n*P*Q, R*S*C) with W reordered to match: im2col and col2im then move runs of S*C values instead
+of runs of Q.
 
 A chunk is sized so that col and the GEMM result stay near COL_BUDGET_BYTES: written and read back
 by the GEMM in cache, which more than pays for the extra GEMM calls, and lets bwd_weight rebuild
-col instead of keeping the forward's. Arguments arrive validated (shapes, dtype, C-contiguous)
-from CpuBackend; these functions only compute. The numba loops are serial (see cpu_loops).
+col instead of keeping the forward's. The chunks run on all cores at once (cpu_loops.run_tasks),
+each with single-threaded GEMMs, so that no core idles through the numba loops between GEMMs;
+chunk bounds depend on the shapes alone, so results do not depend on the core count. Arguments
+arrive validated (shapes, dtype, C-contiguous) from CpuBackend; these functions only compute.
 """
 
 from __future__ import annotations
@@ -20,8 +23,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from gpuml.backend.cpu_loops import run_tasks
+
 #: the size one im2col matrix aims at; a batch is split into equal chunks of whole images
 COL_BUDGET_BYTES = 4 << 20
+#: chunks a batch is cut into at least (where it has that many images), so every core gets some
+MIN_CHUNKS = 8
 #: from this many input channels on, fwd and bwd_weight build im2col from a channels-last copy
 NHWC_MIN_CHANNELS = 8
 
@@ -84,32 +91,31 @@ def im2col(x, kh, kw, sh, sw, ph, pw, col):
 
 
 @njit(cache=True, nogil=True)
-def nchw_to_nhwc(x, out):
-    """out (N, H, W, C) = x (N, C, H, W) transposed, so a pixel's channels are contiguous."""
-    N, C, H, W = x.shape
+def _image_to_hwc(x, n, xh):
+    """xh (H*W*C) = image n of x (N, C, H, W) channels-last, so a pixel's channels are contiguous."""
+    _, C, H, W = x.shape
     HW = H * W
     xf = x.reshape(-1)
-    of = out.reshape(-1)
-    for n in range(N):
-        for c in range(C):
-            src = _U((n * C + c) * HW)
-            dst = _U(n * HW * C + c)
-            for i in range(_U(HW)):
-                of[dst + i * _U(C)] = xf[src + i]
+    for c in range(C):
+        src = _U((n * C + c) * HW)
+        for i in range(_U(HW)):
+            xh[i * _U(C) + _U(c)] = xf[src + i]
 
 
 @njit(cache=True, nogil=True)
-def im2col_nhwc(xh, kh, kw, sh, sw, ph, pw, col):
-    """xh (N, H, W, C) -> col (N*P*Q, kh*kw*C): row (n*P + p)*Q + q, column (r*kw + s)*C + c. For a
-    fixed (output pixel, r) the kw*C inputs are one contiguous run of xh, so with many channels
-    this copies long runs where the NCHW im2col copies rows of Q."""
-    N, H, W, C = xh.shape
+def im2col_nhwc(x, kh, kw, sh, sw, ph, pw, col):
+    """x (N, C, H, W) -> col (N, P*Q, kh*kw*C): row p*Q + q of image n, column (r*kw + s)*C + c.
+    Each image is first made channels-last in a small scratch that stays in cache; then for a fixed
+    (output pixel, r) the kw*C inputs are one contiguous run, so with many channels this copies
+    long runs where the NCHW im2col copies rows of Q."""
+    N, C, H, W = x.shape
     P = (H + 2 * ph - kh) // sh + 1
     Q = (W + 2 * pw - kw) // sw + 1
     SC = kw * C
-    xf = xh.reshape(-1)
+    xh = np.empty(H * W * C, x.dtype)
     cf = col.reshape(-1)
     for n in range(N):
+        _image_to_hwc(x, n, xh)
         for p in range(P):
             for q in range(Q):
                 w0 = q * sw - pw
@@ -125,10 +131,10 @@ def im2col_nhwc(xh, kh, kw, sh, sw, ph, pw, col):
                         continue
                     for i in range(_U(s_lo * C)):
                         cf[dst + i] = 0
-                    src = _U(((n * H + h) * W + w0 + s_lo) * C)
+                    src = _U((h * W + w0 + s_lo) * C)
                     d = dst + _U(s_lo * C)
                     for i in range(_U((s_hi - s_lo) * C)):
-                        cf[d + i] = xf[src + i]
+                        cf[d + i] = xh[src + i]
                     for i in range(_U(s_hi * C), _U(SC)):
                         cf[dst + i] = 0
 
@@ -168,6 +174,41 @@ def col2im(col, kh, kw, sh, sw, ph, pw, dx):
 
 
 @njit(cache=True, nogil=True)
+def col2im_nhwc(col, kh, kw, sh, sw, ph, pw, dx):
+    """dx (N, C, H, W) = the adjoint of im2col_nhwc, col (N, P*Q, kh*kw*C): per image, the runs of
+    kw*C entries are added onto a channels-last scratch (output pixels in row-major order, then r),
+    which is then transposed into dx[n]."""
+    N, C, H, W = dx.shape
+    P = (H + 2 * ph - kh) // sh + 1
+    Q = (W + 2 * pw - kw) // sw + 1
+    SC = kw * C
+    HW = H * W
+    acc = np.empty(HW * C, dx.dtype)
+    cf = col.reshape(-1)
+    dxf = dx.reshape(-1)
+    for n in range(N):
+        acc[:] = 0
+        for p in range(P):
+            for q in range(Q):
+                w0 = q * sw - pw
+                s_lo = max(0, -w0)
+                s_hi = max(s_lo, min(kw, W - w0))
+                row = ((n * P + p) * Q + q) * kh * SC
+                for r in range(kh):
+                    h = p * sh - ph + r
+                    if h < 0 or h >= H:
+                        continue
+                    src = _U(row + r * SC + s_lo * C)
+                    dst = _U((h * W + w0 + s_lo) * C)
+                    for i in range(_U((s_hi - s_lo) * C)):
+                        acc[dst + i] += cf[src + i]
+        for c in range(C):
+            out = _U((n * C + c) * HW)
+            for i in range(_U(HW)):
+                dxf[out + i] = acc[i * _U(C) + _U(c)]
+
+
+@njit(cache=True, nogil=True)
 def conv_epilogue(gemm, bias, relu, y):
     """y (N, K, L) = act(gemm (K, N*L) + bias (K,)), transposing the GEMM's channel-major result
     into NCHW in the same pass. relu keeps NaN, as np.maximum does."""
@@ -190,8 +231,8 @@ def conv_epilogue(gemm, bias, relu, y):
 def batch_to_channel_major(dy, dyt):
     """dyt (K, N*L) from dy (N, K, L): the layout the weight- and data-gradient GEMMs need."""
     N, K, L = dy.shape
-    for k in range(K):
-        for n in range(N):
+    for n in range(N):
+        for k in range(K):
             dyt[k, n * L : (n + 1) * L] = dy[n, k]
 
 
@@ -218,9 +259,11 @@ class Workspace:
 
 def _chunks(n_images: int, rows: int, cols_per_image: int, itemsize: int) -> list[tuple[int, int]]:
     """[n0, n1) ranges of near-equal size whose (rows, n*cols_per_image) scratch matrices fit
-    COL_BUDGET_BYTES (one image at least)."""
+    COL_BUDGET_BYTES (one image at least), and at least MIN_CHUNKS of them where the batch allows,
+    so that every core gets chunks. Fixed by the shapes alone, never by the core count: the
+    weight gradient sums over the chunks."""
     per_image = rows * cols_per_image * itemsize
-    count = max(1, min(n_images, -(-n_images * per_image // COL_BUDGET_BYTES)))
+    count = max(1, min(n_images, max(MIN_CHUNKS, -(-n_images * per_image // COL_BUDGET_BYTES))))
     size = -(-n_images // count)
     return [(n0, min(n_images, n0 + size)) for n0 in range(0, n_images, size)]
 
@@ -239,19 +282,24 @@ def _weight_rsc(ws: Workspace, w: np.ndarray) -> np.ndarray:
     return w_rsc.reshape(K, R * S * C)
 
 
-def _im2col_chunk(ws: Workspace, x: np.ndarray, geom: Geometry, L: int) -> np.ndarray:
-    """col of the images x: (C*R*S, n*L) from NCHW, or (n*L, R*S*C) through NHWC."""
-    n, C, H, W = x.shape
+def _im2col_chunk(ws: Workspace, worker: int, x: np.ndarray, geom: Geometry, L: int) -> np.ndarray:
+    """col of the images x: (C*R*S, n*L) from NCHW, or (n*L, R*S*C) channels-last."""
+    n, C = x.shape[0], x.shape[1]
     crs = C * geom[0] * geom[1]
     if not _use_nhwc(C):
-        col = ws.scratch("col", (crs, n * L), x.dtype)
+        col = ws.scratch(f"col{worker}", (crs, n * L), x.dtype)
         im2col(x, *geom, col)
         return col
-    xh = ws.scratch("x_nhwc", (n, H, W, C), x.dtype)
-    nchw_to_nhwc(x, xh)
-    col = ws.scratch("col", (n * L, crs), x.dtype)
-    im2col_nhwc(xh, *geom, col)
+    col = ws.scratch(f"col{worker}", (n * L, crs), x.dtype)
+    im2col_nhwc(x, *geom, col.reshape(n, L, crs))
     return col
+
+
+def _channel_major(ws: Workspace, worker: int, dy3: np.ndarray) -> np.ndarray:
+    n, K, L = dy3.shape
+    dyt = ws.scratch(f"gemm{worker}", (K, n * L), dy3.dtype)
+    batch_to_channel_major(dy3, dyt)
+    return dyt
 
 
 def conv2d_fwd(
@@ -265,25 +313,42 @@ def conv2d_fwd(
         bias = ws.scratch("zero_bias", (K,), w.dtype)
         bias.fill(0)
     y3 = y.reshape(N, K, L)
-    for n0, n1 in _chunks(N, max(w2.shape[1], K), L, x.itemsize):
-        col = _im2col_chunk(ws, x[n0:n1], geom, L)
-        gemm = ws.scratch("gemm", (K, (n1 - n0) * L), x.dtype)
+    chunks = _chunks(N, max(w2.shape[1], K), L, x.itemsize)
+
+    def chunk(worker: int, i: int) -> None:
+        n0, n1 = chunks[i]
+        col = _im2col_chunk(ws, worker, x[n0:n1], geom, L)
+        gemm = ws.scratch(f"gemm{worker}", (K, (n1 - n0) * L), x.dtype)
         np.matmul(w2, col.T if nhwc else col, out=gemm)
         conv_epilogue(gemm, bias, relu, y3[n0:n1])
+
+    run_tasks(chunk, len(chunks))
 
 
 def conv2d_bwd_data(ws: Workspace, dy: np.ndarray, w: np.ndarray, geom: Geometry, dx: np.ndarray) -> None:
     N, K, P, Q = dy.shape
     L = P * Q
-    w2 = w.reshape(K, -1)
+    nhwc = _use_nhwc(dx.shape[1])
+    w2 = _weight_rsc(ws, w) if nhwc else w.reshape(K, -1)
     crs = w2.shape[1]
     dy3 = dy.reshape(N, K, L)
-    for n0, n1 in _chunks(N, max(crs, K), L, dy.itemsize):
-        dyt = ws.scratch("gemm", (K, (n1 - n0) * L), dy.dtype)
-        batch_to_channel_major(dy3[n0:n1], dyt)
-        dcol = ws.scratch("col", (crs, (n1 - n0) * L), dy.dtype)
-        np.matmul(w2.T, dyt, out=dcol)
-        col2im(dcol, *geom, dx[n0:n1])
+    chunks = _chunks(N, max(crs, K), L, dy.itemsize)
+
+    def chunk(worker: int, i: int) -> None:
+        n0, n1 = chunks[i]
+        n = n1 - n0
+        dyt = _channel_major(ws, worker, dy3[n0:n1])
+        if nhwc:
+            # channels-last dcol: col2im then adds runs of kw*C entries, not of Q
+            dcol = ws.scratch(f"col{worker}", (n * L, crs), dy.dtype)
+            np.matmul(dyt.T, w2, out=dcol)
+            col2im_nhwc(dcol.reshape(n, L, crs), *geom, dx[n0:n1])
+        else:
+            dcol = ws.scratch(f"col{worker}", (crs, n * L), dy.dtype)
+            np.matmul(w2.T, dyt, out=dcol)
+            col2im(dcol, *geom, dx[n0:n1])
+
+    run_tasks(chunk, len(chunks))
 
 
 def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dy: np.ndarray, geom: Geometry, dw: np.ndarray) -> None:
@@ -291,20 +356,24 @@ def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dy: np.ndarray, geom: Geomet
     L = P * Q
     C = x.shape[1]
     nhwc = _use_nhwc(C)
-    # dW in im2col's column order: (K, C*R*S) is dw itself; (K, R*S*C) is reordered at the end
-    dw2 = ws.scratch("dw_rsc", (K, dw[0].size), dw.dtype) if nhwc else dw.reshape(K, -1)
+    crs = dw[0].size
     dy3 = dy.reshape(N, K, L)
-    for n0, n1 in _chunks(N, max(dw2.shape[1], K), L, x.itemsize):
-        col = _im2col_chunk(ws, x[n0:n1], geom, L)
-        dyt = ws.scratch("gemm", (K, (n1 - n0) * L), dy.dtype)
-        batch_to_channel_major(dy3[n0:n1], dyt)
-        colT = col if nhwc else col.T
-        if n0 == 0:
-            np.matmul(dyt, colT, out=dw2)
-        else:
-            part = ws.scratch("dw_part", dw2.shape, dw.dtype)
-            np.matmul(dyt, colT, out=part)
-            dw2 += part
+    chunks = _chunks(N, max(crs, K), L, x.itemsize)
+    # one dW per chunk, in im2col's column order ((K, C*R*S), or (K, R*S*C) channels-last),
+    # summed in chunk order below so the result does not depend on which thread ran which chunk
+    parts = ws.scratch("dw_parts", (len(chunks), K, crs), dw.dtype)
+
+    def chunk(worker: int, i: int) -> None:
+        n0, n1 = chunks[i]
+        col = _im2col_chunk(ws, worker, x[n0:n1], geom, L)
+        dyt = _channel_major(ws, worker, dy3[n0:n1])
+        np.matmul(dyt, col if nhwc else col.T, out=parts[i])
+
+    run_tasks(chunk, len(chunks))
+    dw2 = ws.scratch("dw_rsc", (K, crs), dw.dtype) if nhwc else dw.reshape(K, crs)
+    np.copyto(dw2, parts[0])
+    for i in range(1, len(chunks)):
+        dw2 += parts[i]
     if nhwc:
         R, S = geom[0], geom[1]
         np.copyto(dw, dw2.reshape(K, R, S, C).transpose(0, 3, 1, 2))

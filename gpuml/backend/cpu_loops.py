@@ -15,13 +15,23 @@ rows independently, so the split cannot change a result.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 import numpy as np
 from numba import njit
+
+# flat-view offsets as uint64: numba guards signed indices against wraparound, which keeps LLVM
+# from vectorising the loop (see cpu_conv)
+_U = np.uint64
 
 #: elements of work below which a part is not worth a thread hand-off (about 60 us)
 MIN_PART = 1 << 17
@@ -29,19 +39,36 @@ _WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity
 _pool: ThreadPoolExecutor | None = None
 
 
+def _part_cuts(count: int, work: int) -> list[int]:
+    """Boundaries of up to _WORKERS near-equal ranges of [0, count), each of at least MIN_PART
+    elements of `work` (one range when the work is small)."""
+    parts = max(1, min(_WORKERS, count, work // MIN_PART))
+    return [count * i // parts for i in range(parts + 1)]
+
+
+def _run_calls(calls: list[tuple[Callable[..., object], Sequence[object]]]) -> None:
+    """Runs calls[0] on the calling thread and the others on helper threads; returns when all are
+    done (re-raising the first error), so no helper still writes into a buffer afterwards."""
+    global _pool
+    if len(calls) == 1:
+        calls[0][0](*calls[0][1])
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="gpuml-cpu")
+    futures = [_pool.submit(fn, *a) for fn, a in calls[1:]]
+    try:
+        calls[0][0](*calls[0][1])
+    finally:
+        wait(futures)
+    for future in futures:
+        future.result()
+
+
 def run_parts(loop: Callable[..., object], args: Sequence[object], sliced: Sequence[int], work: int) -> None:
     """loop(*args), with the arrays args[i], i in `sliced`, cut along their first axis (of equal
     length) into up to _WORKERS parts of at least MIN_PART elements of `work`; the calling thread
     runs the first part, helper threads the others."""
-    global _pool
-    rows = args[sliced[0]].shape[0]  # type: ignore[attr-defined]
-    parts = max(1, min(_WORKERS, rows, work // MIN_PART))
-    if parts == 1:
-        loop(*args)
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="gpuml-cpu")
-    cuts = [rows * i // parts for i in range(parts + 1)]
+    cuts = _part_cuts(args[sliced[0]].shape[0], work)  # type: ignore[attr-defined]
 
     def part(k: int) -> list[object]:
         a = list(args)
@@ -49,10 +76,80 @@ def run_parts(loop: Callable[..., object], args: Sequence[object], sliced: Seque
             a[i] = args[i][cuts[k] : cuts[k + 1]]  # type: ignore[index]
         return a
 
-    futures = [_pool.submit(loop, *part(k)) for k in range(1, parts)]
-    loop(*part(0))
-    for future in futures:
-        future.result()
+    _run_calls([(loop, part(k)) for k in range(len(cuts) - 1)])
+
+
+def run_ranges(loop: Callable[..., object], args: Sequence[object], count: int, work: int) -> None:
+    """loop(*args, lo, hi) for near-equal ranges [lo, hi) covering [0, count), as run_parts does,
+    for loops whose parts are not slices along a first axis (columns of a matrix, say)."""
+    cuts = _part_cuts(count, work)
+    _run_calls([(loop, (*args, cuts[k], cuts[k + 1])) for k in range(len(cuts) - 1)])
+
+
+def run_tasks(task: Callable[[int, int], object], count: int) -> None:
+    """task(worker, i) for every i in range(count), each thread (the calling one and up to
+    _WORKERS - 1 helpers) taking the next i when it is free; `worker` numbers the thread, so a task
+    can use that thread's own scratch. Meant for tasks that mix numba loops with GEMMs (the chunks
+    of a convolution): BLAS runs single-threaded meanwhile, each thread's GEMMs on its own core, so
+    no core waits on another between a GEMM and a loop. A task's result must depend on i alone;
+    BLAS is single-threaded even with one worker, so results do not depend on the core count."""
+    with _blas_single_threaded() as limited:
+        workers = max(1, min(_WORKERS, count)) if limited else 1
+        counter = itertools.count()  # next() on it is atomic under the GIL
+
+        def work(worker: int) -> None:
+            while (i := next(counter)) < count:
+                task(worker, i)
+
+        _run_calls([(work, (k,)) for k in range(workers)])
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_saved = 0
+
+
+@contextlib.contextmanager
+def _blas_single_threaded() -> Iterator[bool]:
+    """OpenBLAS limited to one thread (its thread count is process-wide) while any caller is
+    inside; yields False, changing nothing, when numpy's BLAS is not an OpenBLAS we can set."""
+    global _blas_users, _blas_saved
+    fns = blas_thread_functions()
+    if fns is None:
+        yield False
+        return
+    get, set_ = fns
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_saved = int(get())
+            set_(1)
+        _blas_users += 1
+    try:
+        yield True
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                set_(_blas_saved)
+
+
+@functools.cache
+def blas_thread_functions() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """(get, set) of the thread count of the OpenBLAS that numpy loaded (numpy's wheels ship it in
+    numpy.libs), or None for another BLAS."""
+    libs = Path(np.__file__).parent.parent / "numpy.libs"
+    for path in sorted(libs.glob("*openblas*")) if libs.is_dir() else []:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and set_ is not None:
+                set_.argtypes = [ctypes.c_int]
+                return get, set_
+    return None
 
 
 @njit(cache=True, nogil=True)
@@ -203,24 +300,32 @@ def gather_rows_lut(images, indices, lut, out):
             out[b, j] = lut[images[src, j]]
 
 
+#: float64 lanes of channel_sums' accumulator block (64 KiB: stays in L1/L2 while dy streams by)
+SUM_LANES = 8192
+
+
 @njit(cache=True, nogil=True)
-def channel_sums(dy, out):
-    """out[c] = sum of dy (N, C, L) over n and l, in float64 with four running accumulators."""
+def channel_sums(dy, out, lanes, c_lo, c_hi):
+    """out[c] = sum of dy (N, C, L) over n and l, for c in [c_lo, c_hi), in float64: every (c, l)
+    has its own accumulator summing over n in order (independent lanes, so the loop vectorises
+    without reassociating anything), then out[c] sums its L lanes in order. A channel's result
+    does not depend on the range it is computed in, nor on `lanes` (SUM_LANES: channels are
+    summed in blocks of about that many accumulators)."""
     N, C, L = dy.shape
-    for c in range(C):
-        a0 = 0.0
-        a1 = 0.0
-        a2 = 0.0
-        a3 = 0.0
+    block = max(1, min(c_hi - c_lo, lanes // max(L, 1)))
+    acc = np.empty(block * L, np.float64)
+    df = dy.reshape(-1)
+    for b0 in range(c_lo, c_hi, block):
+        b1 = min(c_hi, b0 + block)
+        span = _U((b1 - b0) * L)
+        acc[:] = 0
         for n in range(N):
-            i = 0
-            while i + 4 <= L:
-                a0 += dy[n, c, i]
-                a1 += dy[n, c, i + 1]
-                a2 += dy[n, c, i + 2]
-                a3 += dy[n, c, i + 3]
-                i += 4
-            while i < L:
-                a0 += dy[n, c, i]
-                i += 1
-        out[c] = (a0 + a1) + (a2 + a3)
+            src = _U((n * C + b0) * L)
+            for i in range(span):
+                acc[i] += df[src + i]
+        for c in range(b0, b1):
+            total = 0.0
+            base = (c - b0) * L
+            for i in range(L):
+                total += acc[base + i]
+            out[c] = total
