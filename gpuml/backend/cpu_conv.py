@@ -8,7 +8,9 @@ col is (C*R*S, n*P*Q) built from NCHW: row (c*R + r)*S + s, column n*P*Q + p*Q +
 x[n, c, p*sh - ph + r, q*sw - pw + s], or 0 where that falls in the padding. With
 NHWC_MIN_CHANNELS input channels or more, col (and bwd_data's dcol) is channels-last instead,
 (n*P*Q, R*S*C) with W reordered to match: im2col and col2im then move runs of S*C values instead
-of runs of Q.
+of runs of Q. With few input channels, fwd and bwd_weight run one small GEMM per image on the NCHW
+tensors as they are (numpy loops BLAS over the stack): col is thin there, and copying y or dy
+between NCHW and channel-major order cost more than the GEMM.
 
 A chunk is sized so that col and the GEMM result stay near COL_BUDGET_BYTES: written and read back
 by the GEMM in cache, which more than pays for the extra GEMM calls, and lets bwd_weight rebuild
@@ -21,8 +23,16 @@ arrive validated (shapes, dtype, C-contiguous) from CpuBackend; these functions 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from gpuml.backend.cpu_conv_loops import (
+    batch_to_channel_major,
+    bias_act_planes,
+    col2im,
+    col2im_nhwc,
+    conv_epilogue,
+    im2col,
+    im2col_nhwc,
+)
 from gpuml.backend.cpu_loops import run_tasks
 
 #: the size one im2col matrix aims at; a batch is split into equal chunks of whole images
@@ -33,210 +43,6 @@ MIN_CHUNKS = 8
 NHWC_MIN_CHANNELS = 8
 
 Geometry = tuple[int, int, int, int, int, int]  # kh, kw, sh, sw, ph, pw
-
-
-# --------------------------------------------------------------------------- loops
-
-
-@njit(cache=True, inline="always")
-def _valid_span(offset, stride, size, count):
-    """[lo, hi): the outputs q in [0, count) whose input q*stride + offset lies in [0, size)."""
-    lo = 0 if offset >= 0 else (-offset + stride - 1) // stride
-    hi = 0 if size - offset <= 0 else (size - offset + stride - 1) // stride
-    lo = min(lo, count)
-    hi = max(lo, min(hi, count))
-    return lo, hi
-
-
-# The hot copy loops below index flat views with uint64 offsets: numba guards every signed index
-# against negative wraparound, and that branch keeps LLVM from vectorising the loop (4x slower).
-# A signed offset that is negative as a whole converts to the same bits, so sums stay exact.
-_U = np.uint64
-
-
-@njit(cache=True, nogil=True)
-def im2col(x, kh, kw, sh, sw, ph, pw, col):
-    """x (N, C, H, W) -> col (C*kh*kw, N*P*Q), zeros in the padding."""
-    N, C, H, W = x.shape
-    P = (H + 2 * ph - kh) // sh + 1
-    Q = (W + 2 * pw - kw) // sw + 1
-    PQ = P * Q
-    NPQ = col.shape[1]
-    xf = x.reshape(-1)
-    cf = col.reshape(-1)
-    for n in range(N):
-        for c in range(C):
-            for r in range(kh):
-                for s in range(kw):
-                    q_lo, q_hi = _valid_span(s - pw, sw, W, Q)
-                    row = ((c * kh + r) * kw + s) * NPQ + n * PQ
-                    for p in range(P):
-                        h = p * sh - ph + r
-                        dst = _U(row + p * Q)
-                        if h < 0 or h >= H:
-                            for q in range(_U(Q)):
-                                cf[dst + q] = 0
-                            continue
-                        for q in range(_U(q_lo)):
-                            cf[dst + q] = 0
-                        src = ((n * C + c) * H + h) * W + s - pw
-                        if sw == 1:
-                            for q in range(_U(q_lo), _U(q_hi)):
-                                cf[dst + q] = xf[_U(src) + q]
-                        else:
-                            for q in range(q_lo, q_hi):
-                                cf[dst + _U(q)] = xf[_U(src + q * sw)]
-                        for q in range(_U(q_hi), _U(Q)):
-                            cf[dst + q] = 0
-
-
-@njit(cache=True, nogil=True)
-def _image_to_hwc(x, n, xh):
-    """xh (H*W*C) = image n of x (N, C, H, W) channels-last, so a pixel's channels are contiguous."""
-    _, C, H, W = x.shape
-    HW = H * W
-    xf = x.reshape(-1)
-    for c in range(C):
-        src = _U((n * C + c) * HW)
-        for i in range(_U(HW)):
-            xh[i * _U(C) + _U(c)] = xf[src + i]
-
-
-@njit(cache=True, nogil=True)
-def im2col_nhwc(x, kh, kw, sh, sw, ph, pw, col):
-    """x (N, C, H, W) -> col (N, P*Q, kh*kw*C): row p*Q + q of image n, column (r*kw + s)*C + c.
-    Each image is first made channels-last in a small scratch that stays in cache; then for a fixed
-    (output pixel, r) the kw*C inputs are one contiguous run, so with many channels this copies
-    long runs where the NCHW im2col copies rows of Q."""
-    N, C, H, W = x.shape
-    P = (H + 2 * ph - kh) // sh + 1
-    Q = (W + 2 * pw - kw) // sw + 1
-    SC = kw * C
-    xh = np.empty(H * W * C, x.dtype)
-    cf = col.reshape(-1)
-    for n in range(N):
-        _image_to_hwc(x, n, xh)
-        for p in range(P):
-            for q in range(Q):
-                w0 = q * sw - pw
-                s_lo = max(0, -w0)
-                s_hi = max(s_lo, min(kw, W - w0))
-                row = ((n * P + p) * Q + q) * kh * SC
-                for r in range(kh):
-                    h = p * sh - ph + r
-                    dst = _U(row + r * SC)
-                    if h < 0 or h >= H:
-                        for i in range(_U(SC)):
-                            cf[dst + i] = 0
-                        continue
-                    for i in range(_U(s_lo * C)):
-                        cf[dst + i] = 0
-                    src = _U((h * W + w0 + s_lo) * C)
-                    d = dst + _U(s_lo * C)
-                    for i in range(_U((s_hi - s_lo) * C)):
-                        cf[d + i] = xh[src + i]
-                    for i in range(_U(s_hi * C), _U(SC)):
-                        cf[dst + i] = 0
-
-
-@njit(cache=True, nogil=True)
-def col2im(col, kh, kw, sh, sw, ph, pw, dx):
-    """dx (N, C, H, W) = the adjoint of im2col: every col entry added back onto its pixel, in a
-    fixed order."""
-    N, C, H, W = dx.shape
-    P = (H + 2 * ph - kh) // sh + 1
-    Q = (W + 2 * pw - kw) // sw + 1
-    PQ = P * Q
-    NPQ = col.shape[1]
-    CHW = C * H * W
-    cf = col.reshape(-1)
-    dxf = dx.reshape(-1)
-    for n in range(N):
-        for i in range(_U(n * CHW), _U((n + 1) * CHW)):
-            dxf[i] = 0
-        for c in range(C):
-            for r in range(kh):
-                for s in range(kw):
-                    q_lo, q_hi = _valid_span(s - pw, sw, W, Q)
-                    row = ((c * kh + r) * kw + s) * NPQ + n * PQ
-                    for p in range(P):
-                        h = p * sh - ph + r
-                        if h < 0 or h >= H:
-                            continue
-                        src = _U(row + p * Q)
-                        dst = ((n * C + c) * H + h) * W + s - pw
-                        if sw == 1:
-                            for q in range(_U(q_lo), _U(q_hi)):
-                                dxf[_U(dst) + q] += cf[src + q]
-                        else:
-                            for q in range(q_lo, q_hi):
-                                dxf[_U(dst + q * sw)] += cf[src + _U(q)]
-
-
-@njit(cache=True, nogil=True)
-def col2im_nhwc(col, kh, kw, sh, sw, ph, pw, dx):
-    """dx (N, C, H, W) = the adjoint of im2col_nhwc, col (N, P*Q, kh*kw*C): per image, the runs of
-    kw*C entries are added onto a channels-last scratch (output pixels in row-major order, then r),
-    which is then transposed into dx[n]."""
-    N, C, H, W = dx.shape
-    P = (H + 2 * ph - kh) // sh + 1
-    Q = (W + 2 * pw - kw) // sw + 1
-    SC = kw * C
-    HW = H * W
-    acc = np.empty(HW * C, dx.dtype)
-    cf = col.reshape(-1)
-    dxf = dx.reshape(-1)
-    for n in range(N):
-        acc[:] = 0
-        for p in range(P):
-            for q in range(Q):
-                w0 = q * sw - pw
-                s_lo = max(0, -w0)
-                s_hi = max(s_lo, min(kw, W - w0))
-                row = ((n * P + p) * Q + q) * kh * SC
-                for r in range(kh):
-                    h = p * sh - ph + r
-                    if h < 0 or h >= H:
-                        continue
-                    src = _U(row + r * SC + s_lo * C)
-                    dst = _U((h * W + w0 + s_lo) * C)
-                    for i in range(_U((s_hi - s_lo) * C)):
-                        acc[dst + i] += cf[src + i]
-        for c in range(C):
-            out = _U((n * C + c) * HW)
-            for i in range(_U(HW)):
-                dxf[out + i] = acc[i * _U(C) + _U(c)]
-
-
-@njit(cache=True, nogil=True)
-def conv_epilogue(gemm, bias, relu, y):
-    """y (N, K, L) = act(gemm (K, N*L) + bias (K,)), transposing the GEMM's channel-major result
-    into NCHW in the same pass. relu keeps NaN, as np.maximum does."""
-    N, K, L = y.shape
-    for n in range(N):
-        for k in range(K):
-            b = bias[k]
-            src = gemm[k, n * L : (n + 1) * L]
-            dst = y[n, k]
-            if relu:
-                for i in range(L):
-                    v = src[i] + b
-                    dst[i] = 0 if v < 0 else v
-            else:
-                for i in range(L):
-                    dst[i] = src[i] + b
-
-
-@njit(cache=True, nogil=True)
-def batch_to_channel_major(dy, dyt):
-    """dyt (K, N*L) from dy (N, K, L): the layout the weight- and data-gradient GEMMs need."""
-    N, K, L = dy.shape
-    for n in range(N):
-        for k in range(K):
-            dyt[k, n * L : (n + 1) * L] = dy[n, k]
-
-
-# --------------------------------------------------------------------------- drivers
 
 
 class Workspace:
@@ -317,10 +123,18 @@ def conv2d_fwd(
 
     def chunk(worker: int, i: int) -> None:
         n0, n1 = chunks[i]
+        n = n1 - n0
         col = _im2col_chunk(ws, worker, x[n0:n1], geom, L)
-        gemm = ws.scratch(f"gemm{worker}", (K, (n1 - n0) * L), x.dtype)
-        np.matmul(w2, col.T if nhwc else col, out=gemm)
-        conv_epilogue(gemm, bias, relu, y3[n0:n1])
+        if nhwc:
+            gemm = ws.scratch(f"gemm{worker}", (K, n * L), x.dtype)
+            np.matmul(w2, col.T, out=gemm)
+            conv_epilogue(gemm, bias, relu, y3[n0:n1])
+            return
+        # few input channels: one GEMM per image straight into y (K rows of L pixels), then the
+        # bias and activation in place, rather than a channel-major result transposed into y
+        y_chunk = y3[n0:n1]
+        np.matmul(w2, col.reshape(-1, n, L).transpose(1, 0, 2), out=y_chunk)
+        bias_act_planes(y_chunk, bias, relu)
 
     run_tasks(chunk, len(chunks))
 
@@ -366,8 +180,15 @@ def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dy: np.ndarray, geom: Geomet
     def chunk(worker: int, i: int) -> None:
         n0, n1 = chunks[i]
         col = _im2col_chunk(ws, worker, x[n0:n1], geom, L)
-        dyt = _channel_major(ws, worker, dy3[n0:n1])
-        np.matmul(dyt, col if nhwc else col.T, out=parts[i])
+        if nhwc:
+            np.matmul(_channel_major(ws, worker, dy3[n0:n1]), col, out=parts[i])
+            return
+        # few input channels: col has few rows, so the GEMM is cheap next to copying dy into
+        # channel-major order; one small GEMM per image on dy as it is, summed in image order
+        n = n1 - n0
+        per_image = ws.scratch(f"dw_images{worker}", (n, K, crs), dw.dtype)
+        np.matmul(dy3[n0:n1], col.reshape(crs, n, L).transpose(1, 2, 0), out=per_image)
+        np.sum(per_image, axis=0, out=parts[i])
 
     run_tasks(chunk, len(chunks))
     dw2 = ws.scratch("dw_rsc", (K, crs), dw.dtype) if nhwc else dw.reshape(K, crs)
