@@ -296,6 +296,28 @@ def test_conv2d_same_bits_on_any_core_count(be, dt, monkeypatch, channels):
             assert np.array_equal(a, c)
 
 
+def test_run_tasks_raises_and_restores_blas_threads(monkeypatch):
+    """A failing chunk surfaces as its error, after every thread has stopped, and OpenBLAS gets its
+    thread count back (run_tasks limits it to one meanwhile)."""
+    fns = cpu_loops.blas_thread_functions()
+    before = fns[0]() if fns else None
+    monkeypatch.setattr(cpu_loops, "_WORKERS", 3)
+    done: list[int] = []
+
+    def task(worker: int, i: int) -> None:
+        if fns:
+            assert fns[0]() == 1
+        if i == 4:
+            raise RuntimeError("chunk 4")
+        done.append(i)
+
+    with pytest.raises(RuntimeError, match="chunk 4"):
+        cpu_loops.run_tasks(task, 9)
+    assert sorted(done) == [0, 1, 2, 3, 5, 6, 7, 8]
+    if fns:
+        assert fns[0]() == before
+
+
 def test_conv2d_bwd_weight_sees_rewritten_input(be, dt):
     """conv2d_bwd_weight depends on its arguments alone: x rewritten in place after the forward
     (as a reused activation buffer is) gives the gradient of the new values."""
