@@ -20,14 +20,32 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+
+from gpuml.errors import ShapeError
 
 Array = Any  # numpy.ndarray or cupy.ndarray: whatever the backend's `xp` module produces
 Pair = tuple[int, int]
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
+
+
+def fail(op: str, message: str) -> NoReturn:
+    """Raise the one-line ShapeError every backend uses: "<op>: <what is wrong>"."""
+    raise ShapeError(f"{op}: {message}")
+
+
+def check_pair(op: str, name: str, value: Any, minimum: int) -> Pair:
+    """An (h, w) pair of ints each >= minimum (stride, padding, kernel), or a ShapeError."""
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        fail(op, f"{name} must be an (h, w) pair of ints, got {value!r}")
+    if a < minimum or b < minimum:
+        fail(op, f"{name} {value!r} must be >= {minimum}")
+    return a, b
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:

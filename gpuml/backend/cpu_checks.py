@@ -9,22 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuml.backend.base import conv_out_size
-from gpuml.errors import ShapeError
-
-
-def fail(op: str, message: str) -> None:
-    raise ShapeError(f"{op}: {message}")
-
-
-def _pair(op: str, name: str, value: Any, minimum: int) -> tuple[int, int]:
-    try:
-        a, b = (int(v) for v in value)
-    except (TypeError, ValueError):
-        fail(op, f"{name} must be an (h, w) pair of ints, got {value!r}")
-    if a < minimum or b < minimum:
-        fail(op, f"{name} {value!r} must be >= {minimum}")
-    return a, b
+from gpuml.backend.base import check_pair, conv_out_size, fail
 
 
 class Checks:
@@ -109,8 +94,8 @@ class Checks:
         """((kh, kw, sh, sw, ph, pw), y shape) of a convolution, after checking that x and w fit."""
         N, C, H, W = x_shape
         K, Cw, R, S = w_shape
-        sh, sw = _pair(op, "stride", stride, 1)
-        ph, pw = _pair(op, "padding", padding, 0)
+        sh, sw = check_pair(op, "stride", stride, 1)
+        ph, pw = check_pair(op, "padding", padding, 0)
         if C != Cw:
             fail(op, f"x {tuple(x_shape)} and w {tuple(w_shape)} do not fit ({C} != {Cw} input channels)")
         P, Q = conv_out_size(H, R, sh, ph), conv_out_size(W, S, sw, pw)
@@ -124,9 +109,9 @@ class Checks:
         """((kh, kw, sh, sw, ph, pw), y shape); padding at most half the kernel (as PyTorch), so
         every window holds at least one real cell."""
         N, C, H, W = x_shape
-        kh, kw = _pair(op, "kernel", kernel, 1)
-        sh, sw = _pair(op, "stride", stride, 1)
-        ph, pw = _pair(op, "padding", padding, 0)
+        kh, kw = check_pair(op, "kernel", kernel, 1)
+        sh, sw = check_pair(op, "stride", stride, 1)
+        ph, pw = check_pair(op, "padding", padding, 0)
         if 2 * ph > kh or 2 * pw > kw:
             fail(op, f"padding {(ph, pw)} is more than half the kernel {(kh, kw)}")
         P, Q = conv_out_size(H, kh, sh, ph), conv_out_size(W, kw, sw, pw)

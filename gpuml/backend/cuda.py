@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from gpuml.backend import cuda_launch as plan
-from gpuml.backend.base import ACTIVATIONS, Array, Backend
+from gpuml.backend.base import ACTIVATIONS, Array, Backend, fail
 from gpuml.backend.cuda_augment import AugmentOps
-from gpuml.backend.cuda_common import DevicePlumbing, aligned16, fail
+from gpuml.backend.cuda_common import DevicePlumbing, aligned16
 from gpuml.backend.cuda_conv import ConvPoolOps
 from gpuml.backend.cuda_optim import MultiTensorOps
 from gpuml.backend.kernels import arch_from_compute_capability
@@ -28,9 +28,6 @@ from gpuml.errors import DeviceError
 BLOCK = (plan.THREADS, 1, 1)
 _LABEL_KINDS = {np.dtype(np.uint8): 0, np.dtype(np.int32): 1, np.dtype(np.int64): 2}
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
-
-
-_fail = fail
 
 
 class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backend):
@@ -97,7 +94,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         Kb, N = (b.shape[1], b.shape[0]) if trans_b else b.shape
         if K != Kb:
             na, nb = "a.T" if trans_a else "a", "b.T" if trans_b else "b"
-            _fail(op, f"{na} {(M, K)} and {nb} {(Kb, N)} do not fit ({K} != {Kb})")
+            fail(op, f"{na} {(M, K)} and {nb} {(Kb, N)} do not fit ({K} != {Kb})")
         if activation not in (None, "relu"):
             raise ValueError(f"{op}: fused activation must be None or 'relu', got {activation!r}")
         if bias is not None:
@@ -140,11 +137,11 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         op = "bias_grad"
         dy = self._dev_in(op, "dy", dy)
         if dy.ndim < 2:
-            _fail(op, f"dy {dy.shape} needs a batch axis and a channel axis")
+            fail(op, f"dy {dy.shape} needs a batch axis and a channel axis")
         N, C = dy.shape[0], dy.shape[1]
         HW = int(np.prod(dy.shape[2:], dtype=np.int64))
         if max(N, C, HW, N * C) > plan.INT32_MAX:
-            _fail(op, f"dy {dy.shape} is past the kernels' 32-bit indexing")
+            fail(op, f"dy {dy.shape} is past the kernels' 32-bit indexing")
         out = self._dev_out(op, "out", out, (C,))
         self._no_alias(op, "out", out, dy=dy)
         if C == 0:
@@ -197,7 +194,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         pred = self._dev_in(op, "pred", pred)
         target = self._dev_in(op, "target", target, shape=pred.shape)
         if pred.size == 0:
-            _fail(op, f"pred {pred.shape} is empty")
+            fail(op, f"pred {pred.shape} is empty")
         loss = self._dev_out(op, "loss", loss, ())
         dpred = self._dev_out(op, "dpred", dpred, pred.shape)
         self._out_may_alias(op, "dpred", dpred, "pred", pred)
@@ -217,7 +214,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         labels = self._dev_in(op, "labels", labels, shape=(B,), dtype=np.int32)
         out = self._dev_out(op, "out", out, ())
         if K == 0 or B > plan.INT32_MAX or K > plan.INT32_MAX:
-            _fail(op, f"logits {logits.shape} need 1 to 2^31 - 1 classes and rows")
+            fail(op, f"logits {logits.shape} need 1 to 2^31 - 1 classes and rows")
         grid = plan.count_correct_grid(B)
         counts = self._scratch("correct_counts", grid[0], np.int32)
         self._launch("softmax_xent", "count_correct_rows", grid, BLOCK,
@@ -300,7 +297,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         if isinstance(factor, self.xp.ndarray):
             factor = self._dev_in(op, "factor", factor, dtype=np.float32)
             if factor.size != 1:
-                _fail(op, f"factor must be a scalar, got shape {factor.shape}")
+                fail(op, f"factor must be a scalar, got shape {factor.shape}")
             self._no_alias(op, "dst", dst, factor=factor)
             self._launch("elementwise", "scale_inplace_by_device", plan.grid_1d(dst.size), BLOCK,
                          (dst, factor, np.int64(dst.size)))
@@ -325,18 +322,18 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         op = "gather_batch"
         images = self._dev_in(op, "images", images, dtype=np.uint8)
         if images.ndim < 1:
-            _fail(op, f"images {images.shape} needs a sample axis")
+            fail(op, f"images {images.shape} needs a sample axis")
         n = images.shape[0]
         if labels.dtype not in _LABEL_KINDS:
-            _fail(op, f"labels {labels.shape} have dtype {labels.dtype}; uint8, int32 or int64 expected")
+            fail(op, f"labels {labels.shape} have dtype {labels.dtype}; uint8, int32 or int64 expected")
         labels = self._dev_in(op, "labels", labels, shape=(n,), dtype=labels.dtype)
         if indices.dtype not in _INDEX_DTYPES or indices.ndim != 1:
-            _fail(op, f"indices must be 1-D int32 or int64, got {indices.dtype} {indices.shape}")
+            fail(op, f"indices must be 1-D int32 or int64, got {indices.dtype} {indices.shape}")
         indices = self._dev_in(op, "indices", indices, dtype=indices.dtype)
         B = indices.shape[0]
         D = int(np.prod(images.shape[1:], dtype=np.int64))
         if B > plan.INT32_MAX:
-            _fail(op, f"{B} indices are more than one launch covers")
+            fail(op, f"{B} indices are more than one launch covers")
         out_x = self._dev_out(op, "out_x", out_x, (B, *images.shape[1:]))
         out_y = self._dev_out(op, "out_y", out_y, (B,), np.int32)
         if B == 0:

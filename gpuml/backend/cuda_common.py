@@ -5,17 +5,12 @@ per-shape scratch buffers. The free functions are pure Python and work on numpy 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from gpuml.backend.base import Array
+from gpuml.backend.base import Array, fail
 from gpuml.backend.kernels import get_function
-from gpuml.errors import ShapeError
-
-
-def fail(op: str, message: str) -> NoReturn:
-    raise ShapeError(f"{op}: {message}")
 
 
 def buffers_overlap(a: Any, b: Any) -> bool:

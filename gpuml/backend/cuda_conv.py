@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from gpuml.backend.base import Array, Pair, conv_out_size
-from gpuml.backend.cuda_common import fail
+from gpuml.backend.base import Array, Pair, check_pair, conv_out_size, fail
+from gpuml.backend.cuda_launch import ceil_div
 
 THREADS = 256
 #: conv2d_fwd / conv2d_bwd_data output tile: (pixels, channels) per block
@@ -41,21 +41,8 @@ Grid = tuple[int, int, int]
 BLOCK: Grid = (THREADS, 1, 1)
 
 
-_fail = fail
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pair(op: str, name: str, value: Any, minimum: int) -> tuple[int, int]:
-    try:
-        a, b = (int(v) for v in value)
-    except (TypeError, ValueError):
-        _fail(op, f"{name} must be an (h, w) pair of ints, got {value!r}")
-    if a < minimum or b < minimum:
-        _fail(op, f"{name} {value!r} must be >= {minimum}")
-    return a, b
 
 
 def _dims4(op: str, name: str, shape: Sequence[int]) -> tuple[int, int, int, int]:
@@ -64,14 +51,14 @@ def _dims4(op: str, name: str, shape: Sequence[int]) -> tuple[int, int, int, int
     except (TypeError, ValueError):
         dims = ()
     if len(dims) != 4 or min(dims) < 1:
-        _fail(op, f"{name} must have 4 positive dims (N, C, H, W), got {tuple(shape)!r}")
+        fail(op, f"{name} must have 4 positive dims (N, C, H, W), got {tuple(shape)!r}")
     return dims  # type: ignore[return-value]
 
 
 def _fits_int32(op: str, **shapes: tuple[int, ...]) -> None:
     for name, shape in shapes.items():
         if int(np.prod(shape, dtype=np.int64)) > INDEX_LIMIT:
-            _fail(op, f"{name} {shape} has 2^31 or more elements, past the kernels' 32-bit indexing")
+            fail(op, f"{name} {shape} has 2^31 or more elements, past the kernels' 32-bit indexing")
 
 
 @dataclass(frozen=True)
@@ -115,14 +102,14 @@ def conv_geometry(
     """Check that x (N, C, H, W) and w (K, C, R, S) fit under stride/padding; ShapeError if not."""
     N, C, H, W = _dims4(op, x_name, x_shape)
     K, Cw, R, S = _dims4(op, w_name, w_shape)
-    sh, sw = _pair(op, "stride", stride, 1)
-    ph, pw = _pair(op, "padding", padding, 0)
+    sh, sw = check_pair(op, "stride", stride, 1)
+    ph, pw = check_pair(op, "padding", padding, 0)
     if C != Cw:
-        _fail(op, f"{x_name} {(N, C, H, W)} and {w_name} {(K, Cw, R, S)} do not fit "
+        fail(op, f"{x_name} {(N, C, H, W)} and {w_name} {(K, Cw, R, S)} do not fit "
                   f"({C} != {Cw} input channels)")
     P, Q = conv_out_size(H, R, sh, ph), conv_out_size(W, S, sw, pw)
     if P < 1 or Q < 1:
-        _fail(op, f"{x_name} {(N, C, H, W)} padded by {(ph, pw)} is smaller than the {R}x{S} kernel")
+        fail(op, f"{x_name} {(N, C, H, W)} padded by {(ph, pw)} is smaller than the {R}x{S} kernel")
     _fits_int32(op, **{x_name: (N, C, H, W), w_name: (K, C, R, S), "y": (N, K, P, Q)})
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw)
 
@@ -160,14 +147,14 @@ def pool_geometry(op: str, x_shape: Sequence[int], kernel: Any, stride: Any, pad
     """Check a pooling window; padding at most half the kernel (as PyTorch), so every window
     holds at least one real cell."""
     N, C, H, W = _dims4(op, "x", x_shape)
-    kh, kw = _pair(op, "kernel", kernel, 1)
-    sh, sw = _pair(op, "stride", stride, 1)
-    ph, pw = _pair(op, "padding", padding, 0)
+    kh, kw = check_pair(op, "kernel", kernel, 1)
+    sh, sw = check_pair(op, "stride", stride, 1)
+    ph, pw = check_pair(op, "padding", padding, 0)
     if 2 * ph > kh or 2 * pw > kw:
-        _fail(op, f"padding {(ph, pw)} is more than half the kernel {(kh, kw)}")
+        fail(op, f"padding {(ph, pw)} is more than half the kernel {(kh, kw)}")
     P, Q = conv_out_size(H, kh, sh, ph), conv_out_size(W, kw, sw, pw)
     if P < 1 or Q < 1:
-        _fail(op, f"x {(N, C, H, W)} padded by {(ph, pw)} is smaller than the kernel {(kh, kw)}")
+        fail(op, f"x {(N, C, H, W)} padded by {(ph, pw)} is smaller than the kernel {(kh, kw)}")
     _fits_int32(op, x=(N, C, H, W), y=(N, C, P, Q))
     return PoolGeometry(N, C, H, W, kh, kw, sh, sw, ph, pw, P, Q)
 
@@ -176,9 +163,9 @@ def pool_geometry(op: str, x_shape: Sequence[int], kernel: Any, stride: Any, pad
 
 
 def _wide_grid(op: str, pixels: int, channels: int) -> Grid:
-    grid = (_ceil_div(pixels, WIDE_TILE[0]), _ceil_div(channels, WIDE_TILE[1]), 1)
+    grid = (ceil_div(pixels, WIDE_TILE[0]), ceil_div(channels, WIDE_TILE[1]), 1)
     if grid[1] > MAX_GRID_YZ:
-        _fail(op, f"{channels} channels are more than one launch covers ({MAX_GRID_YZ * WIDE_TILE[1]})")
+        fail(op, f"{channels} channels are more than one launch covers ({MAX_GRID_YZ * WIDE_TILE[1]})")
     return grid
 
 
@@ -194,7 +181,7 @@ def conv_bwd_data_grid(g: ConvGeometry, op: str = "conv2d_bwd_data") -> Grid:
 
 def elementwise_grid(total: int) -> Grid:
     """One thread per element, THREADS per block (the pooling kernels)."""
-    return (_ceil_div(total, THREADS), 1, 1)
+    return (ceil_div(total, THREADS), 1, 1)
 
 
 @dataclass(frozen=True)
@@ -212,19 +199,19 @@ class WgradPlan:
 
 def conv_bwd_weight_plan(g: ConvGeometry, op: str = "conv2d_bwd_weight") -> WgradPlan:
     crs, steps = g.C * g.R * g.S, g.N * g.P * g.Q
-    tiles = (_ceil_div(crs, WGRAD_TILE[0]), _ceil_div(g.K, WGRAD_TILE[1]))
+    tiles = (ceil_div(crs, WGRAD_TILE[0]), ceil_div(g.K, WGRAD_TILE[1]))
     if tiles[1] > MAX_GRID_YZ:
-        _fail(op, f"{g.K} filters are more than one launch covers ({MAX_GRID_YZ * WGRAD_TILE[1]})")
-    splits = _ceil_div(WGRAD_TARGET_BLOCKS, tiles[0] * tiles[1])
+        fail(op, f"{g.K} filters are more than one launch covers ({MAX_GRID_YZ * WGRAD_TILE[1]})")
+    splits = ceil_div(WGRAD_TARGET_BLOCKS, tiles[0] * tiles[1])
     splits = min(splits, max(1, steps // WGRAD_MIN_STEPS), MAX_GRID_YZ, INDEX_LIMIT // (g.K * crs))
     splits = max(1, splits)
-    chunk = _ceil_div(_ceil_div(steps, splits), WGRAD_SLICE) * WGRAD_SLICE
-    splits = _ceil_div(steps, chunk)  # rounding the chunk up can leave the last split empty
+    chunk = ceil_div(ceil_div(steps, splits), WGRAD_SLICE) * WGRAD_SLICE
+    splits = ceil_div(steps, chunk)  # rounding the chunk up can leave the last split empty
     return WgradPlan(
         grid=(tiles[0], tiles[1], splits),
         chunk=chunk,
         splits=splits,
-        reduce_grid=(_ceil_div(g.K * crs, REDUCE_OUTPUTS), 1, 1),
+        reduce_grid=(ceil_div(g.K * crs, REDUCE_OUTPUTS), 1, 1),
         workspace_elems=splits * g.K * crs if splits > 1 else 0,
     )
 
