@@ -17,6 +17,7 @@ import numpy as np
 
 from gpuml.backend.base import ACTIVATIONS, Array, Backend, Pair, conv_out_size
 from gpuml.errors import ShapeError
+from gpuml.nn.buffers import Buffers
 
 Shape = tuple[int, ...]
 
@@ -42,11 +43,12 @@ class Layer:
         self.output_shape: Shape = ()
         self.need_input_grad = True
         self.backend: Backend | None = None
-        self._buffers: dict[tuple[str, Shape], Array] = {}
+        self._buffers: Buffers | None = None
 
     # -- building -------------------------------------------------------------------------
     def build(self, input_shape: Shape, backend: Backend, rng: np.random.Generator) -> Shape:
         self.backend = backend
+        self._buffers = Buffers(backend)
         self.input_shape = tuple(input_shape)
         self.output_shape = self.infer_shape(self.input_shape)
         self.init_params(rng)
@@ -64,14 +66,9 @@ class Layer:
         self.grads[key] = self.backend.zeros(host.shape)
 
     def buffer(self, key: str, shape: Shape, dtype: Any = None) -> Array:
-        """A buffer reused across steps for this (key, shape)."""
-        k = (key, tuple(shape))
-        buf = self._buffers.get(k)
-        if buf is None:
-            assert self.backend is not None
-            buf = self.backend.empty(shape, dtype)
-            self._buffers[k] = buf
-        return buf
+        """A buffer reused across steps for this (key, shape, dtype)."""
+        assert self._buffers is not None, f"layer {self.name} used before build()"
+        return self._buffers.get(key, shape, dtype)
 
     def num_params(self) -> int:
         return int(sum(math.prod(p.shape) for p in self.params.values()))
@@ -95,18 +92,65 @@ class Layer:
         raise NotImplementedError
 
 
-class Dense(Layer):
-    """y = act(x @ W + b); W (in, out). ReLU is fused into the GEMM epilogue."""
+class _LinearActivation(Layer):
+    """Dense and Conv2D: y = act(linear(x) + b). ReLU is fused into the linear op's epilogue,
+    tanh/sigmoid are applied in place; backward goes through the activation (from the saved
+    output), then the subclass's weight and input gradients."""
+
+    def __init__(self, activation: str | None, use_bias: bool, init: str | None, name: str) -> None:
+        super().__init__(name)
+        self.activation = activation
+        self.use_bias = use_bias
+        self.init = init or ("he" if activation == "relu" else "glorot")
+
+    def _linear(self, x: Array, fused: str | None, out: Array) -> None:
+        raise NotImplementedError
+
+    def _weight_grad(self, x: Array, dz: Array) -> None:
+        raise NotImplementedError
+
+    def _input_grad(self, dz: Array, out: Array) -> Array:
+        raise NotImplementedError
+
+    def _init_bias(self, n: int) -> None:
+        if self.use_bias:
+            self._set_param("b", np.zeros(n))
+
+    def _activation_note(self) -> str:
+        return f", {self.activation}" if self.activation else ""
+
+    def forward(self, x: Array, training: bool, step: int = 0) -> Array:
+        self.check_input(x)
+        y = self.buffer("y", (x.shape[0], *self.output_shape))
+        self._linear(x, "relu" if self.activation == "relu" else None, y)
+        if self.activation not in (None, "relu"):
+            self.backend.activation_fwd(self.activation, y, out=y)
+        self._x, self._y = x, y
+        return y
+
+    def backward(self, dy: Array) -> Array | None:
+        be = self.backend
+        x, y = self._x, self._y
+        dz = dy
+        if self.activation:
+            dz = be.activation_bwd(self.activation, y, dy, out=self.buffer("dz", y.shape))
+        self._weight_grad(x, dz)
+        if self.use_bias:
+            be.bias_grad(dz, out=self.grads["b"])
+        if not self.need_input_grad:
+            return None
+        return self._input_grad(dz, self.buffer("dx", x.shape))
+
+
+class Dense(_LinearActivation):
+    """y = act(x @ W + b); W (in, out)."""
 
     kind = "dense"
 
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
                  init: str | None = None, name: str = "") -> None:
-        super().__init__(name)
+        super().__init__(activation, use_bias, init, name)
         self.units = units
-        self.activation = activation
-        self.use_bias = use_bias
-        self.init = init or ("he" if activation == "relu" else "glorot")
 
     def infer_shape(self, input_shape: Shape) -> Shape:
         if len(input_shape) != 1:
@@ -119,39 +163,22 @@ class Dense(Layer):
     def init_params(self, rng: np.random.Generator) -> None:
         fan_in, fan_out = self.input_shape[0], self.units
         self._set_param("W", init_weights(rng, self.init, (fan_in, fan_out), fan_in, fan_out))
-        if self.use_bias:
-            self._set_param("b", np.zeros(fan_out))
+        self._init_bias(fan_out)
 
     def describe(self) -> str:
-        return f"units={self.units}" + (f", {self.activation}" if self.activation else "")
+        return f"units={self.units}" + self._activation_note()
 
-    def forward(self, x: Array, training: bool, step: int = 0) -> Array:
-        be = self.backend
-        self.check_input(x)
-        batch = x.shape[0]
-        y = self.buffer("y", (batch, self.units))
-        fused = "relu" if self.activation == "relu" else None
-        be.matmul(x, self.params["W"], bias=self.params.get("b"), activation=fused, out=y)
-        if self.activation and self.activation != "relu":
-            be.activation_fwd(self.activation, y, out=y)
-        self._x, self._y = x, y
-        return y
+    def _linear(self, x: Array, fused: str | None, out: Array) -> None:
+        self.backend.matmul(x, self.params["W"], bias=self.params.get("b"), activation=fused, out=out)
 
-    def backward(self, dy: Array) -> Array | None:
-        be = self.backend
-        x, y = self._x, self._y
-        dz = dy
-        if self.activation:
-            dz = be.activation_bwd(self.activation, y, dy, out=self.buffer("dz", y.shape))
-        be.matmul(x, dz, trans_a=True, out=self.grads["W"])
-        if self.use_bias:
-            be.bias_grad(dz, out=self.grads["b"])
-        if not self.need_input_grad:
-            return None
-        return be.matmul(dz, self.params["W"], trans_b=True, out=self.buffer("dx", x.shape))
+    def _weight_grad(self, x: Array, dz: Array) -> None:
+        self.backend.matmul(x, dz, trans_a=True, out=self.grads["W"])
+
+    def _input_grad(self, dz: Array, out: Array) -> Array:
+        return self.backend.matmul(dz, self.params["W"], trans_b=True, out=out)
 
 
-class Conv2D(Layer):
+class Conv2D(_LinearActivation):
     """y = act(conv2d(x, W) + b); W (filters, C, kh, kw); NCHW."""
 
     kind = "conv2d"
@@ -159,7 +186,7 @@ class Conv2D(Layer):
     def __init__(self, filters: int, kernel: int | Pair, stride: int | Pair = 1,
                  padding: int | Pair | str = 0, activation: str | None = None,
                  use_bias: bool = True, init: str | None = None, name: str = "") -> None:
-        super().__init__(name)
+        super().__init__(activation, use_bias, init, name)
         self.filters = filters
         self.kernel = _pair(kernel, "kernel", self.name)
         self.stride = _pair(stride, "stride", self.name)
@@ -170,9 +197,6 @@ class Conv2D(Layer):
                 raise ShapeError(f"layer {self.name}: padding 'same' needs stride 1 and an odd kernel")
             padding = (self.kernel[0] // 2, self.kernel[1] // 2)
         self.padding = _pair(padding, "padding", self.name)  # type: ignore[arg-type]
-        self.activation = activation
-        self.use_bias = use_bias
-        self.init = init or ("he" if activation == "relu" else "glorot")
 
     def infer_shape(self, input_shape: Shape) -> Shape:
         if len(input_shape) != 3:
@@ -193,8 +217,7 @@ class Conv2D(Layer):
         kh, kw = self.kernel
         shape = (self.filters, c, kh, kw)
         self._set_param("W", init_weights(rng, self.init, shape, c * kh * kw, self.filters * kh * kw))
-        if self.use_bias:
-            self._set_param("b", np.zeros(self.filters))
+        self._init_bias(self.filters)
 
     def describe(self) -> str:
         s = f"{self.filters} {self.kernel[0]}x{self.kernel[1]}"
@@ -202,34 +225,18 @@ class Conv2D(Layer):
             s += f" stride {self.stride[0]}"
         if self.padding != (0, 0):
             s += f" pad {self.padding[0]}"
-        return s + (f", {self.activation}" if self.activation else "")
+        return s + self._activation_note()
 
-    def forward(self, x: Array, training: bool, step: int = 0) -> Array:
-        be = self.backend
-        self.check_input(x)
-        y = self.buffer("y", (x.shape[0], *self.output_shape))
-        fused = "relu" if self.activation == "relu" else None
-        be.conv2d_fwd(x, self.params["W"], self.params.get("b"), self.stride, self.padding,
-                      activation=fused, out=y)
-        if self.activation and self.activation != "relu":
-            be.activation_fwd(self.activation, y, out=y)
-        self._x, self._y = x, y
-        return y
+    def _linear(self, x: Array, fused: str | None, out: Array) -> None:
+        self.backend.conv2d_fwd(x, self.params["W"], self.params.get("b"), self.stride, self.padding,
+                                activation=fused, out=out)
 
-    def backward(self, dy: Array) -> Array | None:
-        be = self.backend
-        x, y = self._x, self._y
-        dz = dy
-        if self.activation:
-            dz = be.activation_bwd(self.activation, y, dy, out=self.buffer("dz", y.shape))
-        be.conv2d_bwd_weight(x, dz, self.params["W"].shape, self.stride, self.padding,
-                             out=self.grads["W"])
-        if self.use_bias:
-            be.bias_grad(dz, out=self.grads["b"])
-        if not self.need_input_grad:
-            return None
-        return be.conv2d_bwd_data(dz, self.params["W"], x.shape, self.stride, self.padding,
-                                  out=self.buffer("dx", x.shape))
+    def _weight_grad(self, x: Array, dz: Array) -> None:
+        self.backend.conv2d_bwd_weight(x, dz, self.params["W"].shape, self.stride, self.padding,
+                                       out=self.grads["W"])
+
+    def _input_grad(self, dz: Array, out: Array) -> Array:
+        return self.backend.conv2d_bwd_data(dz, self.params["W"], out.shape, self.stride, self.padding, out=out)
 
 
 class _Pool2D(Layer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from gpuml.backend.base import Array, Backend
 from gpuml.errors import ShapeError
+from gpuml.nn.buffers import Buffers
 
 
 class Loss:
@@ -12,13 +13,7 @@ class Loss:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._buffers: dict[tuple, Array] = {}
-
-    def _buf(self, key: str, shape: tuple[int, ...]) -> Array:
-        k = (key, tuple(shape))
-        if k not in self._buffers:
-            self._buffers[k] = self.backend.empty(shape)
-        return self._buffers[k]
+        self._buf = Buffers(backend).get
 
     def __call__(self, outputs: Array, labels: Array) -> tuple[Array, Array]:
         """(loss, doutputs)."""
