@@ -29,6 +29,7 @@ from gpuml.backend.base import Array
 from gpuml.data.atomic import atomic_write
 from gpuml.data.loader import BatchIterator, Dataset, load_dataset
 from gpuml.errors import DeviceError, GpumlError, TrainingDiverged
+from gpuml.nn.buffers import Buffers
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
 from gpuml.train.config import dump_config
@@ -89,7 +90,7 @@ class Trainer:
                              f"the model input is {input_shape}")
         self._augment_seed = zlib.crc32(f"{cfg['seed']}:augment".encode())
         self._augment_fill = (0.0 - mean) / std  # a black pixel, normalised
-        self._augment_out: dict[tuple[int, ...], Array] = {}
+        self._buffers = Buffers(self.backend)
         self.metric_names = ["train_loss", "train_accuracy", "lr"]
         if "val" in self.eval_iters:
             self.metric_names[2:2] = ["val_loss", "val_accuracy"]
@@ -126,10 +127,13 @@ class Trainer:
             "partial": self.partial, "data": self.train_iter.state_dict(),
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """The rolling step checkpoint, and best.npz too when `best` (one host copy for both)."""
         folder = self.run_dir / "checkpoints"
-        path = ckpt.save(ckpt.step_path(folder, self.global_step), self.model.state_dict(),
-                         self.optimizer.state_dict(), self._meta())
+        state = (self.model.state_dict(), self.optimizer.state_dict(), self._meta())
+        path = ckpt.save(ckpt.step_path(folder, self.global_step), *state)
+        if best:
+            ckpt.save(folder / "best.npz", *state)
         ckpt.prune(folder, self.cfg["trainer"]["keep_checkpoints"])
         return path
 
@@ -148,7 +152,8 @@ class Trainer:
         """Mean loss and accuracy over a whole split, in eval mode (no dropout)."""
         it = self.eval_iters[split]
         be = self.backend
-        acc = be.zeros((2,))
+        acc = self._buffers.get("eval_acc", (2,))
+        be.fill_(acc, 0.0)
         for x, y in it:
             out = self.model.forward(x, training=False)
             loss, _ = self.loss_fn(out, y)
@@ -175,8 +180,8 @@ class Trainer:
                         raise _Stop()
                     row = self._train_epoch(show)
                     self.history.append(row)
-                    stopped_early = self._after_epoch(row)
-                    self.save_checkpoint()
+                    is_best, stopped_early = self._after_epoch(row)
+                    self.save_checkpoint(best=is_best)
                     metrics.append(row)
                     self.log(format_epoch(row, t["epochs"]))
             except _Stop:
@@ -270,9 +275,7 @@ class Trainer:
     def _augmented(self, x: Array) -> Array:
         """The batch under a random affine transform keyed by (run seed, step)."""
         a = self.augment
-        out = self._augment_out.get(tuple(x.shape))
-        if out is None:
-            out = self._augment_out[tuple(x.shape)] = self.backend.empty(x.shape)
+        out = self._buffers.get("augmented", x.shape)
         return self.backend.augment_images(
             x, seed=self._augment_seed, offset=self.global_step << 32, max_shift=a["shift"],
             max_rotate=a["rotate"], max_scale=a["scale"], hflip=a["hflip"], fill=self._augment_fill, out=out)
@@ -289,13 +292,13 @@ class Trainer:
             be.clip_grad_norm_(self.grads, clip)
         self.optimizer.step(lr)
 
-    def _read_back(self, steps: int, check: bool = True) -> None:
+    def _read_back(self, steps: int) -> None:
         """Move the device accumulators into `self.partial`; stop on a non-finite loss."""
         if steps == 0:
             return
         loss_sum, correct = (float(v) for v in self.backend.to_numpy(self._acc))
         self.backend.fill_(self._acc, 0.0)
-        if check and not math.isfinite(loss_sum):
+        if not math.isfinite(loss_sum):
             good = ckpt.list_checkpoints(self.run_dir / "checkpoints")
             where = f"last good checkpoint: {good[-1]}" if good else "no checkpoint was saved yet"
             first = self.global_step - steps + 1
@@ -307,27 +310,23 @@ class Trainer:
         self.partial["loss_sum"] += loss_sum
         self.partial["correct"] += correct
 
-    def _after_epoch(self, row: dict[str, Any]) -> bool:
-        """Best checkpoint and early stopping; True when training should stop."""
+    def _after_epoch(self, row: dict[str, Any]) -> tuple[bool, bool]:
+        """(is this the best epoch by trainer.monitor, should training stop early)."""
         t = self.cfg["trainer"]
-        mode = metric_mode(self.monitor, t["monitor_mode"])
         value = row[self.monitor]
-        if self.best["value"] is None or (value > self.best["value"] if mode == "max" else value < self.best["value"]):
+        mode = metric_mode(self.monitor, t["monitor_mode"])
+        is_best = self.best["value"] is None or value_improved(value, self.best["value"], mode, 0.0)
+        if is_best:
             self.best = {"metric": self.monitor, "value": value, "epoch": row["epoch"]}
-            folder = self.run_dir / "checkpoints"
-            ckpt.save(folder / "best.npz", self.model.state_dict(), self.optimizer.state_dict(), self._meta())
         es = t["early_stopping"]
-        if not es["enabled"]:
-            return False
-        name = es["monitor"]
-        es_mode = metric_mode(name, es["mode"])
-        past = [r[name] for r in self.history[:-1]]
+        past = [r[es["monitor"]] for r in self.history[:-1]] if es["enabled"] else []
         if not past:
-            return False
+            return is_best, False
+        es_mode = metric_mode(es["monitor"], es["mode"])
         ref = max(past) if es_mode == "max" else min(past)
-        improved = value_improved(row[name], ref, es_mode, es["min_delta"])
+        improved = value_improved(row[es["monitor"]], ref, es_mode, es["min_delta"])
         self.es_wait = 0 if improved else self.es_wait + 1
-        return self.es_wait > es["patience"]
+        return is_best, self.es_wait > es["patience"]
 
     def _finish(self, seconds: float, stopped_early: bool) -> dict[str, Any]:
         test = self.evaluate("test")
