@@ -89,51 +89,43 @@ def _default_run_dir(name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gpuml.train.trainer import out_of_memory_message
-
-    try:
-        return _train(args)
-    except Exception as exc:
-        oom = out_of_memory_message(exc, getattr(args, "batch_size_seen", None))
-        if oom is not None:
-            raise oom from None
-        raise
-
-
-def _train(args: argparse.Namespace) -> int:
     from gpuml.train import checkpoint as ckpt
     from gpuml.train.config import config_diff, load_config
-    from gpuml.train.trainer import Trainer, write_config, write_run_info
+    from gpuml.train.trainer import Trainer, out_of_memory_message, write_config, write_run_info
 
+    resume_from = None
     if args.resume:
         run_dir = args.resume
         saved_path = run_dir / "config.yaml"
         if not saved_path.exists():
             raise GpumlError(f"--resume {run_dir}: not a run folder ({saved_path} is missing)")
-        saved = load_config(saved_path)
-        cfg = load_config(args.config or saved_path, args.overrides)
-        changed = config_diff(saved, cfg)
+        source = str(args.config or saved_path)
+        cfg = load_config(source, args.overrides)
+        changed = config_diff(load_config(saved_path), cfg)
         if changed and not args.allow_config_change:
             raise ConfigError(f"--resume {run_dir}: the config differs from the run's in "
                               f"{', '.join(changed)}; pass --allow-config-change to accept")
-        last = ckpt.find(run_dir, "last")
-        trainer = Trainer(cfg, run_dir, source=str(args.config or saved_path))
-        trainer.restore(last)
-        if changed:
-            write_config(run_dir, cfg)
+        resume_from = ckpt.find(run_dir, "last")
     else:
         if not args.config:
             raise ConfigError("gpuml train: give a CONFIG file, or --resume RUN_DIR")
-        args.config = resolve_config(args.config)
-        cfg = load_config(args.config, args.overrides)
+        source = resolve_config(args.config)
+        cfg = load_config(source, args.overrides)
         run_dir = args.out or _default_run_dir(cfg["name"])
         if ckpt.list_checkpoints(run_dir / "checkpoints") or (run_dir / "summary.json").exists():
             raise GpumlError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
-        trainer = Trainer(cfg, run_dir, source=str(args.config))
+    try:
+        trainer = Trainer(cfg, run_dir, source=source)
+        if resume_from is not None:
+            trainer.restore(resume_from)
         write_config(run_dir, cfg)
-    args.batch_size_seen = cfg["trainer"]["batch_size"]
-    write_run_info(run_dir, trainer)
-    trainer.fit(progress=False if args.no_progress else None)
+        write_run_info(run_dir, trainer)
+        trainer.fit(progress=False if args.no_progress else None)
+    except Exception as exc:
+        oom = out_of_memory_message(exc, cfg["trainer"]["batch_size"])
+        if oom is not None:
+            raise oom from None
+        raise
     return 0
 
 
@@ -151,39 +143,29 @@ def resolve_config(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- runs
-def _load_run_model(run_dir: Path, checkpoint: str, device: str | None, with_data: bool) -> Any:
-    """(cfg, trainer-or-model, backend) with the chosen weights loaded."""
-    import numpy as np
-
-    from gpuml.train import checkpoint as ckpt
+def _run_config(run_dir: Path, device: str | None) -> tuple[dict[str, Any], Path]:
+    """A run folder's resolved config (optionally on another device) and its path."""
     from gpuml.train.config import load_config
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise GpumlError(f"{run_dir}: not a run folder ({cfg_path} is missing)")
-    cfg = load_config(cfg_path, [f"device={device}"] if device else [])
-    if checkpoint == "final":
-        wpath = run_dir / "weights.npz"
-        if not wpath.exists():
-            raise GpumlError(f"{run_dir}: no final weights ({wpath} is missing); use --checkpoint last")
-        with np.load(wpath, allow_pickle=False) as z:
-            weights = {k: z[k] for k in z.files}
-    else:
-        weights, _, _ = ckpt.load(ckpt.find(run_dir, checkpoint))
-    if with_data:
-        from gpuml.train.trainer import Trainer
+    return load_config(cfg_path, [f"device={device}"] if device else []), cfg_path
 
-        trainer = Trainer(cfg, run_dir, source=str(cfg_path))
-        trainer.model.load_state_dict(weights, source=checkpoint)
-        return cfg, trainer
-    from gpuml.backend import get_backend
-    from gpuml.train.build import build_model
 
-    info = read_run_info(run_dir)
-    backend = get_backend(cfg["device"], dtype=cfg["dtype"])
-    model = build_model(cfg, backend, tuple(info["input_shape"]), str(cfg_path))
-    model.load_state_dict(weights, source=checkpoint)
-    return cfg, (model, backend, info, weights)
+def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:
+    """Host arrays of the chosen weights: final (weights.npz), best, last or a checkpoint path."""
+    import numpy as np
+
+    from gpuml.train import checkpoint as ckpt
+
+    if checkpoint != "final":
+        return ckpt.load(ckpt.find(run_dir, checkpoint))[0]
+    path = run_dir / "weights.npz"
+    if not path.exists():
+        raise GpumlError(f"{run_dir}: no final weights ({path} is missing); use --checkpoint last")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
@@ -194,7 +176,12 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _, trainer = _load_run_model(args.run_dir, args.checkpoint, args.device, with_data=True)
+    from gpuml.train.trainer import Trainer
+
+    cfg, cfg_path = _run_config(args.run_dir, args.device)
+    weights = _load_weights(args.run_dir, args.checkpoint)
+    trainer = Trainer(cfg, args.run_dir, source=str(cfg_path))
+    trainer.model.load_state_dict(weights, source=args.checkpoint)
     if args.split not in trainer.eval_iters:
         raise GpumlError(f"{args.run_dir}: this run has no {args.split} split (data.val_split is 0)")
     result = trainer.evaluate(args.split)
@@ -204,9 +191,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from gpuml.backend import get_backend
     from gpuml.predict import predict_file
+    from gpuml.train.build import build_model
 
-    _, (model, backend, info, _) = _load_run_model(args.run_dir, args.checkpoint, args.device, with_data=False)
+    cfg, cfg_path = _run_config(args.run_dir, args.device)
+    weights = _load_weights(args.run_dir, args.checkpoint)
+    info = read_run_info(args.run_dir)
+    backend = get_backend(cfg["device"], dtype=cfg["dtype"])
+    model = build_model(cfg, backend, tuple(info["input_shape"]), str(cfg_path))
+    model.load_state_dict(weights, source=args.checkpoint)
     predict_file(model, backend, info, args.input, args.out, args.batch_size)
     return 0
 
@@ -214,9 +208,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from gpuml.export import export_weights
 
-    _, (_, _, _, weights) = _load_run_model(args.run_dir, args.checkpoint, "cpu", with_data=False)
+    _run_config(args.run_dir, None)  # a clear error when run_dir is not a run folder
     out = args.out or args.run_dir / f"weights.{args.format}"
-    export_weights(weights, out, args.format)
+    export_weights(_load_weights(args.run_dir, args.checkpoint), out, args.format)
     print(out)
     return 0
 
