@@ -187,11 +187,8 @@ def apply_override(raw: dict[str, Any], parts: list[str], value: Any) -> None:
             idx = _list_index(node, part, parts[: i + 1])
             node = node[idx]
             continue
-        if not isinstance(node.get(part), (dict, list)):
-            if isinstance(node.get(part), str) and part in ("loss", "optimizer", "schedule"):
-                node[part] = {"name": node[part]}
-            else:
-                node[part] = {}
+        if not isinstance(node.get(part), (dict, list)):  # shorthands were expanded before overrides
+            node[part] = {}
         node = node[part]
     last = parts[-1]
     if isinstance(node, list):
