@@ -72,6 +72,16 @@ class MultiTensorOps:
     xp: Any
 
     def _tensor_table(self, op: str, slots: list[list[Array]]) -> TensorTable:
+        # The step calls this every iteration with the same arrays: a table found under the
+        # same pointers, sizes and dtypes was checked when it was built, so the per-tensor checks
+        # run only then (they cost more than the launch at small batch sizes).
+        key = (op, tuple(len(slot) for slot in slots),
+               tuple((getattr(a.data, "ptr", None), a.size, a.dtype.char) for slot in slots for a in slot))
+        tables: OrderedDict = self.__dict__.setdefault("_tensor_tables", OrderedDict())
+        table = tables.get(key)
+        if table is not None:
+            tables.move_to_end(key)
+            return table
         names = ("params", "grads", "state", "state")
         params = slots[0]
         if not params:
@@ -83,15 +93,9 @@ class MultiTensorOps:
             p = self._dev_in(op, f"params[{i}]", group[0])
             for j, a in enumerate(group[1:], start=1):
                 self._dev_in(op, f"{names[min(j, 3)]}[{i}]", a, shape=p.shape)
-        key = (op, tuple((a.data.ptr, a.size) for slot in slots for a in slot))
-        tables: OrderedDict = self.__dict__.setdefault("_tensor_tables", OrderedDict())
-        table = tables.get(key)
-        if table is None:
-            table = tables[key] = TensorTable(self.xp, slots)
-            if len(tables) > MAX_TABLES:
-                tables.popitem(last=False)
-        else:
-            tables.move_to_end(key)
+        table = tables[key] = TensorTable(self.xp, slots)
+        if len(tables) > MAX_TABLES:
+            tables.popitem(last=False)
         return table
 
     def _optimizer_launch(self, name: str, table: TensorTable, hyper: np.ndarray, *extra: Any) -> None:
