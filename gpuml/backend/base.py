@@ -419,7 +419,3 @@ class Backend(ABC):
         """Random affine transform of each image of x (N, C, H, W), bilinear, drawn from the
         counter-based generator; the exact contract is in gpuml/backend/augment.py. `out` must
         not be x."""
-
-    def is_finite(self, x: Array) -> bool:
-        """True when x (usually the 0-d loss) holds no NaN/Inf. Synchronises."""
-        return bool(np.isfinite(self.to_numpy(x)).all())
