@@ -41,7 +41,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run on tests/cuda_emulator: CuPy emulated on the CPU, kernels built with g++ (not a GPU)")
 
 
+def torch_required() -> bool:
+    """CI sets GPUML_REQUIRE_TORCH=1 (.ci/run installs a CPU build of torch): there the PyTorch
+    comparison tests must run, so a missing torch is an error instead of a silent skip."""
+    return os.environ.get("GPUML_REQUIRE_TORCH", "") not in ("", "0")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if torch_required():
+        try:
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise pytest.UsageError(f"GPUML_REQUIRE_TORCH is set but torch does not import ({exc}); "
+                                    "install it with: pip install torch==2.13.0 (a CPU build)") from exc
     # Before anything imports cupy or gpuml.backend, so that the emulator is the cupy they find.
     if config.getoption("--cuda-emulator"):
         sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulator"))

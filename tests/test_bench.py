@@ -3,6 +3,7 @@ a tiny training benchmark next to PyTorch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -203,7 +204,8 @@ def test_bench_train_tiny_limit_rows_next_to_torch(tmp_path: Path, fashion_root:
         assert r["samples_per_s"] > 0 and r["cpu_busy"] > 0
         assert r["us_per_step"] == pytest.approx(r["median_epoch_s"] / 4 * 1e6)
         assert 0.1 < r["test_accuracy"] <= 1.0
-    if "torch eager" in impls:
+    if importlib.util.find_spec("torch") is not None:  # CI installs torch: the parity check runs there
+        assert "torch eager" in impls, impls
         ours, torch_row = rows[0], rows[impls.index("torch eager")]
         # Same initial weights, data order, optimizer and loss: the runs agree up to rounding.
         assert ours["train_loss"] == pytest.approx(torch_row["train_loss"], rel=1e-3)
