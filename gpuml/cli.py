@@ -90,7 +90,7 @@ def _default_run_dir(name: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gpuml.train import checkpoint as ckpt
-    from gpuml.train.config import config_diff, load_config
+    from gpuml.train.config import command_line_source, config_diff, load_config
     from gpuml.train.trainer import Trainer, out_of_memory_message, write_config, write_run_info
 
     resume_from = None
@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if ckpt.list_checkpoints(run_dir / "checkpoints") or (run_dir / "summary.json").exists():
             raise GpumlError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
     try:
-        trainer = Trainer(cfg, run_dir, source=source)
+        trainer = Trainer(cfg, run_dir, source=command_line_source(source, args.overrides))
         if resume_from is not None:
             trainer.restore(resume_from)
         write_config(run_dir, cfg)
@@ -150,7 +150,7 @@ def _run_config(run_dir: Path, device: str | None) -> tuple[dict[str, Any], Path
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise GpumlError(f"{run_dir}: not a run folder ({cfg_path} is missing)")
-    return load_config(cfg_path, [f"device={device}"] if device else []), cfg_path
+    return load_config(cfg_path, options={"--device": f"device={device}"} if device else None), cfg_path
 
 
 def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:

@@ -97,3 +97,64 @@ def test_config_diff_lists_changed_keys() -> None:
     b = load_config(CONFIGS / "mlp.yaml", ["optimizer.lr=0.01", "model.layers.2.units=8"])
     assert sorted(config_diff(a, b)) == ["model.layers.2.units", "optimizer.lr"]
     assert config_diff(a, a) == []
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("optimizer: {name: adam}\ntrainer: {epochs: 1}\noptimizer: {name: sgd}\n", "optimizer", "lines 1 and 3"),
+    ("trainer:\n  epochs: 1\n  batch_size: 8\n  epochs: 2\n", "epochs", "lines 2 and 4"),
+    ("model:\n  layers:\n    - {type: dense, units: 3, units: 4}\n", "units", "twice on line 3"),
+])
+def test_duplicate_yaml_keys_name_key_and_lines(tmp_path: Path, text: str, key: str, lines: str) -> None:
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: duplicate key '{key}' ({lines})"
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    p = _write(tmp_path, "model:\n  layers:\n    - &d {type: dense, units: 3}\n"
+                         "    - {<<: *d, units: 4}\n")
+    assert [ly["units"] for ly in load_config(p)["model"]["layers"]] == [3, 4]
+
+
+def test_duplicate_key_in_set_value() -> None:
+    with pytest.raises(ConfigError, match=r"^--set optimizer=\{lr: 1, lr: 2\}: duplicate key 'lr'"):
+        load_config(CONFIGS / "mlp.yaml", ["optimizer={lr: 1, lr: 2}"])
+
+
+@pytest.mark.parametrize("override,message", [
+    # an unknown section made by --set is the override's fault, not the file's
+    ("trainr.epochs=1", "--set trainr.epochs: trainr: unknown key (did you mean 'trainer'?)"),
+    ("model.layers.0.kernel=40", "--set model.layers.0.kernel: unknown key (known keys: name)"),
+    # difflib alone suggests 'cpu' for 'gpu'
+    ("device=gpu", "--set device: 'gpu' is not one of auto, cuda, cpu (did you mean 'cuda'?)"),
+    ("dtype=double", "--set dtype: 'double' is not one of float32, float64 (did you mean 'float64'?)"),
+])
+def test_set_errors_blame_set(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "mlp.yaml", [override])
+    assert str(e.value) == message
+
+
+def test_options_are_named_in_errors() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "mlp.yaml", options={"--device": "device=tpu"})
+    assert str(e.value).startswith("--device: 'tpu' is not one of auto, cuda, cpu")
+    assert load_config(CONFIGS / "mlp.yaml", options={"--device": "device=cpu"})["device"] == "cpu"
+
+
+def test_layer_build_errors_blame_set() -> None:
+    from gpuml.backend import get_backend
+    from gpuml.train.build import build_model
+    from gpuml.train.config import command_line_source
+
+    overrides = ["model.layers.0.kernel=40"]
+    cfg = load_config(CONFIGS / "cnn.yaml", overrides)
+    with pytest.raises(ConfigError) as e:
+        build_model(cfg, get_backend("cpu"), (1, 28, 28), command_line_source(CONFIGS / "cnn.yaml", overrides))
+    assert str(e.value).startswith("--set model.layers.0.kernel: model.layers.0: ")
+    assert "kernel 40x40" in str(e.value)
+    # without the override in play, the file is named
+    cfg = load_config(CONFIGS / "cnn.yaml", overrides)
+    with pytest.raises(ConfigError, match=f"^{CONFIGS / 'cnn.yaml'}: model.layers.0: "):
+        build_model(cfg, get_backend("cpu"), (1, 28, 28), str(CONFIGS / "cnn.yaml"))

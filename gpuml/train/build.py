@@ -12,6 +12,7 @@ from gpuml.nn import layers as L
 from gpuml.nn.losses import Loss, make_loss
 from gpuml.nn.model import Sequential
 from gpuml.optim import OPTIMIZERS, Optimizer, Schedule
+from gpuml.train.config import blame
 
 
 def make_layer(spec: dict[str, Any]) -> L.Layer:
@@ -46,14 +47,14 @@ def build_model(cfg: dict[str, Any], backend: Backend, input_shape: tuple[int, .
         try:
             layers.append(make_layer(spec))
         except ShapeError as exc:
-            raise ConfigError(f"{source}: model.layers.{i}: {exc}") from None
+            raise ConfigError(blame(source, f"model.layers.{i}", str(exc))) from None
     model = Sequential(layers)
     try:
         model.build(tuple(input_shape), backend, seed=cfg["seed"])
     except ShapeError as exc:
         idx = getattr(exc, "layer_index", None)
         where = f"model.layers.{idx}" if idx is not None else "model.layers"
-        raise ConfigError(f"{source}: {where}: {exc}") from None
+        raise ConfigError(blame(source, where, str(exc))) from None
     return model
 
 
@@ -61,7 +62,7 @@ def build_loss(cfg: dict[str, Any], backend: Backend, source: str = "config") ->
     try:
         return make_loss(cfg["loss"]["name"], backend, cfg["loss"]["label_smoothing"])
     except ShapeError as exc:
-        raise ConfigError(f"{source}: loss: {exc}") from None
+        raise ConfigError(blame(source, "loss", str(exc))) from None
 
 
 def build_optimizer(cfg: dict[str, Any], backend: Backend, model: Sequential) -> Optimizer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,85 @@ from gpuml.errors import ConfigError
 from gpuml.train.schema import LAYERS, REQUIRED, ROOT, Field
 
 
-class _Ctx:
-    def __init__(self, source: str, overridden: set[str]) -> None:
-        self.source = source
-        self.overridden = overridden
+class ConfigSource(str):
+    """The config file's name (it is a str, so it prints as one) plus which keys came from the
+    command line, so that an error about a key blames what set it: `--set trainer.epochs: ...`,
+    `--device: ...` or `FILE: trainer.epochs: ...`. Errors found after loading (a layer that does
+    not fit its input) use `blame` with the same source."""
+
+    overridden: dict[str, str]  # dotted key -> the option that set it ("--set", "--device")
+
+    def __new__(cls, source: str, overridden: Mapping[str, str] | None = None) -> ConfigSource:
+        self = super().__new__(cls, source)
+        self.overridden = dict(overridden or {})
+        return self
+
+    def blame(self, path: str, message: str) -> str:
+        """`message` about dotted key `path`, prefixed by whoever set that key or a key below
+        it (an unknown section `trainr` is the fault of `--set trainr.epochs=1`)."""
+        for key, option in self.overridden.items():
+            if path == key or path.startswith(key + "."):
+                return f"{option}: {message}" if option != "--set" else f"--set {path}: {message}"
+        for key, option in self.overridden.items():
+            if key.startswith(path + "."):
+                who = f"--set {key}" if option == "--set" else option
+                return f"{who}: {path}: {message}"
+        return f"{self}: {path}: {message}"
 
     def fail(self, path: str, message: str) -> ConfigError:
-        if any(path == o or path.startswith(o + ".") for o in self.overridden):
-            return ConfigError(f"--set {path}: {message}")
-        return ConfigError(f"{self.source}: {path}: {message}")
+        return ConfigError(self.blame(path, message))
+
+
+def blame(source: str, path: str, message: str) -> str:
+    """`source: path: message`, or the command-line option that set `path` when `source` is a
+    ConfigSource (build errors use this: they only see the resolved config)."""
+    if isinstance(source, ConfigSource):
+        return source.blame(path, message)
+    return f"{source}: {path}: {message}"
+
+
+# Common names for a choice that difflib would not map to the right one (`gpu` is closer to
+# `cpu` than to `cuda` by spelling).
+_ALIASES = {
+    "gpu": "cuda", "gpu0": "cuda", "cuda0": "cuda", "cuda:0": "cuda", "nvidia": "cuda",
+    "host": "cpu", "numpy": "cpu",
+    "fp32": "float32", "float": "float32", "single": "float32",
+    "fp64": "float64", "double": "float64",
+    "cross_entropy": "softmax_cross_entropy", "crossentropy": "softmax_cross_entropy",
+    "ce": "softmax_cross_entropy", "xent": "softmax_cross_entropy", "l2": "mse",
+    "sgdm": "momentum", "nag": "nesterov",
+}
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so a second `optimizer:` section would quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    before = first.get(key)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if before is not None:
+                    where = f"lines {before} and {line}" if before != line else f"twice on line {line}"
+                    raise _DuplicateKey(f"duplicate key {key!r} ({where})")
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _suggest(key: str, options: list[str]) -> str:
@@ -40,7 +111,7 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def _coerce(value: Any, field: Field, path: str, ctx: _Ctx) -> Any:
+def _coerce(value: Any, field: Field, path: str, ctx: ConfigSource) -> Any:
     """Return the value converted to one of the field's types, or raise."""
     for t in field.types:
         ok, v = _try_type(value, t)
@@ -82,10 +153,13 @@ def _try_type(value: Any, t: str) -> tuple[bool, Any]:
     raise AssertionError(t)
 
 
-def _check_value(v: Any, field: Field, path: str, ctx: _Ctx) -> None:
+def _check_value(v: Any, field: Field, path: str, ctx: ConfigSource) -> None:
     if field.choices is not None and v not in field.choices:
         names = [str(c) for c in field.choices if c is not None]
         hint = _suggest(str(v), names) if isinstance(v, str) else ""
+        alias = _ALIASES.get(v.lower()) if isinstance(v, str) else None
+        if alias in names:
+            hint = f"did you mean '{alias}'?"
         hint = f" ({hint})" if hint.startswith("did") else ""
         raise ctx.fail(path, f"{v!r} is not one of {', '.join(names)}{hint}")
     if field.minimum is not None:
@@ -99,7 +173,7 @@ def _check_value(v: Any, field: Field, path: str, ctx: _Ctx) -> None:
                 raise ctx.fail(path, f"must be {rel} {field.minimum:g}, got {n!r}")
 
 
-def _validate_section(raw: Any, spec: dict[str, Any], path: str, ctx: _Ctx) -> dict[str, Any]:
+def _validate_section(raw: Any, spec: dict[str, Any], path: str, ctx: ConfigSource) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -122,7 +196,7 @@ def _validate_section(raw: Any, spec: dict[str, Any], path: str, ctx: _Ctx) -> d
     return out
 
 
-def _validate_layers(layers: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
+def _validate_layers(layers: list[dict[str, Any]], ctx: ConfigSource) -> list[dict[str, Any]]:
     if not layers:
         raise ctx.fail("model.layers", "needs at least one layer")
     out = []
@@ -146,9 +220,10 @@ def _normalise_shorthands(raw: dict[str, Any]) -> None:
             raw[key] = {"name": raw[key]}
 
 
-def validate(raw: Any, source: str = "<config>", overridden: set[str] | None = None) -> dict[str, Any]:
-    """Validate a raw config mapping; return the resolved config (defaults filled)."""
-    ctx = _Ctx(source, overridden or set())
+def validate(raw: Any, source: str = "<config>") -> dict[str, Any]:
+    """Validate a raw config mapping; return the resolved config (defaults filled). Errors
+    name `source` (a ConfigSource also knows which keys the command line set)."""
+    ctx = source if isinstance(source, ConfigSource) else ConfigSource(source)
     if not isinstance(raw, dict):
         raise ctx.fail("(top level)", f"a config must be a mapping of sections, got {_type_name(raw)}")
     raw = copy.deepcopy(raw)
@@ -174,7 +249,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text}: empty key")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value) if value.strip() else None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"--set {text}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text}: value is not valid YAML ({exc.__class__.__name__})") from None
     return key.split("."), parsed
@@ -204,8 +281,12 @@ def _list_index(node: list[Any], part: str, path: list[str]) -> int:
     return int(part)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML config file, apply --set overrides, validate."""
+def load_config(path: str | Path, overrides: list[str] | None = None, *,
+                options: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read a YAML config file, apply --set overrides, validate.
+
+    `options` maps other command-line options to the override they stand for, e.g.
+    {"--device": "device=cpu"}; they are applied last and errors about them name the option."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -214,7 +295,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -224,14 +307,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         raw = {}
     if isinstance(raw, dict):
         _normalise_shorthands(raw)
-    overridden: set[str] = set()
-    for item in overrides or []:
-        parts, value = parse_override(item)
-        if not isinstance(raw, dict):
-            break
-        apply_override(raw, parts, value)
-        overridden.add(".".join(parts))
-    return validate(raw, str(p), overridden)
+    if isinstance(raw, dict):
+        for _, item in _labelled(overrides, options):
+            apply_override(raw, *parse_override(item))
+    return validate(raw, command_line_source(p, overrides, options))
+
+
+def _labelled(overrides: list[str] | None, options: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    return [("--set", item) for item in overrides or []] + list((options or {}).items())
+
+
+def command_line_source(path: str | Path, overrides: list[str] | None = None,
+                        options: Mapping[str, str] | None = None) -> ConfigSource:
+    """`path` as a ConfigSource that knows which keys `overrides` (--set) and `options` (see
+    load_config) set: pass it as the `source` of Trainer/build_model so that their errors
+    blame the command line when it set the key."""
+    keys = {".".join(parse_override(item)[0]): option for option, item in _labelled(overrides, options)}
+    return ConfigSource(str(path), keys)
 
 
 def dump_config(cfg: dict[str, Any]) -> str:
