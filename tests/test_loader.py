@@ -256,3 +256,27 @@ def test_one_transfer_per_epoch_and_reused_buffers():
     assert fake.allocations == 4
     assert seen[0] == seen[1] == seen[2]
     assert len(set(seen[0])) == 2
+
+
+def test_val_split_error_says_what_to_set(tiny_root):
+    with pytest.raises(ConfigError) as e:
+        load_dataset("tiny_loader", tiny_root[0], limit=30, val_split=30, download=False)
+    msg = str(e.value)
+    assert "takes 30 of the 30 training samples (data.limit=30)" in msg
+    assert "--set data.val_split=0.1" in msg and "a count below 30" in msg
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "smoke", "mnist_mlp", "mnist_cnn"])
+def test_seed_configs_fit_any_limit(fashion_root, name):
+    """The README's `--set data.limit=5000` works with every seed config (an int val_split of
+    5000 left nothing to train on), and the full dataset keeps the 5,000-image validation split."""
+    from gpuml.train.config import load_config
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / f"{name}.yaml", ["data.limit=5000"])
+    val_split = cfg["data"]["val_split"]
+    ds = load_dataset("fashion_mnist", fashion_root, limit=5000, val_split=val_split, download=False, verify=False)
+    assert len(ds.train) + len(ds.val) == 5000 and 0 < len(ds.val) < len(ds.train)
+    if name != "smoke":
+        full = load_dataset("fashion_mnist", fashion_root, val_split=val_split, download=False, verify=False)
+        assert (len(full.train), len(full.val)) == (55000, 5000)

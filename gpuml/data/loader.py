@@ -79,7 +79,7 @@ def load_dataset(
         if limit > n:
             raise ConfigError(f"data.limit={limit} exceeds the {n} training samples of {spec.name}")
         n = int(limit)
-    n_val = _val_count(val_split, n)
+    n_val = _val_count(val_split, n, limited=limit is not None)
     val = Split(train.images[n - n_val : n], train.labels[n - n_val : n]) if n_val else None
     train = Split(train.images[: n - n_val], train.labels[: n - n_val])
     mean, std = pixel_stats(train.images)
@@ -106,7 +106,7 @@ def _as_split(
     return Split(images.reshape((len(images), *spec.shape)), labels.astype(np.int64))
 
 
-def _val_count(val_split: int | float, n: int) -> int:
+def _val_count(val_split: int | float, n: int, limited: bool = False) -> int:
     if isinstance(val_split, bool) or not isinstance(val_split, numbers.Real):
         raise ConfigError(f"data.val_split must be a count or a fraction, got {val_split!r}")
     if isinstance(val_split, numbers.Integral):
@@ -120,8 +120,10 @@ def _val_count(val_split: int | float, n: int) -> int:
         if val_split > 0 and count == 0:
             raise ConfigError(f"data.val_split={val_split} of {n} training samples is 0 samples")
     if count >= n:
+        of = f"the {n} training samples" + (f" (data.limit={n})" if limited else "")
         raise ConfigError(
-            f"data.val_split={val_split} takes {count} of the {n} training samples, leaving none to train on"
+            f"data.val_split={val_split} takes {count} of {of}, leaving none to train on; "
+            f"set a fraction instead (e.g. --set data.val_split=0.1) or a count below {n}"
         )
     return count
 
