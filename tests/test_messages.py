@@ -3,6 +3,7 @@ duplicate YAML keys, unreadable files, host memory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,42 @@ def test_duplicate_key_exits_2_naming_file_key_and_lines(tmp_path: Path, capsys)
 def test_train_unknown_section_from_set_names_set(tmp_path: Path, capsys) -> None:
     assert main(["train", str(CONFIGS / "mlp.yaml"), "--set", "trainr.epochs=1", "--out", str(tmp_path / "r")]) == 2
     assert _last_error(capsys) == "gpuml: error: --set trainr.epochs: trainr: unknown key (did you mean 'trainer'?)"
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_write_respects_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    import stat
+
+    from gpuml.data.atomic import atomic_write
+
+    old = os.umask(umask)
+    try:
+        with atomic_write(tmp_path / "f.json") as f:
+            f.write(b"{}")
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")  # what open() makes under the same umask
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_current_umask_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from gpuml.data import atomic
+
+    real_open = builtins.open
+
+    def no_proc(file, *a, **kw):
+        if str(file).startswith("/proc"):
+            raise FileNotFoundError(file)
+        return real_open(file, *a, **kw)
+
+    old = os.umask(0o027)
+    try:
+        assert atomic.current_umask() == 0o027
+        monkeypatch.setattr(builtins, "open", no_proc)
+        assert atomic.current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(old)
