@@ -43,9 +43,10 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("input", type=Path, help=".npy (N,H,W)/(N,C,H,W) uint8 0..255 or IDX images")
     p.add_argument("--checkpoint", default="final", help="final, best, last or a path")
-    p.add_argument("--out", type=Path, help="write predictions (.npy: probabilities; .csv: index,class,prob)")
-    p.add_argument("--device", help="override the run's device")
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--out", type=Path, help="write predictions (.npy: the (N, classes) probabilities; "
+                   "any other name: CSV with columns index,class,name,probability)")
+    p.add_argument("--device", help="override the run's device (auto, cpu, cuda)")
+    p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export weights as .npz or .safetensors")
@@ -62,6 +63,16 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="versions, backends and the GPU seen")
     p.set_defaults(func=cmd_info)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +212,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     backend = get_backend(cfg["device"], dtype=cfg["dtype"])
     model = build_model(cfg, backend, tuple(info["input_shape"]), str(cfg_path))
     model.load_state_dict(weights, source=args.checkpoint)
-    predict_file(model, backend, info, args.input, args.out, args.batch_size)
+    probs = predict_file(model, backend, info, args.input, args.out, args.batch_size)
+    if args.out is not None:
+        print(f"wrote {len(probs)} predictions to {args.out}")
     return 0
 
 

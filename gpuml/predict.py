@@ -4,6 +4,7 @@ run's training data was."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,12 @@ from typing import Any
 import numpy as np
 
 from gpuml.backend.base import Backend
-from gpuml.errors import DataError, ShapeError
+from gpuml.data.atomic import atomic_write
+from gpuml.errors import DataError, GpumlError, ShapeError
 from gpuml.nn.model import Sequential
+
+#: The columns of `predict --out FILE.csv` (the --help text says the same).
+CSV_COLUMNS = ("index", "class", "name", "probability")
 
 
 def load_images(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -63,12 +68,18 @@ def predict_file(model: Sequential, backend: Backend, info: dict[str, Any], path
     if out is None:
         for i, k in enumerate(pred):
             print(f"{i}\t{k}\t{classes[k]}\t{probs[i, k]:.4f}")
-    elif out.suffix == ".npy":
-        np.save(out, probs)
-    else:
-        with open(out, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["index", "class", "name", "probability"])
-            for i, k in enumerate(pred):
-                w.writerow([i, int(k), classes[k], f"{probs[i, k]:.6f}"])
+        return probs
+    try:
+        with atomic_write(out) as f:
+            if out.suffix == ".npy":
+                np.save(f, probs)
+            else:
+                text = io.StringIO(newline="")
+                w = csv.writer(text)
+                w.writerow(CSV_COLUMNS)
+                for i, k in enumerate(pred):
+                    w.writerow([i, int(k), classes[k], f"{probs[i, k]:.6f}"])
+                f.write(text.getvalue().encode())
+    except OSError as exc:
+        raise GpumlError(f"{out}: cannot write predictions ({exc.strerror or exc})") from None
     return probs
