@@ -1,12 +1,13 @@
-"""Datasets in memory (`load_dataset`) and batches on a device (`BatchIterator`)."""
+"""Datasets in memory (`load_dataset`: registered ones, or the user's npz/IDX files) and batches
+on a device (`BatchIterator`)."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,13 @@ import numpy as np
 
 from gpuml.backend.base import Array, Backend
 from gpuml.data.datasets import FILE_KEYS, DatasetSpec, fetch_dataset, read_verified
+from gpuml.data.user import IDX_KEYS, NPZ_KEYS, check_arrays, read_idx_files, read_npz
 from gpuml.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
 class Split:
-    """images uint8 (N, C, H, W) in 0..255, labels int64 (N,)."""
+    """images uint8 (N, C, H, W) or flat (N, features) in 0..255, labels int64 (N,)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -31,7 +33,8 @@ class Split:
 @dataclass(frozen=True)
 class Dataset:
     """A loaded dataset. `mean`/`std` are over every pixel of `train`, in [0, 1] units, for
-    normalising x = (pixel / 255 - mean) / std. `val` is None when val_split is 0."""
+    normalising x = (pixel / 255 - mean) / std. `val` is None when val_split is 0. `files` says
+    where the data came from (key -> path), for run.json."""
 
     spec: DatasetSpec
     folder: Path
@@ -40,6 +43,7 @@ class Dataset:
     test: Split
     mean: float
     std: float
+    files: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -48,6 +52,10 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return self.spec.num_classes
+
+
+#: `data.dataset` values that read the user's own files instead of a registered dataset.
+USER_DATASETS = ("npz", "idx")
 
 
 def load_dataset(
@@ -59,18 +67,31 @@ def load_dataset(
     *,
     verify: bool = True,
     progress: bool | None = None,
+    path: str | os.PathLike[str] | None = None,
+    paths: Mapping[str, str | os.PathLike[str] | None] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Dataset:
-    """Load `name` (finding or downloading its files, see gpuml.data.datasets).
+    """Load `name` (finding or downloading its files, see gpuml.data.datasets), or the user's
+    own data: name "npz" reads the Keras-layout file `path`, name "idx" the four IDX files in
+    `paths` (keys train_images, train_labels, test_images, test_labels); see gpuml.data.user.
 
     limit: keep the first `limit` training samples (the test set is untouched).
     val_split: validation samples taken from the end of the (limited) training set: an int
     count, or a float fraction in (0, 1). verify: check each file's content hash.
+    classes: class names of npz/idx data (default: a `classes` array in the npz, else "0".."k-1").
     """
-    files = fetch_dataset(name, root, download=download, progress=progress)
-    spec = files.spec
-    arrays = {k: read_verified(files.paths[k], spec.files[k], verify=verify) for k in FILE_KEYS}
-    train = _as_split(spec, files.paths, arrays["train_images"], arrays["train_labels"], "train")
-    test = _as_split(spec, files.paths, arrays["test_images"], arrays["test_labels"], "test")
+    if name in USER_DATASETS:
+        spec, folder, train, test, origin = _load_user(name, path, paths, classes)
+    else:
+        if path is not None or paths or classes is not None:
+            raise ConfigError(f"data.path, data.paths and data.classes are for data.dataset npz or "
+                              f"idx; {name!r} is a registered dataset (use data.root to point at it)")
+        files = fetch_dataset(name, root, download=download, progress=progress)
+        spec = files.spec
+        arrays = {k: read_verified(files.paths[k], spec.files[k], verify=verify) for k in FILE_KEYS}
+        train = _as_split(spec, files.paths, arrays["train_images"], arrays["train_labels"], "train")
+        test = _as_split(spec, files.paths, arrays["test_images"], arrays["test_labels"], "test")
+        folder, origin = files.folder, {k: str(p) for k, p in files.paths.items()}
 
     n = len(train)
     if limit is not None:
@@ -83,7 +104,48 @@ def load_dataset(
     val = Split(train.images[n - n_val : n], train.labels[n - n_val : n]) if n_val else None
     train = Split(train.images[: n - n_val], train.labels[: n - n_val])
     mean, std = pixel_stats(train.images)
-    return Dataset(spec, files.folder, train, val, test, mean, std)
+    return Dataset(spec, folder, train, val, test, mean, std, origin)
+
+
+def load_dataset_config(data: Mapping[str, Any], *, progress: bool | None = None) -> Dataset:
+    """load_dataset for a resolved config's `data` section."""
+    paths = data.get("paths") or {}
+    return load_dataset(
+        data["dataset"], data["root"], data["limit"], data["val_split"], data["download"],
+        progress=progress, path=data.get("path"), classes=data.get("classes"),
+        paths={k: v for k, v in paths.items() if v is not None} or None,
+    )
+
+
+def _load_user(
+    name: str, path: str | os.PathLike[str] | None,
+    paths: Mapping[str, str | os.PathLike[str] | None] | None, classes: Sequence[str] | None,
+) -> tuple[DatasetSpec, Path, Split, Split, dict[str, str]]:
+    if name == "npz":
+        if path is None:
+            raise ConfigError("data.dataset npz needs data.path: a .npz file holding "
+                              + ", ".join(NPZ_KEYS))
+        file = Path(path).expanduser().resolve()
+        arrays, npz_classes = read_npz(file)
+        where = {k: f"{file}: {k}" for k in NPZ_KEYS} | {"classes": f"{file}: classes"}
+        if classes is not None:
+            where["classes"] = "data.classes"
+        x = [arrays[k] for k in NPZ_KEYS]
+        folder, origin = file.parent, {"path": str(file)}
+        classes = classes if classes is not None else npz_classes
+    else:
+        files = {k: Path(str(v)).expanduser().resolve() for k, v in (paths or {}).items() if v}
+        unknown = sorted(set(files) - set(IDX_KEYS))
+        if unknown:
+            raise ConfigError(f"data.paths: unknown key {unknown[0]!r} (expected {', '.join(IDX_KEYS)})")
+        arrays = read_idx_files(files)
+        keys = dict(zip(NPZ_KEYS, IDX_KEYS))
+        where = {k: str(files[keys[k]]) for k in NPZ_KEYS} | {"classes": "data.classes"}
+        x = [arrays[k] for k in IDX_KEYS]
+        folder, origin = files["train_images"].parent, {k: str(files[k]) for k in IDX_KEYS}
+    xtr, ytr, xte, yte, names = check_arrays(*x, classes, where)
+    spec = DatasetSpec(name=name, files={}, mirrors=(), classes=names, shape=tuple(xtr.shape[1:]))
+    return spec, folder, Split(xtr, ytr), Split(xte, yte), origin
 
 
 def _as_split(

@@ -148,6 +148,8 @@ def _try_type(value: Any, t: str) -> tuple[bool, Any]:
                 return False, None
             return True, list(value)
         return False, None
+    if t == "list[str]":
+        return isinstance(value, list) and all(isinstance(i, str) for i in value), value
     if t == "list[dict]":
         return isinstance(value, list) and all(isinstance(i, dict) for i in value), value
     raise AssertionError(t)
@@ -237,7 +239,28 @@ def validate(raw: Any, source: str = "<config>") -> dict[str, Any]:
     val = cfg["data"]["val_split"]
     if isinstance(val, float) and not 0.0 <= val < 1.0:
         raise ctx.fail("data.val_split", f"a fraction must be in [0, 1), got {val}")
+    _check_data_source(cfg["data"], ctx)
     return cfg
+
+
+def _check_data_source(data: dict[str, Any], ctx: ConfigSource) -> None:
+    """data.path goes with npz, data.paths with idx, data.classes with either."""
+    kind = data["dataset"]
+    given_paths = [k for k, v in data["paths"].items() if v is not None]
+    if kind == "npz" and data["path"] is None:
+        raise ctx.fail("data.path", "is required with data.dataset npz (a .npz file holding "
+                       "x_train, y_train, x_test, y_test)")
+    if kind == "idx":
+        missing = [k for k in data["paths"] if k not in given_paths]
+        if missing:
+            raise ctx.fail(f"data.paths.{missing[0]}", "is required with data.dataset idx "
+                           f"(missing: {', '.join(missing)})")
+    if kind != "npz" and data["path"] is not None:
+        raise ctx.fail("data.path", f"is only read with data.dataset npz, not {kind!r}")
+    if kind != "idx" and given_paths:
+        raise ctx.fail(f"data.paths.{given_paths[0]}", f"is only read with data.dataset idx, not {kind!r}")
+    if kind not in ("npz", "idx") and data["classes"] is not None:
+        raise ctx.fail("data.classes", f"is only read with data.dataset npz or idx; {kind!r} has its own")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -15,7 +15,7 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Field:
-    types: tuple[str, ...]  # among: int, float, bool, str, null, list[int], pair, dict, list[dict]
+    types: tuple[str, ...]  # among: int, float, bool, str, null, list[int], list[str], pair, list[dict]
     default: Any = REQUIRED
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None  # inclusive lower bound for numbers
@@ -38,8 +38,13 @@ AUGMENT: dict[str, Any] = {
 }
 
 DATA: dict[str, Any] = {
-    "dataset": F("str", "fashion_mnist", choices=("fashion_mnist", "mnist")),
+    "dataset": F("str", "fashion_mnist", choices=("fashion_mnist", "mnist", "npz", "idx"),
+                 doc="a registered dataset, or your own: npz (data.path) or idx (data.paths)"),
     "root": F("str|null", None, doc="folder holding the IDX files; searched first"),
+    "path": F("str|null", None, doc="npz: a .npz file holding x_train, y_train, x_test, y_test"),
+    "paths": {k: F("str|null", None, doc=f"idx: the {k.replace('_', ' ')} IDX file")
+              for k in ("train_images", "train_labels", "test_images", "test_labels")},
+    "classes": F("list[str]|null", None, doc="npz/idx: class names (default: the npz's classes, else 0..k-1)"),
     "val_split": F("int|float", 5000, minimum=0, doc="validation samples (int) or fraction (float < 1)"),
     "limit": F("int|null", None, minimum=1, doc="use only the first N training samples"),
     "normalize": F("bool", True, doc="subtract the training mean, divide by its std"),

@@ -27,7 +27,7 @@ import numpy as np
 from gpuml.backend import get_backend
 from gpuml.backend.base import Array
 from gpuml.data.atomic import atomic_write
-from gpuml.data.loader import BatchIterator, Dataset, load_dataset
+from gpuml.data.loader import BatchIterator, Dataset, load_dataset_config
 from gpuml.errors import DeviceError, GpumlError, TrainingDiverged
 from gpuml.nn.buffers import Buffers
 from gpuml.train import checkpoint as ckpt
@@ -66,8 +66,7 @@ class Trainer:
         self.backend = get_backend(cfg["device"], dtype=cfg["dtype"])
         self.log(f"gpuml: device {self.backend.describe()} (device: {cfg['device']})")
         d = cfg["data"]
-        self.data = dataset or load_dataset(d["dataset"], d["root"], d["limit"], d["val_split"],
-                                            d["download"])
+        self.data = dataset or load_dataset_config(d)
         mean, std = (self.data.mean, self.data.std) if d["normalize"] else (0.0, 1.0)
         t = cfg["trainer"]
         self.train_iter = BatchIterator(self.backend, self.data.train, t["batch_size"], mean=mean,
@@ -373,6 +372,7 @@ def write_run_info(run_dir: Path, trainer: Trainer) -> None:
     info = {
         "gpuml_version": __version__,
         "dataset": trainer.data.spec.name,
+        "data_files": dict(trainer.data.files),
         "classes": list(trainer.data.classes),
         "input_shape": list(trainer.model.input_shape),
         "mean": trainer.data.mean if normalize else 0.0,
