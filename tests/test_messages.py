@@ -74,3 +74,29 @@ def test_current_umask_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
         assert os.umask(0o027) == 0o027  # left as it was
     finally:
         os.umask(old)
+
+
+def _tiny_dataset():
+    """12 random 4x4 images in 3 classes (train), 6 (test): a Dataset without files."""
+    import numpy as np
+
+    from gpuml.data.datasets import DatasetSpec
+    from gpuml.data.loader import Dataset, Split, pixel_stats
+
+    rng = np.random.default_rng(0)
+    train = Split(rng.integers(0, 256, (12, 1, 4, 4), dtype=np.uint8), rng.integers(0, 3, 12))
+    test = Split(rng.integers(0, 256, (6, 1, 4, 4), dtype=np.uint8), rng.integers(0, 3, 6))
+    spec = DatasetSpec("tiny", {}, (), ("a", "b", "c"), (1, 4, 4))
+    return Dataset(spec, Path("."), train, None, test, *pixel_stats(train.images))
+
+
+def test_one_epoch_is_singular_in_the_log(tmp_path: Path) -> None:
+    from gpuml.train.config import validate
+    from gpuml.train.trainer import Trainer
+
+    cfg = validate({"device": "cpu", "data": {"val_split": 0},
+                    "model": {"layers": [{"type": "flatten"}, {"type": "dense", "units": 3}]},
+                    "trainer": {"epochs": 1, "batch_size": 4, "progress": False}})
+    lines: list[str] = []
+    Trainer(cfg, tmp_path / "run", log=lines.append, dataset=_tiny_dataset()).fit(progress=False)
+    assert "(1 epoch, " in lines[-1] and "epochs" not in lines[-1]

@@ -46,6 +46,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def plural(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs': for log lines."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_epoch(row: dict[str, Any], total: int) -> str:
     parts = [f"epoch {row['epoch']}/{total}",
              f"train_loss {row['train_loss']:.4f}", f"train_acc {row['train_accuracy']:.4f}"]

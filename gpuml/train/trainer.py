@@ -33,7 +33,7 @@ from gpuml.nn.buffers import Buffers
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
 from gpuml.train.config import dump_config
-from gpuml.train.metrics import MetricsLog, format_epoch
+from gpuml.train.metrics import MetricsLog, format_epoch, plural
 
 Log = Callable[[str], None]
 
@@ -191,7 +191,7 @@ class Trainer:
                 ) from None
         if stopped_early:
             self.log(f"early stopping after epoch {self.epoch}: "
-                     f"{t['early_stopping']['monitor']} did not improve for {self.es_wait} epochs")
+                     f"{t['early_stopping']['monitor']} did not improve for {plural(self.es_wait, 'epoch')}")
             best = self.run_dir / "checkpoints" / "best.npz"
             if t["early_stopping"]["restore_best"] and best.exists():
                 model, _, meta = ckpt.load(best)
@@ -340,7 +340,7 @@ class Trainer:
         with atomic_write(self.run_dir / "summary.json") as f:
             f.write(json.dumps(summary, indent=2).encode())
         self.log(f"test_loss {test['loss']:.4f}  test_accuracy {test['accuracy']:.4f}  "
-                 f"({self.epoch} epochs, {seconds:.1f}s) -> {self.run_dir}")
+                 f"({plural(self.epoch, 'epoch')}, {seconds:.1f}s) -> {self.run_dir}")
         return summary
 
 
