@@ -1,20 +1,55 @@
 """`gpuml plot`: learning curves (loss and accuracy, train and validation) of one or more runs,
-overlaid, as a PNG. matplotlib is an optional extra (`pip install gpuml[bench]`)."""
+overlaid, as a PNG, with each run's best epoch marked. matplotlib is an optional extra
+(`pip install gpuml[bench]`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from gpuml.errors import GpumlError
 from gpuml.train.metrics import read_metrics
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+def best_epoch(run_dir: Path, rows: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """(epoch, metric) of the run's best checkpoint: summary.json's when the run finished, else
+    the monitored metric (trainer.monitor / monitor_mode, as the trainer picks it) over `rows`."""
+    try:
+        best = json.loads((run_dir / "summary.json").read_text()).get("best") or {}
+        if best.get("epoch") is not None and best.get("metric"):
+            return int(best["epoch"]), str(best["metric"])
+    except (OSError, ValueError, AttributeError):
+        pass  # no summary yet (the run is still going): work it out from the metrics
+    monitor, mode = "auto", "auto"
+    try:
+        trainer = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("trainer") or {}
+        monitor, mode = trainer.get("monitor", "auto"), trainer.get("monitor_mode", "auto")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    if monitor == "auto":
+        monitor = "val_accuracy" if all("val_accuracy" in r for r in rows) else "train_accuracy"
+    if mode == "auto":  # the trainer's rule (trainer.metric_mode)
+        mode = "max" if "accuracy" in monitor else "min"
+    scored = [(r[monitor], r["epoch"]) for r in rows if isinstance(r.get(monitor), (int, float))]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    # Ties go to the earliest epoch, as the trainer keeps the first of equal values.
+    value = pick(v for v, _ in scored)
+    return next(e for v, e in scored if v == value), monitor
+
+
+def make_figure(run_dirs: list[Path]) -> Any:
+    """The matplotlib Figure of `gpuml plot` (two axes: loss, accuracy)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise GpumlError("gpuml plot needs matplotlib: pip install 'gpuml[bench]'") from None
     runs = []
@@ -22,9 +57,10 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
         rows = read_metrics(d)
         if not rows:
             raise GpumlError(f"{d}: no metrics.jsonl rows to plot")
-        runs.append((d.name, rows))
+        runs.append((d, rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (label, rows), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+    for (run_dir, rows), color in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        label = run_dir.name
         epochs = [r["epoch"] for r in rows]
         for ax, metric in zip(axes, ("loss", "accuracy")):
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], color=color, linestyle="--",
@@ -32,12 +68,34 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
             if all(f"val_{metric}" in r for r in rows):
                 ax.plot(epochs, [r[f"val_{metric}"] for r in rows], color=color, marker="o",
                         label=f"{label} val")
+        best = best_epoch(run_dir, rows)
+        if best is not None:
+            _mark_best(axes, rows, color, label, *best)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _mark_best(axes: Any, rows: list[dict[str, Any]], color: str, label: str, epoch: int, metric: str) -> None:
+    """A dotted line at the best epoch on both axes, and a star on the monitored curve."""
+    for ax in axes:
+        ax.axvline(epoch, color=color, linestyle=":", alpha=0.7, gid="best-epoch")
+    row = next((r for r in rows if r["epoch"] == epoch), None)
+    if row is not None and metric in row:
+        axes[1 if "accuracy" in metric else 0].plot(
+            [epoch], [row[metric]], marker="*", markersize=14, color=color, linestyle="none",
+            label=f"{label} best {metric} (epoch {epoch})", gid="best-point")
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    fig = make_figure(run_dirs)
+    import matplotlib.pyplot as plt
+
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

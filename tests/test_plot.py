@@ -1,0 +1,61 @@
+"""`gpuml plot`: whole-epoch ticks and the best epoch marked, on run folders made by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from gpuml.cli import main  # noqa: E402
+from gpuml.train.plot import best_epoch, make_figure  # noqa: E402
+
+ROWS = [
+    {"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.60, "val_loss": 0.90, "val_accuracy": 0.70},
+    {"epoch": 2, "train_loss": 0.8, "train_accuracy": 0.70, "val_loss": 0.70, "val_accuracy": 0.80},
+    {"epoch": 3, "train_loss": 0.6, "train_accuracy": 0.80, "val_loss": 0.75, "val_accuracy": 0.78},
+]
+
+
+def _run(tmp_path: Path, name: str, rows: list[dict], summary: dict | None = None,
+         trainer: str | None = None) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+    if trainer is not None:
+        (d / "config.yaml").write_text(f"trainer: {trainer}\n")
+    return d
+
+
+def test_epoch_ticks_are_whole_numbers(tmp_path: Path) -> None:
+    fig = make_figure([_run(tmp_path, "a", ROWS[:2])])
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_best_epoch_from_summary_or_monitor(tmp_path: Path) -> None:
+    finished = _run(tmp_path, "done", ROWS, {"best": {"metric": "val_loss", "value": 0.7, "epoch": 2}})
+    assert best_epoch(finished, ROWS) == (2, "val_loss")
+    assert best_epoch(_run(tmp_path, "going", ROWS), ROWS) == (2, "val_accuracy")
+    by_loss = _run(tmp_path, "loss", ROWS, trainer="{monitor: train_loss, monitor_mode: auto}")
+    assert best_epoch(by_loss, ROWS) == (3, "train_loss")
+    no_val = [{k: v for k, v in r.items() if not k.startswith("val")} for r in ROWS]
+    assert best_epoch(_run(tmp_path, "noval", no_val), no_val) == (3, "train_accuracy")
+
+
+def test_best_epoch_is_marked(tmp_path: Path, capsys) -> None:
+    run = _run(tmp_path, "r", ROWS, {"best": {"metric": "val_accuracy", "value": 0.8, "epoch": 2}})
+    fig = make_figure([run])
+    lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+    assert [ln.get_xdata()[0] for ln in lines if ln.get_gid() == "best-epoch"] == [2, 2]
+    (star,) = [ln for ln in lines if ln.get_gid() == "best-point"]
+    assert star in fig.axes[1].get_lines() and list(star.get_ydata()) == [0.8]
+    assert "r best val_accuracy (epoch 2)" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    out = tmp_path / "c.png"
+    assert main(["plot", str(run), "--out", str(out)]) == 0 and out.read_bytes()[:4] == b"\x89PNG"
