@@ -143,7 +143,7 @@ def test_registry():
         hashes = [h for f in spec.files.values() for h in (f.sha256, f.raw_sha256)]
         assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes)
         assert len(set(hashes)) == 8
-    assert get_spec("fashion_mnist").mirrors == ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+    assert get_spec("fashion_mnist").mirrors[0] == "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
     assert get_spec("mnist").mirrors[0].startswith("https://ossci-datasets.s3.amazonaws.com/")
     assert get_spec("mnist").mirrors[1].startswith("https://storage.googleapis.com/cvdf-datasets/")
     assert get_spec("fashion_mnist").classes[0] == "T-shirt/top"

@@ -2,12 +2,16 @@
 how to download and verify them when they are nowhere to be found.
 
 Lookup order for the folder holding the four IDX files (`.gz` or uncompressed):
-  1. `data.root` (the folder itself, or its `<name>` / `<name-with-dashes>` subfolder)
-  2. `$GPUML_DATA/<name>` (or `<name-with-dashes>`)
-  3. `~/.cache/gpuml/<name>`
-  4. `/usr/share/datasets/<name-with-dashes>` (Debian's dataset-fashion-mnist installs there)
+  1. `data.root` (the folder itself, its `<name>` / `<name-with-dashes>` subfolder, or
+     torchvision's `<root>/FashionMNIST/raw`, `<root>/MNIST/raw`)
+  2. `$GPUML_DATA/<name>` (or `<name-with-dashes>`, or the torchvision layout)
+  3. the user cache: `$XDG_CACHE_HOME/gpuml/<name>` when XDG_CACHE_HOME is set, else
+     `~/.cache/gpuml/<name>`
+  4. Keras's cache, `$KERAS_HOME/datasets` (default `~/.keras/datasets`): `fashion-mnist/` with
+     the IDX files, or `mnist.npz` (read as the npz layout, checked against the same hashes)
+  5. `/usr/share/datasets/<name-with-dashes>` (Debian's dataset-fashion-mnist installs there)
 If none holds all four files, they are downloaded into `$GPUML_DATA/<name>` when that variable is
-set, else `~/.cache/gpuml/<name>`.
+set, else the user cache.
 
 Checksums. `sha256` is the hash of the published `.gz` file, checked on every download.
 `raw_sha256` is the hash of the decompressed IDX bytes, checked on load: it holds for any
@@ -34,6 +38,7 @@ from tqdm import tqdm
 from gpuml import __version__
 from gpuml.data.atomic import atomic_write
 from gpuml.data.idx import idx_sha256, read_idx
+from gpuml.data.search import keras_datasets_dir, torchvision_dirs, user_cache_dir
 from gpuml.errors import ConfigError, DataError
 
 #: The four files of every dataset, in this order.
@@ -67,6 +72,10 @@ class DatasetSpec:
     classes: tuple[str, ...]
     shape: tuple[int, ...] = (1, 28, 28)
     debian_package: str | None = None
+    #: torchvision's folder name (`<root>/<torchvision>/raw` holds the IDX files)
+    torchvision: str | None = None
+    #: under Keras's `datasets/` cache: a folder of the IDX files, or a `.npz` in mnist.npz layout
+    keras: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -105,10 +114,15 @@ FASHION_MNIST = DatasetSpec(
             "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         ),
     },
-    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    # The project's own two homes: its S3 website and the files committed to its GitHub
+    # repository (data/fashion, whose md5s the project README lists next to the S3 links).
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+             "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
     classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
              "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     debian_package="dataset-fashion-mnist",
+    torchvision="FashionMNIST",
+    keras="fashion-mnist",
 )
 
 # MNIST. sha256 of the .gz files from TensorFlow Datasets, url_checksums/mnist.txt (the cvdf
@@ -145,6 +159,8 @@ MNIST = DatasetSpec(
         "https://storage.googleapis.com/cvdf-datasets/mnist/",
     ),
     classes=tuple(str(d) for d in range(10)),
+    torchvision="MNIST",
+    keras="mnist.npz",
 )
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (FASHION_MNIST, MNIST)}
@@ -164,24 +180,30 @@ def get_spec(name: str) -> DatasetSpec:
 
 @dataclass(frozen=True)
 class DatasetFiles:
-    """Where a dataset's files were found: `paths[key]` for each of FILE_KEYS."""
+    """Where a dataset's files were found: `paths[key]` for each of FILE_KEYS, or one Keras
+    `npz` file (then `paths` is empty)."""
 
     spec: DatasetSpec
     folder: Path
     paths: Mapping[str, Path]
+    npz: Path | None = None
 
 
 def search_places(spec: DatasetSpec, root: str | os.PathLike[str] | None = None) -> list[tuple[Path, str]]:
-    """(folder, why) in lookup order, duplicates removed."""
+    """(folder, why) in lookup order, duplicates removed; a `.npz` path is a Keras npz file."""
     names = (spec.name, spec.dashed_name)
     places: list[tuple[Path, str]] = []
     if root is not None:
         base = Path(root).expanduser()
         places += [(base, "data.root")] + [(base / n, "data.root") for n in names]
+        places += [(p, "data.root, torchvision layout") for p in torchvision_dirs(spec, base)]
     env = os.environ.get("GPUML_DATA")
     if env:
         places += [(Path(env).expanduser() / n, "$GPUML_DATA") for n in names]
+        places += [(p, "$GPUML_DATA, torchvision layout") for p in torchvision_dirs(spec, Path(env).expanduser())]
     places.append((_cache_dir(spec), "user cache"))
+    if spec.keras:
+        places.append((keras_datasets_dir() / spec.keras, "Keras cache"))
     places += [(d / spec.dashed_name, "system datasets") for d in SYSTEM_DATASET_DIRS]
     seen: set[Path] = set()
     unique = []
@@ -199,7 +221,7 @@ def download_dir(spec: DatasetSpec) -> Path:
 
 
 def _cache_dir(spec: DatasetSpec) -> Path:
-    return Path.home() / ".cache" / "gpuml" / spec.name
+    return user_cache_dir() / "gpuml" / spec.name
 
 
 def _find_in(folder: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
@@ -230,6 +252,11 @@ def fetch_dataset(
     places = search_places(spec, root)
     notes = []
     for folder, why in places:
+        if folder.suffix == ".npz":
+            if folder.is_file():
+                return DatasetFiles(spec, folder.parent, {}, npz=folder)
+            notes.append(f"{folder} ({why}: no such file)")
+            continue
         if not folder.is_dir():
             notes.append(f"{folder} ({why}: no such folder)")
             continue

@@ -15,6 +15,7 @@ import numpy as np
 
 from gpuml.backend.base import Array, Backend
 from gpuml.data.datasets import FILE_KEYS, DatasetSpec, fetch_dataset, read_verified
+from gpuml.data.search import NPZ_TO_FILE_KEY, read_keras_npz
 from gpuml.data.user import IDX_KEYS, NPZ_KEYS, check_arrays, read_idx_files, read_npz
 from gpuml.errors import ConfigError, DataError
 
@@ -88,10 +89,18 @@ def load_dataset(
                               f"idx; {name!r} is a registered dataset (use data.root to point at it)")
         files = fetch_dataset(name, root, download=download, progress=progress)
         spec = files.spec
-        arrays = {k: read_verified(files.paths[k], spec.files[k], verify=verify) for k in FILE_KEYS}
-        train = _as_split(spec, files.paths, arrays["train_images"], arrays["train_labels"], "train")
-        test = _as_split(spec, files.paths, arrays["test_images"], arrays["test_labels"], "test")
-        folder, origin = files.folder, {k: str(p) for k, p in files.paths.items()}
+        if files.npz is not None:  # Keras's cached mnist.npz
+            raw = {k: f.raw_sha256 for k, f in spec.files.items()}
+            arrays = read_keras_npz(files.npz, raw, verify=verify)
+            where = {k: f"{files.npz}: {n}" for n, k in NPZ_TO_FILE_KEY.items()}
+            origin = {"path": str(files.npz)}
+        else:
+            arrays = {k: read_verified(files.paths[k], spec.files[k], verify=verify) for k in FILE_KEYS}
+            where = dict(files.paths)
+            origin = {k: str(p) for k, p in files.paths.items()}
+        train = _as_split(spec, where, arrays["train_images"], arrays["train_labels"], "train")
+        test = _as_split(spec, where, arrays["test_images"], arrays["test_labels"], "test")
+        folder = files.folder
 
     n = len(train)
     if limit is not None:
@@ -149,7 +158,7 @@ def _load_user(
 
 
 def _as_split(
-    spec: DatasetSpec, paths: Mapping[str, Path], images: np.ndarray, labels: np.ndarray, which: str
+    spec: DatasetSpec, paths: Mapping[str, Path | str], images: np.ndarray, labels: np.ndarray, which: str
 ) -> Split:
     """Check shapes, dtypes and label range (verify=False skips the hashes, not this)."""
     ipath, lpath = paths[f"{which}_images"], paths[f"{which}_labels"]
