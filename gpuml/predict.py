@@ -22,17 +22,10 @@ CSV_COLUMNS = ("index", "class", "name", "probability")
 
 def load_images(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
     """uint8 or float images -> float64 in [0, 1] units, shaped (N, *input_shape)."""
-    if not path.exists():
-        raise DataError(f"{path}: input file not found")
-    if path.suffix == ".npy":
-        try:
-            x = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise DataError(f"{path}: not a readable .npy file ({exc})") from None
-    else:
-        from gpuml.data.idx import read_idx
-
-        x = read_idx(path)
+    try:
+        x = _read_array(path)
+    except PermissionError:  # the file, or a folder above it that cannot be searched
+        raise DataError(f"{path}: permission denied (cannot read the input)") from None
     if x.dtype == np.uint8:
         x = x.astype(np.float64) / 255.0
     elif x.dtype.kind == "f":
@@ -43,6 +36,19 @@ def load_images(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
     if x.ndim < 2 or math.prod(x.shape[1:]) != per_sample:
         raise ShapeError(f"{path}: images of shape {x.shape} do not fit the model input {tuple(input_shape)}")
     return x.reshape((x.shape[0], *input_shape))
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"{path}: input file not found")
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+    from gpuml.data.idx import read_idx
+
+    return read_idx(path)
 
 
 def predict_array(model: Sequential, backend: Backend, info: dict[str, Any], x01: np.ndarray,

@@ -100,3 +100,74 @@ def test_one_epoch_is_singular_in_the_log(tmp_path: Path) -> None:
     lines: list[str] = []
     Trainer(cfg, tmp_path / "run", log=lines.append, dataset=_tiny_dataset()).fit(progress=False)
     assert "(1 epoch, " in lines[-1] and "epochs" not in lines[-1]
+
+
+def _deny_under(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
+    """Make every stat below `locked` fail as it does in a folder without read/search permission
+    (tests run as root, where chmod 000 stops nothing)."""
+    real_stat = Path.stat
+
+    def stat(self: Path, *a, **kw):
+        if str(self).startswith(str(locked) + os.sep):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", stat)
+
+
+def test_unreadable_dataset_folder_is_one_data_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    from gpuml.data.loader import load_dataset
+    from gpuml.errors import DataError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _deny_under(monkeypatch, locked)
+    with pytest.raises(DataError) as e:
+        load_dataset("fashion_mnist", root=locked, download=False)
+    assert str(e.value).startswith(f"{locked}{os.sep}") and ": permission denied;" in str(e.value)
+    code = main(["train", str(CONFIGS / "mlp.yaml"), "--set", f"data.root={locked}", "--set", "data.download=false",
+                 "--out", str(tmp_path / "run")])
+    assert code == 3 and ": permission denied;" in _last_error(capsys)
+
+
+def test_unreadable_dataset_file_is_one_data_error(tmp_path: Path, monkeypatch) -> None:
+    import gpuml.data.idx as idx
+    from gpuml.data.loader import load_dataset
+    from gpuml.errors import DataError
+
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"")
+
+    def denied(file, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(idx, "open", denied, raising=False)
+    with pytest.raises(DataError, match=f"^{tmp_path / 'train-images-idx3-ubyte'}: cannot open "):
+        load_dataset("fashion_mnist", root=tmp_path, download=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads anything")
+def test_chmod_000_dataset_folder(tmp_path: Path) -> None:
+    from gpuml.data.loader import load_dataset
+    from gpuml.errors import DataError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        with pytest.raises(DataError, match="permission denied"):
+            load_dataset("fashion_mnist", root=locked, download=False)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unreadable_predict_input(tmp_path: Path, monkeypatch) -> None:
+    from gpuml.errors import DataError
+    from gpuml.predict import load_images
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _deny_under(monkeypatch, locked)
+    with pytest.raises(DataError, match=f"^{locked / 'x.npy'}: permission denied"):
+        load_images(locked / "x.npy", (1, 28, 28))

@@ -3,10 +3,11 @@ on a device (`BatchIterator`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,24 @@ class Dataset:
 USER_DATASETS = ("npz", "idx")
 
 
+def _unreadable_is_data_error(load: Callable[..., Dataset]) -> Callable[..., Dataset]:
+    """A folder or file without read permission becomes one DataError naming it, wherever the
+    search or a reader trips on it (a stat in a folder without search permission raises
+    PermissionError from Path.is_file, not False)."""
+
+    @functools.wraps(load)
+    def wrapper(*args: Any, **kwargs: Any) -> Dataset:
+        try:
+            return load(*args, **kwargs)
+        except PermissionError as exc:
+            what = exc.filename or "a dataset file or folder"
+            raise DataError(f"{what}: permission denied; make it and the folders above it readable, "
+                            f"or point data.root or $GPUML_DATA at a readable copy") from None
+
+    return wrapper
+
+
+@_unreadable_is_data_error
 def load_dataset(
     name: str,
     root: str | os.PathLike[str] | None = None,
