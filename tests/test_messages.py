@@ -171,3 +171,44 @@ def test_unreadable_predict_input(tmp_path: Path, monkeypatch) -> None:
     _deny_under(monkeypatch, locked)
     with pytest.raises(DataError, match=f"^{locked / 'x.npy'}: permission denied"):
         load_images(locked / "x.npy", (1, 28, 28))
+
+
+def test_layer_too_big_for_host_memory_names_layer_and_bytes() -> None:
+    """8 TB of weights: numpy refuses at once, nothing is allocated."""
+    from gpuml.backend import get_backend
+    from gpuml.errors import DeviceError
+    from gpuml.train.build import build_model
+    from gpuml.train.config import validate
+
+    cfg = validate({"device": "cpu", "model": {"layers": [{"type": "flatten"},
+                                                          {"type": "dense", "units": 10**6, "name": "huge"}]}})
+    with pytest.raises(DeviceError) as e:  # (10**6 x 10**6) float64 for the initial weights
+        build_model(cfg, get_backend("cpu"), (10**6,))
+    assert e.value.exit_code == 4
+    assert str(e.value) == ("layer huge: out of host memory allocating its parameters: 8,000,000,000,000 bytes "
+                            "(7,450.6 GiB) for shape (1000000, 1000000) float64; use fewer units or filters")
+
+
+def test_activation_buffer_too_big_names_layer_and_batch() -> None:
+    import numpy as np
+
+    from gpuml.backend import get_backend
+    from gpuml.errors import DeviceError
+    from gpuml.nn.layers import Dense
+
+    layer = Dense(10**6, name="wide")
+    layer.build((1,), get_backend("cpu"), np.random.default_rng(0))
+    x = np.broadcast_to(np.zeros((1, 1), np.float32), (10**7, 1))  # a 10**7 batch in 4 bytes
+    with pytest.raises(DeviceError, match=r"^layer wide: out of host memory allocating its y buffer for a batch "
+                                          r"of 10000000: 40,000,000,000,000 bytes .*try a smaller batch size$"):
+        layer.forward(x, training=True)
+
+
+def test_memory_error_elsewhere_names_batch_size() -> None:
+    from gpuml.train.trainer import out_of_memory_message
+
+    err = out_of_memory_message(MemoryError("Unable to allocate 3.00 GiB for an array"), 4096)
+    assert err is not None and err.exit_code == 4
+    assert str(err) == ("host out of memory at trainer.batch_size 4096: Unable to allocate 3.00 GiB for an array; "
+                        "try a smaller trainer.batch_size")
+    assert out_of_memory_message(ValueError("x"), 4096) is None

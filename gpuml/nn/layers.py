@@ -18,6 +18,7 @@ import numpy as np
 from gpuml.backend.base import ACTIVATIONS, Array, Backend, Pair, conv_out_size
 from gpuml.errors import ShapeError
 from gpuml.nn.buffers import Buffers
+from gpuml.nn.memory import out_of_memory
 
 Shape = tuple[int, ...]
 
@@ -51,7 +52,10 @@ class Layer:
         self._buffers = Buffers(backend)
         self.input_shape = tuple(input_shape)
         self.output_shape = self.infer_shape(self.input_shape)
-        self.init_params(rng)
+        try:
+            self.init_params(rng)
+        except MemoryError as exc:
+            raise out_of_memory(self.name, "its parameters", "use fewer units or filters", exc) from None
         return self.output_shape
 
     def infer_shape(self, input_shape: Shape) -> Shape:
@@ -68,7 +72,11 @@ class Layer:
     def buffer(self, key: str, shape: Shape, dtype: Any = None) -> Array:
         """A buffer reused across steps for this (key, shape, dtype)."""
         assert self._buffers is not None, f"layer {self.name} used before build()"
-        return self._buffers.get(key, shape, dtype)
+        try:
+            return self._buffers.get(key, shape, dtype)
+        except MemoryError as exc:
+            raise out_of_memory(self.name, f"its {key} buffer for a batch of {shape[0]}", "try a smaller batch size",
+                                exc, shape, self.backend.dtype if dtype is None else dtype) from None
 
     def num_params(self) -> int:
         return int(sum(math.prod(p.shape) for p in self.params.values()))

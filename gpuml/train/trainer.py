@@ -356,11 +356,14 @@ def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
 
 def out_of_memory_message(exc: BaseException, batch_size: int | None) -> DeviceError | None:
     """Translate CuPy's OutOfMemoryError (matched by name: cupy is not imported here), whose
-    text says how many bytes were asked for, into one line naming the batch size."""
-    if type(exc).__name__ != "OutOfMemoryError":
+    text says how many bytes were asked for, or numpy's MemoryError (host memory, outside the
+    layers' own allocations, which name the layer) into one line naming the batch size."""
+    gpu = type(exc).__name__ == "OutOfMemoryError"
+    if not gpu and not isinstance(exc, MemoryError):
         return None
+    kind = "GPU" if gpu else "host"
     where = f"at trainer.batch_size {batch_size}" if batch_size else "while setting up the run"
-    return DeviceError(f"GPU out of memory {where}: {str(exc).strip()}; try a smaller trainer.batch_size")
+    return DeviceError(f"{kind} out of memory {where}: {str(exc).strip()}; try a smaller trainer.batch_size")
 
 
 def write_run_info(run_dir: Path, trainer: Trainer) -> None:
