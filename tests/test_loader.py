@@ -273,10 +273,11 @@ def test_seed_configs_fit_any_limit(fashion_root, name):
     from gpuml.train.config import load_config
     from tests.conftest import CONFIGS
 
-    cfg = load_config(CONFIGS / f"{name}.yaml", ["data.limit=5000"])
+    limit = 500 if name == "smoke" else 5000  # smoke.yaml used to take 500 for validation
+    cfg = load_config(CONFIGS / f"{name}.yaml", [f"data.limit={limit}"])
     val_split = cfg["data"]["val_split"]
-    ds = load_dataset("fashion_mnist", fashion_root, limit=5000, val_split=val_split, download=False, verify=False)
-    assert len(ds.train) + len(ds.val) == 5000 and 0 < len(ds.val) < len(ds.train)
+    ds = load_dataset("fashion_mnist", fashion_root, limit=limit, val_split=val_split, download=False, verify=False)
+    assert len(ds.train) + len(ds.val) == limit and 0 < len(ds.val) < len(ds.train)
     if name != "smoke":
         full = load_dataset("fashion_mnist", fashion_root, val_split=val_split, download=False, verify=False)
         assert (len(full.train), len(full.val)) == (55000, 5000)
