@@ -2,9 +2,11 @@
 //
 // - gpuml_uniform(seed, counter): the counter-based generator of gpuml/backend/rng.py, bit for
 //   bit (splitmix64 finaliser of seed + GOLDEN * (counter + 1), top 24 bits / 2^24).
-// - warp and block reductions over float / double / int with a FIXED combination order, so a
+// - warp and block SUMS over float / double / int with a FIXED combination order, so a
 //   reduction gives the same bits on every run (no atomics anywhere in gpuml's float sums).
-// - gpuml_ceil_div and the flat-index type.
+//   There is deliberately no max reduction: fmaxf drops NaN, and the kernels that need a max
+//   (softmax_xent's online merge, maxpool, count_correct) state their own NaN rule.
+// - the flat-index types and the multi-tensor walk (gpuml_tensor_of).
 //
 // Precision: float32 data; double only inside the single-block final reductions.
 // Everything here is header-only device code; the file compiles under NVRTC and nvcc alike, so
@@ -17,10 +19,6 @@ typedef long long gpuml_i64;
 #define GPUML_FULL_MASK 0xffffffffu
 // -inf without <math.h> (INFINITY is a host-header macro that NVRTC does not provide)
 #define GPUML_NEG_INF __int_as_float(0xff800000)
-
-__host__ __device__ __forceinline__ gpuml_i64 gpuml_ceil_div(gpuml_i64 a, gpuml_i64 b) {
-    return (a + b - 1) / b;
-}
 
 // ReLU that lets NaN through (fmaxf(NaN, 0) would return 0 and hide a diverged model).
 __device__ __forceinline__ float gpuml_relu(float x) { return x < 0.0f ? 0.0f : x; }
@@ -79,12 +77,6 @@ __device__ __forceinline__ int gpuml_warp_sum(int v) {
     return v;
 }
 
-__device__ __forceinline__ float gpuml_warp_max(float v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(GPUML_FULL_MASK, v, offset));
-    return v;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Block reductions. Contract: every thread of the block calls them (they hold __syncthreads),
 // blockDim.x is a multiple of 32 and at most 1024, and `scratch` has blockDim.x / 32 slots.
@@ -103,17 +95,4 @@ __device__ __forceinline__ T gpuml_block_sum(T v, T* scratch) {
     total = gpuml_warp_sum(total);  // every warp reduces the same slots: all threads agree
     __syncthreads();
     return total;
-}
-
-__device__ __forceinline__ float gpuml_block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int num_warps = blockDim.x >> 5;
-    v = gpuml_warp_max(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float best = (lane < num_warps) ? scratch[lane] : GPUML_NEG_INF;
-    best = gpuml_warp_max(best);
-    __syncthreads();
-    return best;
 }

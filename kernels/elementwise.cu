@@ -1,5 +1,5 @@
 // elementwise.cu: activations, dropout, bias gradients, in-place add/scale, deterministic sums
-// of squares (global norm, MSE) and the batch gather from uint8 images.
+// of squares (global norm, MSE), one-hot targets and the batch gather from uint8 images.
 //
 // Layouts: every float array is float32, dense, addressed by a flat 64-bit index; n < 2^63.
 // Launch (unless stated): 1-D grid-stride, block 256, any grid size (the host caps it at a few
@@ -29,6 +29,9 @@
 //       dpred = grad_scale * (pred - target); partials[b] = this block's sum of (pred - target)^2.
 //   sum_partials_final (partials, count, out, scale, take_sqrt)   one block of 256 threads:
 //       out[0] = scale * sum(partials), square-rooted when take_sqrt != 0.
+//   one_hot (labels, out, B, K)   out[b, k] = 1 if k == labels[b] else 0, out float32 (B, K),
+//       labels int32 (B,); writes every element (no memset needed, nothing allocated). A label
+//       outside [0, K) gives a row of NaN (visible, never silently wrong).
 //   gather_batch (images, labels, indices, out_x, out_y, B, D, index_is_64, label_kind, scale,
 //       shift)   out_x[j, p] = images[indices[j], p] * scale + shift (uint8 images (N, D));
 //       out_y[j] = labels[indices[j]] as int32; label_kind 0 = uint8, 1 = int32, 2 = int64;
@@ -195,6 +198,19 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS)
     for (int i = threadIdx.x; i < count; i += EW_THREADS) acc += partials[i];
     acc = gpuml_block_sum(acc, scratch);
     if (threadIdx.x == 0) out[0] = (float)(take_sqrt ? sqrt(acc * scale) : acc * scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One-hot targets (MSE on integer labels).
+
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+    one_hot(const int* __restrict__ labels, float* __restrict__ out, int B, int K) {
+    GRID_STRIDE_LOOP(i, (gpuml_i64)B * K) {
+        const int b = (int)(i / K);
+        const int k = (int)(i - (gpuml_i64)b * K);
+        const int label = labels[b];
+        out[i] = (label < 0 || label >= K) ? __int_as_float(0x7fc00000) : (k == label ? 1.0f : 0.0f);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

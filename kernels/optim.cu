@@ -12,7 +12,10 @@
 // learning rate and the step count change: the host refreshes `hyper` with an async copy
 // before each step. Layout (mirrored in gpuml/backend/cuda_optim.py):
 //   [0] lr  [1] weight_decay  [2] beta1 | momentum | alpha  [3] beta2  [4] eps
-//   [5] 1 - beta1^step  [6] 1 - beta2^step  [7] unused
+//   [5] 1 - beta1^step  [6] 1 - beta2^step  [7] 1 - beta1 | 1 - alpha  [8] 1 - beta2
+// The complements 1 - beta are computed by the host in float64 and rounded once: formed here
+// as 1.0f - beta2 they would inherit beta2's float32 rounding, magnified 1 / (1 - beta2) times
+// (1 - 0.999f is 1.29e-5 relatively off 1e-3, which biases v and every Adam step).
 // Structural choices that never change within a run (nesterov, decoupled) are int arguments.
 //
 // Entry points (slots after param, grad):
@@ -20,7 +23,7 @@
 //   momentum_step  (velocity)      g' = g + wd p; v = mu v + g'; p -= lr (nesterov ? g' + mu v : v)
 //   adam_step      (m, v)          decoupled: p *= 1 - lr wd, g' = g; else g' = g + wd p;
 //                                  m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
-//                                  p -= lr (m / bc1) / (sqrt(v / bc2) + eps)
+//                                  p -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
 //   rmsprop_step   (square_avg)    g' = g + wd p; s = alpha s + (1-alpha) g'^2;
 //                                  p -= lr g' / (sqrt(s) + eps)
 // Launch: block 256, 1-D grid of any size (the host uses a few blocks per SM), no shared memory.
@@ -28,6 +31,10 @@
 #include "common.cuh"
 
 #define OPTIM_THREADS 256
+// A minimum of 4 resident blocks caps registers at 64 (these kernels need about 45). Given
+// only the block size, ptxas (nvcc and NVRTC 13.0 alike) picked tighter budgets and spilled a
+// register around the division's slow-path call in adam_step or rmsprop_step.
+#define OPTIM_MIN_BLOCKS 4
 
 #define HYPER_LR 0
 #define HYPER_WEIGHT_DECAY 1
@@ -38,6 +45,9 @@
 #define HYPER_EPS 4
 #define HYPER_BIAS_CORRECTION1 5
 #define HYPER_BIAS_CORRECTION2 6
+#define HYPER_ONE_MINUS_BETA1 7
+#define HYPER_ONE_MINUS_ALPHA 7
+#define HYPER_ONE_MINUS_BETA2 8
 
 // The current tensor of a grid-stride walk and its slot pointers.
 template <int NUM_SLOTS>
@@ -74,7 +84,7 @@ struct TensorCursor {
 
 // ---------------------------------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     sgd_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
              const float* __restrict__ hyper) {
     const float lr = hyper[HYPER_LR];
@@ -88,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     momentum_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
                   const float* __restrict__ hyper, int nesterov) {
     const float lr = hyper[HYPER_LR];
@@ -105,47 +115,51 @@ extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     adam_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
               const float* __restrict__ hyper, int decoupled) {
+    // PyTorch's (and the CPU backend's) arrangement: p = p decay - lr_t m / (sqrt(v) inv_sqrt_bc2
+    // + eps), lr_t = lr / bc1, inv_sqrt_bc2 = 1 / sqrt(bc2), with the L2 term and the decoupled
+    // decay folded into constants before the loop: fewer values live across the division's
+    // slow path (a call), around which ptxas otherwise spills.
     const float lr = hyper[HYPER_LR];
     const float wd = hyper[HYPER_WEIGHT_DECAY];
     const float beta1 = hyper[HYPER_BETA1];
     const float beta2 = hyper[HYPER_BETA2];
+    const float one_minus_beta1 = hyper[HYPER_ONE_MINUS_BETA1];
+    const float one_minus_beta2 = hyper[HYPER_ONE_MINUS_BETA2];
     const float eps = hyper[HYPER_EPS];
-    const float inv_bc1 = 1.0f / hyper[HYPER_BIAS_CORRECTION1];
-    const float inv_bc2 = 1.0f / hyper[HYPER_BIAS_CORRECTION2];
-    const float decay = 1.0f - lr * wd;
+    const float lr_t = lr / hyper[HYPER_BIAS_CORRECTION1];
+    const float inv_sqrt_bc2 = 1.0f / sqrtf(hyper[HYPER_BIAS_CORRECTION2]);
+    const float l2 = decoupled ? 0.0f : wd;
+    const float decay = decoupled ? 1.0f - lr * wd : 1.0f;
     TensorCursor<4> cur(table, offsets, num_tensors);
     OPTIM_LOOP(i, offsets[num_tensors]) {
         const gpuml_i64 j = cur.seek(i);
-        float p = cur.slot[0][j];
-        float g = cur.slot[1][j];
-        if (decoupled)
-            p *= decay;
-        else
-            g += wd * p;
-        const float m = beta1 * cur.slot[2][j] + (1.0f - beta1) * g;
-        const float v = beta2 * cur.slot[3][j] + (1.0f - beta2) * g * g;
+        const float p = cur.slot[0][j];
+        const float g = cur.slot[1][j] + l2 * p;
+        const float m = beta1 * cur.slot[2][j] + one_minus_beta1 * g;
+        const float v = beta2 * cur.slot[3][j] + one_minus_beta2 * g * g;
         cur.slot[2][j] = m;
         cur.slot[3][j] = v;
-        cur.slot[0][j] = p - lr * (m * inv_bc1) / (sqrtf(v * inv_bc2) + eps);
+        cur.slot[0][j] = p * decay - lr_t * m / (sqrtf(v) * inv_sqrt_bc2 + eps);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(OPTIM_THREADS)
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     rmsprop_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
                  const float* __restrict__ hyper) {
     const float lr = hyper[HYPER_LR];
     const float wd = hyper[HYPER_WEIGHT_DECAY];
     const float alpha = hyper[HYPER_ALPHA];
+    const float one_minus_alpha = hyper[HYPER_ONE_MINUS_ALPHA];
     const float eps = hyper[HYPER_EPS];
     TensorCursor<3> cur(table, offsets, num_tensors);
     OPTIM_LOOP(i, offsets[num_tensors]) {
         const gpuml_i64 j = cur.seek(i);
         const float p = cur.slot[0][j];
         const float g = cur.slot[1][j] + wd * p;
-        const float s = alpha * cur.slot[2][j] + (1.0f - alpha) * g * g;
+        const float s = alpha * cur.slot[2][j] + one_minus_alpha * g * g;
         cur.slot[2][j] = s;
         cur.slot[0][j] = p - lr * g / (sqrtf(s) + eps);
     }

@@ -4,12 +4,16 @@
 // Layout: logits (B, K) float32 row-major, labels int32 (B,) in [0, K), row_loss float32 (B,).
 // Target t = (1 - eps) * onehot(label) + eps / K (label smoothing eps).
 //   row_loss[b] = logsumexp(x_b) - sum_k t_k x_bk
-//               = m + log(s) - (1 - eps) x_b,label - (eps / K) sum_k x_bk
+//               = log(s) - (1 - eps) (x_b,label - m) - (eps / K) sum_k (x_bk - m)
 //   dlogits[b, k] = (softmax(x_b)_k - t_k) * inv_batch          (inv_batch = 1 / B)
-// One read pass computes the running max m and sum s = sum exp(x - m) online, the sum of x and
-// the label's logit; a second pass reads x again and writes dlogits. dlogits may alias logits
-// (llm.c's trick): every element is read then written by the same thread, and the second pass
-// starts only after the whole row was reduced.
+// with m the row max and s = sum_k exp(x_bk - m). Every term is formed from max-shifted logits
+// (the weights 1 - eps and eps sum to 1, so m cancels): unshifted, m + log(s) - x_label cancels
+// catastrophically once |x| >> the loss (logits near 1e4 lost 3e-4 of it in float32); shifted,
+// every term is >= 0 and the loss keeps float32's relative accuracy at any offset.
+// One read pass computes m and s online and the label's logit; a second pass reads x again,
+// writes dlogits and sums x - m for the smoothing term. dlogits may alias logits (llm.c's
+// trick): every element is read then written by the same thread, and the second pass starts
+// only after the max and the sum were reduced over the whole row.
 // A label outside [0, K) gives a NaN row loss (visible, never silently wrong).
 //
 // Entry points and launch:
@@ -66,20 +70,20 @@ __device__ __forceinline__ OnlineSoftmax warp_merge(OnlineSoftmax v) {
 // Per-row statistics gathered by the first pass.
 struct RowStats {
     OnlineSoftmax softmax;
-    float sum_x;    // sum of the logits (for the smoothing term)
     float x_label;  // the label's logit (0 on every thread but its owner until reduced)
 };
 
 __device__ __forceinline__ void stats_add(RowStats& st, float x, int k, int label) {
     online_add(st.softmax, x);
-    st.sum_x += x;
     if (k == label) st.x_label = x;
 }
 
-__device__ __forceinline__ float row_loss_from(const RowStats& st, int label, int K, float eps) {
+// sum_shifted = sum_k (x_k - m) over the whole row (the second pass).
+__device__ __forceinline__ float row_loss_from(const RowStats& st, float sum_shifted, int label, int K,
+                                               float eps) {
     if (label < 0 || label >= K) return __int_as_float(0x7fc00000);  // NaN
-    const float lse = st.softmax.max + logf(st.softmax.sum);
-    return lse - (1.0f - eps) * st.x_label - (eps / (float)K) * st.sum_x;
+    const float m = st.softmax.max;
+    return logf(st.softmax.sum) - (1.0f - eps) * (st.x_label - m) - (eps / (float)K) * sum_shifted;
 }
 
 __device__ __forceinline__ float dlogit(float x, int k, int label, float row_max, float inv_sum, float eps,
@@ -102,17 +106,22 @@ extern "C" __global__ void __launch_bounds__(XENT_THREADS)
     float* d = dlogits + (gpuml_i64)row * K;
     const int label = labels[row];
 
-    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f, 0.0f};
+    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f};
     for (int k = lane; k < K; k += 32) stats_add(st, x[k], k, label);
     st.softmax = warp_merge(st.softmax);
-    st.sum_x = gpuml_warp_sum(st.sum_x);
     st.x_label = gpuml_warp_sum(st.x_label);  // one non-zero term: exact
-    if (lane == 0) row_loss[row] = row_loss_from(st, label, K, eps);
 
+    const float m = st.softmax.max;
     const float inv_sum = 1.0f / st.softmax.sum;
     const float eps_over_k = eps / (float)K;
-    for (int k = lane; k < K; k += 32)
-        d[k] = dlogit(x[k], k, label, st.softmax.max, inv_sum, eps, eps_over_k, inv_batch);
+    float sum_shifted = 0.0f;
+    for (int k = lane; k < K; k += 32) {
+        const float v = x[k];
+        sum_shifted += v - m;
+        d[k] = dlogit(v, k, label, m, inv_sum, eps, eps_over_k, inv_batch);
+    }
+    sum_shifted = gpuml_warp_sum(sum_shifted);
+    if (lane == 0) row_loss[row] = row_loss_from(st, sum_shifted, label, K, eps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(XENT_THREADS)
     const int label = labels[row];
     const int tid = threadIdx.x;
 
-    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f, 0.0f};
+    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f};
     if (vec4) {
         const float4* x4 = reinterpret_cast<const float4*>(x);
         for (int q = tid; q < K / 4; q += XENT_THREADS) {
@@ -156,28 +165,33 @@ extern "C" __global__ void __launch_bounds__(XENT_THREADS)
     OnlineSoftmax total = {GPUML_NEG_INF, 0.0f};
     if ((tid & 31) < XENT_THREADS / 32) total = {max_slots[tid & 31], sum_slots[tid & 31]};
     st.softmax = warp_merge(total);
-    st.sum_x = gpuml_block_sum(st.sum_x, scratch);
     st.x_label = gpuml_block_sum(st.x_label, scratch);  // its barriers also end the read pass
-    if (tid == 0) row_loss[row] = row_loss_from(st, label, K, eps);
 
     const float inv_sum = 1.0f / st.softmax.sum;
     const float eps_over_k = eps / (float)K;
     const float m = st.softmax.max;
+    float sum_shifted = 0.0f;
     if (vec4) {
         const float4* x4 = reinterpret_cast<const float4*>(x);
         float4* d4 = reinterpret_cast<float4*>(d);
         for (int q = tid; q < K / 4; q += XENT_THREADS) {
             const float4 v = x4[q];
             const int k = 4 * q;
+            sum_shifted += (v.x - m) + (v.y - m) + (v.z - m) + (v.w - m);
             d4[q] = make_float4(dlogit(v.x, k, label, m, inv_sum, eps, eps_over_k, inv_batch),
                                 dlogit(v.y, k + 1, label, m, inv_sum, eps, eps_over_k, inv_batch),
                                 dlogit(v.z, k + 2, label, m, inv_sum, eps, eps_over_k, inv_batch),
                                 dlogit(v.w, k + 3, label, m, inv_sum, eps, eps_over_k, inv_batch));
         }
     } else {
-        for (int k = tid; k < K; k += XENT_THREADS)
-            d[k] = dlogit(x[k], k, label, m, inv_sum, eps, eps_over_k, inv_batch);
+        for (int k = tid; k < K; k += XENT_THREADS) {
+            const float v = x[k];
+            sum_shifted += v - m;
+            d[k] = dlogit(v, k, label, m, inv_sum, eps, eps_over_k, inv_batch);
+        }
     }
+    sum_shifted = gpuml_block_sum(sum_shifted, scratch);
+    if (tid == 0) row_loss[row] = row_loss_from(st, sum_shifted, label, K, eps);
 }
 
 // ---------------------------------------------------------------------------------------------

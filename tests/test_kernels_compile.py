@@ -76,6 +76,20 @@ def test_kernel_sources_exist() -> None:
     assert (KERNEL_DIR / "common.cuh").is_file()
 
 
+def test_common_helpers_are_used_and_keep_nan() -> None:
+    """Every helper common.cuh defines is used by a kernel (or by another helper), and none
+    reduces through fmaxf/fminf, which drop NaN: a diverged model must not hide in a max."""
+    common = (KERNEL_DIR / "common.cuh").read_text()
+    code = re.sub(r"//[^\n]*", "", common)
+    kernels = "\n".join(re.sub(r"//[^\n]*", "", p.read_text()) for p in SOURCES)
+    helpers = re.findall(r"__forceinline__\s+[\w\s:<>]*?\b(gpuml_\w+)\s*\(", code)
+    assert {"gpuml_block_sum", "gpuml_uniform", "gpuml_uniform_bits24"} <= set(helpers), helpers
+    unused = [h for h in set(helpers)
+              if not re.search(rf"\b{h}\b", kernels) and len(re.findall(rf"\b{h}\b", code)) < 2]
+    assert not unused, f"common.cuh helpers no kernel uses: {sorted(unused)}"
+    assert not re.search(r"\bfm(ax|in)f\b", code), "common.cuh reduces with fmaxf/fminf (drops NaN)"
+
+
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)

@@ -207,6 +207,21 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
                      (partials, np.int32(grid[0]), loss, np.float64(1.0 / pred.size), np.int32(0)))
         return loss, dpred
 
+    def one_hot(self, labels: Array, num_classes: int, *, out: Array | None = None) -> Array:
+        """As Backend.one_hot, in one launch that writes every element of `out` (no fill, no
+        index arrays: nothing is allocated when out= is given). Labels are int32 and not
+        range-checked on the host (a sync): a label outside [0, num_classes) gives a NaN row."""
+        op = "one_hot"
+        labels = self._dev_in(op, "labels", labels, ndim=1, dtype=np.int32)
+        B = labels.shape[0]
+        if not 1 <= num_classes <= plan.INT32_MAX or B > plan.INT32_MAX:
+            fail(op, f"labels {labels.shape} with {num_classes} classes: both must be 1 to 2^31 - 1")
+        out = self._dev_out(op, "out", out, (B, num_classes), labels=labels)
+        if B:
+            self._launch("elementwise", "one_hot", plan.grid_1d(B * num_classes), BLOCK,
+                         (labels, out, np.int32(B), np.int32(num_classes)))
+        return out
+
     def count_correct(self, logits: Array, labels: Array, *, out: Array | None = None) -> Array:
         op = "count_correct"
         logits = self._dev_in(op, "logits", logits, ndim=2)

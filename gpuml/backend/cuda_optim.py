@@ -3,7 +3,7 @@ for a whole list of tensors (kernels/optim.cu, kernels/elementwise.cu sum_square
 
 A list of tensors becomes a device "tensor table" (slot-major float pointers + int64 prefix
 offsets, see kernels/optim.cu), built on the first call for that list of buffers and cached:
-later steps on the same buffers upload nothing but the 32-byte hyperparameter vector, which an
+later steps on the same buffers upload nothing but the 36-byte hyperparameter vector, which an
 async host-to-device copy refreshes before the launch (the kernel reads lr, bias corrections...
 from device memory, so a captured CUDA graph stays valid as they change).
 """
@@ -20,10 +20,14 @@ from gpuml.backend.cuda_launch import THREADS, grid_1d, partials_grid
 from gpuml.errors import ShapeError
 
 # kernels/optim.cu hyper layout
-HYPER_SIZE = 8
+HYPER_SIZE = 9
 HYPER_LR, HYPER_WEIGHT_DECAY, HYPER_BETA1, HYPER_BETA2, HYPER_EPS = 0, 1, 2, 3, 4
 HYPER_MOMENTUM = HYPER_ALPHA = HYPER_BETA1
 HYPER_BIAS_CORRECTION1, HYPER_BIAS_CORRECTION2 = 5, 6
+#: 1 - beta1 (or 1 - alpha) and 1 - beta2, formed in float64 here: the kernel cannot recover
+#: them from the float32 betas (1 - 0.999f is 1.3e-5 relatively off 1e-3)
+HYPER_ONE_MINUS_BETA1 = HYPER_ONE_MINUS_ALPHA = 7
+HYPER_ONE_MINUS_BETA2 = 8
 #: tensor tables kept per backend (oldest dropped first)
 MAX_TABLES = 64
 
@@ -34,6 +38,8 @@ def hyper_vector(**values: float) -> np.ndarray:
         "lr": HYPER_LR, "weight_decay": HYPER_WEIGHT_DECAY, "beta1": HYPER_BETA1,
         "momentum": HYPER_MOMENTUM, "alpha": HYPER_ALPHA, "beta2": HYPER_BETA2, "eps": HYPER_EPS,
         "bias_correction1": HYPER_BIAS_CORRECTION1, "bias_correction2": HYPER_BIAS_CORRECTION2,
+        "one_minus_beta1": HYPER_ONE_MINUS_BETA1, "one_minus_alpha": HYPER_ONE_MINUS_ALPHA,
+        "one_minus_beta2": HYPER_ONE_MINUS_BETA2,
     }  # fmt: skip
     h = np.zeros(HYPER_SIZE, dtype=np.float32)
     for name, value in values.items():
@@ -147,6 +153,7 @@ class MultiTensorOps:
         hyper = hyper_vector(
             lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
             bias_correction1=1.0 - beta1**step, bias_correction2=1.0 - beta2**step,
+            one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
         )  # fmt: skip
         self._optimizer_launch("adam_step", table, hyper, np.int32(bool(decoupled)))
 
@@ -162,7 +169,7 @@ class MultiTensorOps:
         weight_decay: float = 0.0,
     ) -> None:
         table = self._tensor_table("rmsprop_step", [params, grads, sq])
-        hyper = hyper_vector(lr=lr, weight_decay=weight_decay, alpha=alpha, eps=eps)
+        hyper = hyper_vector(lr=lr, weight_decay=weight_decay, alpha=alpha, eps=eps, one_minus_alpha=1.0 - alpha)
         self._optimizer_launch("rmsprop_step", table, hyper)
 
     def global_norm(self, arrays: list[Array]) -> Array:

@@ -13,8 +13,10 @@ API (what other backend files use):
     get_module(family) -> cupy.RawModule
 
 Compilation: options are `COMPILE_OPTIONS` plus `-I<kernel dir>`; no fast-math. CuPy itself
-appends `-arch=sm_<cc>` (or compute_<cc> when NVRTC is older than the GPU) from the current
-device, and `-ftz=true`; `arch_of_current_device()` names the same target for our cache key.
+appends `-ftz=true`, `-arch=sm_<cc>` (or compute_<cc> when NVRTC is older than the GPU) from
+the current device and `--device-as-default-execution-space` (`nvrtc_options` spells out the
+full list; tests/test_nvrtc_compile.py compiles every kernel with it, as CI does without a
+GPU); `arch_of_current_device()` names the same target for our cache key.
 CuPy's disk cache keys a module by its source text and options only, not by the headers it
 includes, so the code handed to CuPy starts with a comment holding the SHA-256 of every header
 the source includes (recursively): editing kernels/common.cuh changes the text, hence the key.
@@ -127,6 +129,22 @@ def arch_from_compute_capability(cc: str | int | tuple[int, int]) -> str:
 
 def compile_options(directory: Path, extra: Sequence[str] = ()) -> tuple[str, ...]:
     return (*COMPILE_OPTIONS, f"-I{directory}", *extra)
+
+
+#: What CuPy (14) adds to a RawModule's options before NVRTC compiles it, after our own:
+#: cupy/_core/core.pyx assemble_cupy_compiler_options adds include folders for its own and the
+#: toolkit's headers (no kernel includes any, so they cannot change the code), and
+#: cupy/cuda/compiler.py adds these in _compile_with_cache_cuda, `-arch=sm_<cc>` in
+#: _get_arch_for_options_for_nvrtc (a cubin for any GPU the NVRTC knows) and the last one in
+#: _compile_using_nvrtc_no_warning. `nvrtc_options` assembles the whole list.
+CUPY_NVRTC_OPTIONS: tuple[str, ...] = ("-ftz=true", "--device-as-default-execution-space")
+
+
+def nvrtc_options(directory: Path, arch: str) -> tuple[str, ...]:
+    """The options NVRTC receives when CuPy compiles kernels/<family>.cu for `arch` ("sm_90"),
+    in CuPy's order (its header include folders aside)."""
+    ftz, default_space = CUPY_NVRTC_OPTIONS
+    return (*compile_options(directory), ftz, f"-arch={arch}", default_space)
 
 
 def module_cache_key(source_text: str, header_digest: str, options: Sequence[str], arch: str) -> str:
