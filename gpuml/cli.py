@@ -31,6 +31,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+EXPORT_FILES = {"safetensors": "weights.safetensors", "npz": "weights.npz",
+                "torch": "weights.torch.safetensors", "onnx": "model.onnx"}
+
+
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run's weights on the test (or val) split")
     p.add_argument("run_dir", type=Path)
@@ -49,11 +53,13 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=1000)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export weights as .npz or .safetensors")
+    p = sub.add_parser("export", help="export weights (.npz, .safetensors), a PyTorch state_dict or ONNX")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--checkpoint", default="final", help="final, best, last or a path")
-    p.add_argument("--format", default="safetensors", choices=("safetensors", "npz"))
-    p.add_argument("--out", type=Path, help="output file (default RUN_DIR/weights.<format>)")
+    p.add_argument("--format", default="safetensors", choices=tuple(EXPORT_FILES),
+                   help="safetensors/npz: gpuml names and layouts; torch: a safetensors state_dict for "
+                        "the matching torch.nn.Sequential; onnx: the model, inputs normalised, outputs logits")
+    p.add_argument("--out", type=Path, help="output file (default RUN_DIR/" + ", ".join(EXPORT_FILES.values()) + ")")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="PNG learning curves of one or more runs")
@@ -81,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_run_commands(sub)
+    from gpuml.train.config_tools import add_config_parser
+
+    add_config_parser(sub)
     try:
         from gpuml.benchmark.cli import add_bench_parser
     except ImportError:
@@ -221,9 +230,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from gpuml.export import export_weights
 
-    _run_config(args.run_dir, None)  # a clear error when run_dir is not a run folder
-    out = args.out or args.run_dir / f"weights.{args.format}"
-    export_weights(_load_weights(args.run_dir, args.checkpoint), out, args.format)
+    cfg, cfg_path = _run_config(args.run_dir, "cpu")  # a clear error when run_dir is not a run folder
+    out = args.out or args.run_dir / EXPORT_FILES[args.format]
+    weights = _load_weights(args.run_dir, args.checkpoint)
+    if args.format in ("torch", "onnx"):  # these need the architecture: build it on the CPU
+        from gpuml.backend import get_backend
+        from gpuml.train.build import build_model
+
+        info = read_run_info(args.run_dir)
+        model = build_model(cfg, get_backend("cpu", dtype=cfg["dtype"]), tuple(info["input_shape"]), str(cfg_path))
+        model.load_state_dict(weights, source=args.checkpoint)
+        if args.format == "torch":
+            from gpuml.export import export_torch
+
+            export_torch(model, weights, out)
+        else:
+            from gpuml.export_onnx import export_onnx
+
+            export_onnx(model, weights, out, info)
+    else:
+        export_weights(weights, out, args.format)
     print(out)
     return 0
 

@@ -31,8 +31,9 @@ def _run(tmp_path: Path, name: str, rows: list[dict], summary: dict | None = Non
     return d
 
 
-def test_epoch_ticks_are_whole_numbers(tmp_path: Path) -> None:
-    fig = make_figure([_run(tmp_path, "a", ROWS[:2])])
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_epoch_ticks_are_whole_numbers(tmp_path: Path, epochs: int) -> None:
+    fig = make_figure([_run(tmp_path, "a", ROWS[:epochs])])
     fig.canvas.draw()
     for ax in fig.axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]

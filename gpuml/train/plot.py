@@ -74,7 +74,7 @@ def make_figure(run_dirs: list[Path]) -> Any:
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even one
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
