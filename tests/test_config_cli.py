@@ -78,3 +78,93 @@ def test_schema_rejects_what_the_loader_rejects():
         assert list(validator.iter_errors(cfg)), cfg
     ok = {**base, "optimizer": {"name": "adam", "lr": "1e-3"}}  # PyYAML's string for 1e-3
     assert list(validator.iter_errors(ok)) == []
+
+
+# ---------------------------------------------------------------------------- device: cuda:N
+
+
+def test_config_accepts_cuda_n_and_keeps_the_old_errors():
+    from gpuml.errors import ConfigError
+    from gpuml.train.config import validate
+
+    layers = {"layers": [{"type": "flatten"}]}
+    assert validate({"device": "cuda:1", "model": layers})["device"] == "cuda:1"
+    with pytest.raises(ConfigError, match=r"'cuda:x' is not one of auto, cuda, cpu"):
+        validate({"device": "cuda:x", "model": layers})
+    with pytest.raises(ConfigError, match=r"'gpu' is not one of auto, cuda, cpu \(did you mean 'cuda'\?\)"):
+        validate({"device": "gpu", "model": layers})
+    validator = _validator()
+    assert not list(validator.iter_errors({"device": "cuda:3", "model": layers}))
+    assert list(validator.iter_errors({"device": "cuda:", "model": layers}))
+
+
+class _FakeCupy:
+    """Just what get_backend touches: the GPU count and Device(i).use()."""
+
+    def __init__(self, count: int) -> None:
+        self.used: list[int] = []
+        fake = self
+
+        class Device:
+            def __init__(self, i: int) -> None:
+                self.i = i
+
+            def use(self) -> None:
+                fake.used.append(self.i)
+
+        class runtime:
+            @staticmethod
+            def getDeviceCount() -> int:
+                return count
+
+        self.cuda = type("cuda", (), {"Device": Device, "runtime": runtime})
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    import sys
+    import types
+
+    import gpuml.backend as backends
+
+    def install(count: int) -> _FakeCupy:
+        cupy = _FakeCupy(count)
+        monkeypatch.setitem(sys.modules, "cupy", cupy)
+        fake_cuda = types.ModuleType("gpuml.backend.cuda")
+        fake_cuda.CudaBackend = lambda dtype: ("cuda backend", dtype, list(cupy.used))
+        monkeypatch.setitem(sys.modules, "gpuml.backend.cuda", fake_cuda)
+        monkeypatch.setattr(backends, "cuda_status", lambda: (True, f"{count} GPU(s)"))
+        return cupy
+
+    return install
+
+
+def test_cuda_n_selects_that_gpu_before_building_the_backend(fake_gpus):
+    from gpuml.backend import get_backend
+
+    cupy = fake_gpus(2)
+    assert get_backend("cuda:1") == ("cuda backend", "float32", [1])
+    assert get_backend("cuda") == ("cuda backend", "float32", [1])  # plain cuda: the current GPU
+    assert cupy.used == [1]
+
+
+def test_cuda_n_past_the_gpu_count_names_the_count(fake_gpus):
+    from gpuml.backend import get_backend
+    from gpuml.errors import DeviceError
+
+    cupy = fake_gpus(1)
+    with pytest.raises(DeviceError, match=r"device 'cuda:7' requested but this machine has 1 GPU \(cuda:0\)"):
+        get_backend("cuda:7")
+    assert cupy.used == []
+
+
+def test_cuda_n_without_a_gpu_is_the_usual_error(monkeypatch):
+    import gpuml.backend as backends
+    from gpuml.errors import DeviceError
+
+    monkeypatch.setattr(backends, "cuda_status", lambda: (False, "CuPy sees no GPU"))
+    with pytest.raises(DeviceError, match="device 'cuda:0' requested but no GPU is usable: CuPy sees no GPU"):
+        backends.get_backend("cuda:0")
+    with pytest.raises(DeviceError, match="unknown device 'cuda:-1'"):
+        backends.get_backend("cuda:-1")
+    assert backends.get_backend("cpu").name == "cpu"

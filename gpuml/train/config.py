@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,8 @@ def _try_type(value: Any, t: str) -> tuple[bool, Any]:
 
 
 def _check_value(v: Any, field: Field, path: str, ctx: ConfigSource) -> None:
-    if field.choices is not None and v not in field.choices:
+    extra_ok = field.pattern is not None and isinstance(v, str) and re.fullmatch(field.pattern, v)
+    if field.choices is not None and v not in field.choices and not extra_ok:
         names = [str(c) for c in field.choices if c is not None]
         hint = _suggest(str(v), names) if isinstance(v, str) else ""
         alias = _ALIASES.get(v.lower()) if isinstance(v, str) else None

@@ -52,6 +52,8 @@ def field_schema(field: Field) -> dict[str, Any]:
     out: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
     if field.choices is not None:
         out = {"enum": list(field.choices)}
+        if getattr(field, "pattern", None):
+            out = {"anyOf": [out, {"type": "string", "pattern": f"^(?:{field.pattern})$"}]}
     if field.doc:
         out["description"] = field.doc
     if field.default is not REQUIRED:

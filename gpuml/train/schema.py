@@ -21,11 +21,13 @@ class Field:
     minimum: float | None = None  # inclusive lower bound for numbers
     exclusive_min: bool = False
     doc: str = ""
+    pattern: str | None = None  # strings accepted besides `choices` (a full-match regex)
 
 
 def F(types: str, default: Any = REQUIRED, choices: tuple[Any, ...] | None = None,
-      minimum: float | None = None, exclusive_min: bool = False, doc: str = "") -> Field:
-    return Field(tuple(types.split("|")), default, choices, minimum, exclusive_min, doc)
+      minimum: float | None = None, exclusive_min: bool = False, doc: str = "",
+      pattern: str | None = None) -> Field:
+    return Field(tuple(types.split("|")), default, choices, minimum, exclusive_min, doc, pattern)
 
 
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", None)
@@ -144,7 +146,8 @@ TRAINER: dict[str, Any] = {
 
 ROOT: dict[str, Any] = {
     "name": F("str", "run"),
-    "device": F("str", "auto", choices=("auto", "cuda", "cpu")),
+    "device": F("str", "auto", choices=("auto", "cuda", "cpu"), pattern=r"cuda:\d+",
+                doc="auto (CUDA when CuPy sees a GPU, else CPU), cpu, cuda (the current GPU) or cuda:N (GPU N)"),
     "seed": F("int", 0, minimum=0),
     "dtype": F("str", "float32", choices=("float32", "float64")),
     "data": DATA,
