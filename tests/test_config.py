@@ -129,6 +129,7 @@ def test_duplicate_key_in_set_value() -> None:
     # difflib alone suggests 'cpu' for 'gpu'
     ("device=gpu", "--set device: 'gpu' is not one of auto, cuda, cpu (did you mean 'cuda'?)"),
     ("dtype=double", "--set dtype: 'double' is not one of float32, float64 (did you mean 'float64'?)"),
+    ("device=gpu1", "--set device: 'gpu1' is not one of auto, cuda, cpu (did you mean 'cuda:1'?)"),
 ])
 def test_set_errors_blame_set(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:

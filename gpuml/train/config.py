@@ -60,7 +60,7 @@ def blame(source: str, path: str, message: str) -> str:
 # Common names for a choice that difflib would not map to the right one (`gpu` is closer to
 # `cpu` than to `cuda` by spelling).
 _ALIASES = {
-    "gpu": "cuda", "gpu0": "cuda", "cuda0": "cuda", "cuda:0": "cuda", "nvidia": "cuda",
+    "gpu": "cuda", "nvidia": "cuda",
     "host": "cpu", "numpy": "cpu",
     "fp32": "float32", "float": "float32", "single": "float32",
     "fp64": "float64", "double": "float64",
@@ -68,6 +68,16 @@ _ALIASES = {
     "ce": "softmax_cross_entropy", "xent": "softmax_cross_entropy", "l2": "mse",
     "sgdm": "momentum", "nag": "nesterov",
 }
+
+
+def _alias(value: str) -> str | None:
+    """The name `value` is a common alias of (`gpu1` -> `cuda:1`), or None."""
+    numbered = re.fullmatch(r"(?:cuda|gpu)[:_-]?(\d+)", value.lower())
+    return f"cuda:{numbered[1]}" if numbered else _ALIASES.get(value.lower())
+
+
+def _matches_pattern(value: str, field: Field) -> bool:
+    return field.pattern is not None and re.fullmatch(field.pattern, value) is not None
 
 
 class _DuplicateKey(Exception):
@@ -157,12 +167,12 @@ def _try_type(value: Any, t: str) -> tuple[bool, Any]:
 
 
 def _check_value(v: Any, field: Field, path: str, ctx: ConfigSource) -> None:
-    extra_ok = field.pattern is not None and isinstance(v, str) and re.fullmatch(field.pattern, v)
+    extra_ok = isinstance(v, str) and _matches_pattern(v, field)
     if field.choices is not None and v not in field.choices and not extra_ok:
         names = [str(c) for c in field.choices if c is not None]
         hint = _suggest(str(v), names) if isinstance(v, str) else ""
-        alias = _ALIASES.get(v.lower()) if isinstance(v, str) else None
-        if alias in names:
+        alias = _alias(v) if isinstance(v, str) else None
+        if alias is not None and (alias in names or _matches_pattern(alias, field)):
             hint = f"did you mean '{alias}'?"
         hint = f" ({hint})" if hint.startswith("did") else ""
         raise ctx.fail(path, f"{v!r} is not one of {', '.join(names)}{hint}")
