@@ -11,3 +11,19 @@ import os as _os
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 __version__ = "0.1.0"
+
+__all__ = ["History", "Sequential", "datasets", "layers", "load_model", "nn"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attributes keep `import gpuml` light
+    """`gpuml.nn`, `gpuml.layers` (the layer classes), `gpuml.datasets`, and the Keras-like API
+    (`gpuml.Sequential`, `gpuml.load_model`, `gpuml.History`), imported on first use."""
+    import importlib
+
+    if name in ("nn", "datasets"):
+        return importlib.import_module(f"gpuml.{name}")
+    if name == "layers":
+        return importlib.import_module("gpuml.nn.layers")
+    if name in ("Sequential", "load_model", "History"):
+        return getattr(importlib.import_module("gpuml.api"), name)
+    raise AttributeError(f"module 'gpuml' has no attribute {name!r}")

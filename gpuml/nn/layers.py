@@ -6,6 +6,10 @@ training step allocates nothing after the first one.
 Contract: `forward(x, training, step)` saves what backward needs and returns y;
 `backward(dy)` fills `self.grads` and returns dx, or None when `need_input_grad` is False (the first
 layer: nothing upstream wants dx, so the work is skipped).
+
+`trainable = False` freezes a layer: backward skips its weight and bias gradients, the optimizer
+leaves its parameters out, and no input gradient is computed below the first trainable layer.
+It takes effect when the model is next set up for training (build_model, fit).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Layer:
         self.input_shape: Shape = ()
         self.output_shape: Shape = ()
         self.need_input_grad = True
+        self.trainable = True
         self.backend: Backend | None = None
         self._buffers: Buffers | None = None
 
@@ -137,14 +142,17 @@ class _LinearActivation(Layer):
         return y
 
     def backward(self, dy: Array) -> Array | None:
+        if not (self.trainable or self.need_input_grad):
+            return None
         be = self.backend
         x, y = self._x, self._y
         dz = dy
         if self.activation:
             dz = be.activation_bwd(self.activation, y, dy, out=self.buffer("dz", y.shape))
-        self._weight_grad(x, dz)
-        if self.use_bias:
-            be.bias_grad(dz, out=self.grads["b"])
+        if self.trainable:  # a frozen layer's gradients are never read: skip the GEMMs
+            self._weight_grad(x, dz)
+            if self.use_bias:
+                be.bias_grad(dz, out=self.grads["b"])
         if not self.need_input_grad:
             return None
         return self._input_grad(dz, self.buffer("dx", x.shape))

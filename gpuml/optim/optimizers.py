@@ -1,5 +1,6 @@
 """Optimizers: hold per-parameter state as backend arrays and call one fused backend update
-for all parameters per step. The learning rate comes from the schedule each step."""
+for all parameters per step. The learning rate comes from the schedule each step. They see only
+the parameters they train: frozen layers' are never passed in (gpuml.train.build)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from gpuml.backend.base import Array, Backend
+from gpuml.errors import GpumlError
 
 
 class Optimizer:
@@ -41,6 +43,18 @@ class Optimizer:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the step count and state tensors, which must be one per trained parameter
+        (frozen ones have none) with the same shapes; checked before anything changes."""
+        for s, arrays in self.state.items():
+            saved = sum(1 for k in state if k.startswith(f"{s}.") and k[len(s) + 1:].isdigit())
+            if saved != len(arrays):
+                raise GpumlError(f"optimizer state: the checkpoint has {saved} {s!r} tensors, the model "
+                                 f"trains {len(arrays)} parameters (did model.freeze or the layers change?)")
+            for i, a in enumerate(arrays):
+                got = tuple(np.shape(state[f"{s}.{i}"]))
+                if got != tuple(a.shape):
+                    raise GpumlError(f"optimizer state: {s}.{i} has shape {got} in the checkpoint, "
+                                     f"the parameter has {tuple(a.shape)}")
         self.step_count = int(state["step_count"])
         for s, arrays in self.state.items():
             for i, a in enumerate(arrays):

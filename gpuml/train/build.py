@@ -1,13 +1,15 @@
 """Turn a resolved config into a model, loss, optimizer and schedule. Layer build errors become
-config errors naming the file, the layer's position and both shapes."""
+config errors naming the file, the layer's position and both shapes. Fine-tuning lives here too:
+model.init_from / init_skip load weights by layer name, model.freeze fixes layers."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from gpuml.backend.base import Backend
-from gpuml.errors import ConfigError, ShapeError
+from gpuml.errors import ConfigError, GpumlError, ShapeError
 from gpuml.nn import layers as L
 from gpuml.nn.losses import Loss, make_loss
 from gpuml.nn.model import Sequential
@@ -39,23 +41,90 @@ def make_layer(spec: dict[str, Any]) -> L.Layer:
     raise ConfigError(f"unknown layer type {kind!r}")
 
 
+def layer_spec(layer: L.Layer) -> dict[str, Any]:
+    """A `model.layers` entry that make_layer() turns back into the same layer."""
+    spec: dict[str, Any] = {"type": layer.kind}
+    if isinstance(layer, L.Dense):
+        spec["units"] = layer.units
+    elif isinstance(layer, L.Conv2D):
+        spec.update(filters=layer.filters, kernel=list(layer.kernel), stride=list(layer.stride),
+                    padding=list(layer.padding))
+    elif isinstance(layer, (L.MaxPool2D, L.AvgPool2D)):
+        spec.update(size=list(layer.size), stride=list(layer.stride), padding=list(layer.padding))
+    elif isinstance(layer, L.Dropout):
+        spec["rate"] = layer.rate
+    elif not isinstance(layer, (L.Flatten, L.Activation)):
+        raise ConfigError(f"layer {layer.name}: {type(layer).__name__} has no config form")
+    if isinstance(layer, (L.Dense, L.Conv2D)):
+        spec.update(activation=layer.activation, use_bias=layer.use_bias, init=layer.init)
+    spec["name"] = layer.name
+    return spec
+
+
+def model_section(model: Sequential) -> dict[str, Any]:
+    """The `model` config section describing `model` (layers, frozen layers, what
+    load_weights() loaded), so that a saved config rebuilds it."""
+    return {
+        "input_shape": list(model.input_shape) if model.built else None,
+        "layers": [layer_spec(layer) for layer in model.layers],
+        "init_from": model.init_from, "init_skip": list(model.init_skip),
+        "freeze": [layer.name for layer in model.layers if not layer.trainable],
+    }
+
+
 def build_model(cfg: dict[str, Any], backend: Backend, input_shape: tuple[int, ...],
-                source: str = "config") -> Sequential:
-    """Build the configured layers for `input_shape` (without the batch axis)."""
-    layers = []
-    for i, spec in enumerate(cfg["model"]["layers"]):
+                source: str = "config", model: Sequential | None = None) -> Sequential:
+    """Build the configured layers for `input_shape` (without the batch axis), apply
+    model.freeze, and load model.init_from into freshly initialised weights.
+
+    `model` (the Python API's) is used instead of new layers made from cfg; the weights it
+    already has are kept (carried over when it is rebuilt for another backend or dtype)."""
+    m = cfg["model"]
+    if model is None:
+        layers = []
+        for i, spec in enumerate(m["layers"]):
+            try:
+                layers.append(make_layer(spec))
+            except ShapeError as exc:
+                raise ConfigError(blame(source, f"model.layers.{i}", str(exc))) from None
         try:
-            layers.append(make_layer(spec))
+            model = Sequential(layers)
+        except ShapeError as exc:  # a layer name used twice
+            raise ConfigError(blame(source, f"model.layers.{exc.layer_index}.name", str(exc))) from None  # type: ignore[attr-defined]
+    state = model.state_dict() if model.built else None
+    if model.backend is not backend or model.input_shape != tuple(input_shape):
+        try:
+            model.build(tuple(input_shape), backend, seed=cfg["seed"])
+            if state is not None:
+                model.load_state_dict(state, source="the model's weights")
         except ShapeError as exc:
-            raise ConfigError(blame(source, f"model.layers.{i}", str(exc))) from None
-    model = Sequential(layers)
-    try:
-        model.build(tuple(input_shape), backend, seed=cfg["seed"])
-    except ShapeError as exc:
-        idx = getattr(exc, "layer_index", None)
-        where = f"model.layers.{idx}" if idx is not None else "model.layers"
-        raise ConfigError(blame(source, where, str(exc))) from None
+            idx = getattr(exc, "layer_index", None)
+            where = f"model.layers.{idx}" if idx is not None else "model.layers"
+            raise ConfigError(blame(source, where, str(exc))) from None
+    _freeze(model, m["freeze"], source)
+    if m["init_skip"] and m["init_from"] is None:
+        raise ConfigError(blame(source, "model.init_skip", "is only read with model.init_from"))
+    if state is None and m["init_from"] is not None:
+        from gpuml.weights import read_weights
+
+        try:
+            model.load_matching(read_weights(Path(m["init_from"]).expanduser()), m["init_skip"],
+                                source=m["init_from"])
+        except GpumlError as exc:
+            raise ConfigError(blame(source, "model.init_from", str(exc))) from None
+    model.init_from, model.init_skip = m["init_from"], list(m["init_skip"])
     return model
+
+
+def _freeze(model: Sequential, names: list[str], source: str) -> None:
+    known = model.layer_names()
+    for name in names:
+        if name not in known:
+            raise ConfigError(blame(source, "model.freeze", f"unknown layer {name!r}; the model's "
+                                    f"layers are {', '.join(known)}"))
+    for layer in model.layers:
+        layer.trainable = layer.name not in names
+    model.update_grad_flags()
 
 
 def build_loss(cfg: dict[str, Any], backend: Backend, source: str = "config") -> Loss:
@@ -67,8 +136,9 @@ def build_loss(cfg: dict[str, Any], backend: Backend, source: str = "config") ->
 
 def build_optimizer(cfg: dict[str, Any], backend: Backend, model: Sequential) -> Optimizer:
     o = cfg["optimizer"]
-    params = [p for _, p, _ in model.named_parameters()]
-    grads = [g for _, _, g in model.named_parameters()]
+    # Frozen layers' parameters are left out, so every backend's fused update skips them.
+    params = [p for _, p, _ in model.trainable_parameters()]
+    grads = [g for _, _, g in model.trainable_parameters()]
     name = o["name"]
     wd = o["weight_decay"]
     if name == "sgd":

@@ -88,6 +88,10 @@ for _spec in LAYERS.values():
 MODEL: dict[str, Any] = {
     "input_shape": F("list[int]|null", None, doc="(channels, height, width); default: the dataset's"),
     "layers": F("list[dict]"),
+    "init_from": F("str|null", None, doc="fine-tuning: weights by layer name from a run folder, "
+                   "weights .npz, checkpoint or .safetensors"),
+    "init_skip": F("list[str]", [], doc="layers init_from leaves freshly initialised (a new head)"),
+    "freeze": F("list[str]", [], doc="layers whose parameters are not trained"),
 }
 
 LOSS: dict[str, Any] = {

@@ -30,6 +30,8 @@ from gpuml.data.atomic import atomic_write
 from gpuml.data.loader import BatchIterator, Dataset, load_dataset_config
 from gpuml.errors import DeviceError, GpumlError, TrainingDiverged
 from gpuml.nn.buffers import Buffers
+from gpuml.nn.losses import Loss
+from gpuml.nn.model import Sequential
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
 from gpuml.train.config import dump_config
@@ -58,7 +60,10 @@ def metric_mode(name: str, mode: str) -> str:
 
 class Trainer:
     def __init__(self, cfg: dict[str, Any], run_dir: Path, *, source: str = "config",
-                 log: Log = _stderr, dataset: Dataset | None = None) -> None:
+                 log: Log = _stderr, dataset: Dataset | None = None,
+                 model: Sequential | None = None) -> None:
+        """`dataset` replaces the one the config names, `model` the one its layers describe
+        (the Python API passes the user's; it must match cfg["model"])."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.source = source
@@ -74,14 +79,15 @@ class Trainer:
                                         drop_last=t["drop_last"])
         self.eval_iters = {
             name: BatchIterator(self.backend, split, t["eval_batch_size"], mean=mean, std=std)
-            for name, split in (("val", self.data.val), ("test", self.data.test)) if split is not None
+            for name, split in (("val", self.data.val), ("test", self.data.test))
+            if split is not None and len(split)  # fit() without validation data has no test split
         }
         input_shape = tuple(cfg["model"]["input_shape"] or self.data.train.images.shape[1:])
-        self.model = build_model(cfg, self.backend, input_shape, source)
+        self.model = build_model(cfg, self.backend, input_shape, source, model=model)
         self.loss_fn = build_loss(cfg, self.backend, source)
         self.optimizer = build_optimizer(cfg, self.backend, self.model)
         self.schedule = build_schedule(cfg, len(self.train_iter))
-        self.grads = [g for _, _, g in self.model.named_parameters()]
+        self.grads = list(self.optimizer.grads)  # frozen layers' stay out of the clipping norm
         aug = cfg["data"]["augment"]
         self.augment = aug if (aug["shift"] or aug["rotate"] or aug["scale"] or aug["hflip"]) else None
         if self.augment and len(input_shape) != 3:
@@ -107,6 +113,8 @@ class Trainer:
         self.best: dict[str, Any] = {"value": None, "epoch": None}
         self.es_wait = 0
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
+        #: called with each epoch's metrics row once it is logged and checkpointed (Python callbacks)
+        self.epoch_end_hooks: list[Callable[[dict[str, Any]], None]] = []
         self._stop_signal = ""
 
     # ------------------------------------------------------------------ set-up helpers
@@ -149,18 +157,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Mean loss and accuracy over a whole split, in eval mode (no dropout)."""
-        it = self.eval_iters[split]
-        be = self.backend
-        acc = self._buffers.get("eval_acc", (2,))
-        be.fill_(acc, 0.0)
-        for x, y in it:
-            out = self.model.forward(x, training=False)
-            loss, _ = self.loss_fn(out, y)
-            be.add_(acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))
-            be.add_(acc[1:2], be.count_correct(out, y, out=self._correct).reshape(1))
-        loss_sum, correct = (float(v) for v in be.to_numpy(acc))
-        n = it.num_samples
-        return {"loss": loss_sum / n, "accuracy": correct / n}
+        return evaluate_batches(self.model, self.loss_fn, self.eval_iters[split], self._buffers)
 
     # ------------------------------------------------------------------ training
     def fit(self, progress: bool | None = None) -> dict[str, Any]:
@@ -183,6 +180,8 @@ class Trainer:
                     self.save_checkpoint(best=is_best)
                     metrics.append(row)
                     self.log(format_epoch(row, t["epochs"]))
+                    for hook in self.epoch_end_hooks:
+                        hook(row)
             except _Stop:
                 path = self.save_checkpoint()
                 raise Interrupted(
@@ -281,7 +280,7 @@ class Trainer:
 
     def _step(self, x: Array, y: Array, lr: float) -> None:
         be = self.backend
-        out = self.model.forward(x, training=True, step=self.global_step)
+        out = self.model.forward_buffered(x, training=True, step=self.global_step)
         be.add_(self._acc[1:2], be.count_correct(out, y, out=self._correct).reshape(1))
         loss, dout = self.loss_fn(out, y)
         be.add_(self._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))  # a NaN loss stays NaN in the sum
@@ -328,7 +327,7 @@ class Trainer:
         return is_best, self.es_wait > es["patience"]
 
     def _finish(self, seconds: float, stopped_early: bool) -> dict[str, Any]:
-        test = self.evaluate("test")
+        test = self.evaluate("test") if "test" in self.eval_iters else {"loss": None, "accuracy": None}
         weights = self.run_dir / "weights.npz"
         with atomic_write(weights) as f:
             np.savez(f, **self.model.state_dict())
@@ -339,9 +338,26 @@ class Trainer:
         }
         with atomic_write(self.run_dir / "summary.json") as f:
             f.write(json.dumps(summary, indent=2).encode())
-        self.log(f"test_loss {test['loss']:.4f}  test_accuracy {test['accuracy']:.4f}  "
-                 f"({plural(self.epoch, 'epoch')}, {seconds:.1f}s) -> {self.run_dir}")
+        tested = "" if test["loss"] is None else \
+            f"test_loss {test['loss']:.4f}  test_accuracy {test['accuracy']:.4f}  "
+        self.log(f"{tested}({plural(self.epoch, 'epoch')}, {seconds:.1f}s) -> {self.run_dir}")
         return summary
+
+
+def evaluate_batches(model: Sequential, loss_fn: Loss, it: BatchIterator, buffers: Buffers) -> dict[str, float]:
+    """Mean loss and accuracy of `model` over every batch of `it` in eval mode, accumulated on
+    the device and read back once (the trainer's splits and the Python API's evaluate)."""
+    be = buffers.backend
+    acc, correct = buffers.get("eval_acc", (2,)), buffers.get("eval_correct", ())
+    be.fill_(acc, 0.0)
+    for x, y in it:
+        out = model.forward_buffered(x, training=False)
+        loss, _ = loss_fn(out, y)
+        be.add_(acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))
+        be.add_(acc[1:2], be.count_correct(out, y, out=correct).reshape(1))
+    loss_sum, n_correct = (float(v) for v in be.to_numpy(acc))
+    n = it.num_samples
+    return {"loss": loss_sum / n, "accuracy": n_correct / n}
 
 
 def value_improved(value: float, ref: float, mode: str, min_delta: float) -> bool:
