@@ -1,11 +1,10 @@
 """Read weights to initialise a model from (`model.init_from`, `Sequential.load_weights`): a run
-folder, a weights .npz, a checkpoint .npz or a .safetensors export. The result is always the
-host arrays keyed "layer.param" (conv2d_1.W), the names gpuml's own files use."""
+folder, a weights .npz, a checkpoint .npz, or a .safetensors export (`gpuml export`, either
+format: gpuml's names, or `--format torch`'s PyTorch names mapped back through its metadata).
+The result is always the host arrays keyed "layer.param" (conv2d_1.W), gpuml's own names."""
 
 from __future__ import annotations
 
-import json
-import struct
 import zipfile
 from pathlib import Path
 
@@ -13,12 +12,10 @@ import numpy as np
 
 from gpuml.errors import DataError
 
-_SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I32": "<i4", "I64": "<i8", "U8": "u1"}
-
 
 def read_weights(path: Path) -> dict[str, np.ndarray]:
     """The weights in `path`: a run folder (its weights.npz, else its newest checkpoint), a
-    .npz of parameters or a checkpoint, or a .safetensors file."""
+    .npz of parameters or a checkpoint, or a .safetensors file (gpuml or torch layout)."""
     path = Path(path)
     if path.is_dir():
         from gpuml.train import checkpoint as ckpt
@@ -32,7 +29,11 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: no such weights file (a run folder, .npz or .safetensors)")
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        from gpuml.export import read_safetensors, read_torch_safetensors
+
+        tensors, meta = read_safetensors(path)
+        # `--format torch` files hold PyTorch names and layouts; the metadata maps them back.
+        return read_torch_safetensors(path) if meta.get("gpuml_format") == "torch" else tensors
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)
@@ -43,28 +44,3 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in names}
     except (OSError, ValueError, zipfile.BadZipFile, AttributeError) as exc:
         raise DataError(f"{path}: not a readable .npz of weights ({type(exc).__name__}: {exc})") from None
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a .safetensors file (the published format: 8-byte little-endian header
-    length, JSON header of dtype/shape/data_offsets, then the data), without the library."""
-    try:
-        data = path.read_bytes()
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-    except (OSError, struct.error, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc})") from None
-    out = {}
-    base = 8 + n
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise DataError(f"{path}: tensor {name} has dtype {entry.get('dtype')}, which gpuml does not read")
-        start, stop = entry["data_offsets"]
-        a = np.frombuffer(data[base + start : base + stop], dtype=dtype)
-        if a.size != int(np.prod(entry["shape"], dtype=np.int64)):
-            raise DataError(f"{path}: tensor {name} holds {a.size} values for shape {entry['shape']}")
-        out[name] = a.reshape(entry["shape"]).astype(a.dtype.newbyteorder("="))
-    return out

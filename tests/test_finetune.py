@@ -16,7 +16,7 @@ from gpuml.export import export_weights
 from gpuml.nn import layers as L
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.config import validate
-from gpuml.train.trainer import Trainer
+from gpuml.train.trainer import Trainer, write_config, write_run_info
 
 
 def synthetic(n: int, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +53,10 @@ def config(data: Path, head: int = 4, epochs: int = 1, **model: object) -> dict:
 
 
 def train(cfg: dict, run: Path) -> Trainer:
+    """A run as `gpuml train` makes it (config.yaml and run.json included)."""
     trainer = Trainer(cfg, run, source="ft.yaml", log=lambda _: None)
+    write_config(run, cfg)
+    write_run_info(run, trainer)
     trainer.fit(progress=False)
     return trainer
 
@@ -145,12 +148,17 @@ def test_weights_file_without_a_layer_and_missing_file_are_one_line_errors(tmp_p
         Trainer(cfg, tmp_path / "ft", source="ft.yaml", log=lambda _: None)
 
 
-@pytest.mark.parametrize("source", ["weights.npz", "weights.safetensors", "checkpoint"])
+@pytest.mark.parametrize("source", ["weights.npz", "weights.safetensors", "torch.safetensors", "checkpoint"])
 def test_init_from_reads_npz_safetensors_and_checkpoints(tmp_path: Path, pretrained: Path, source: str) -> None:
+    from gpuml.cli import main
+
     pre = weights(pretrained)
     path = {"weights.npz": pretrained / "weights.npz", "checkpoint": ckpt.find(pretrained, "last")}.get(source)
-    if path is None:
+    if source == "weights.safetensors":
         path = export_weights(pre, tmp_path / source, "safetensors")
+    elif source == "torch.safetensors":  # PyTorch names and layouts (Linear weight (out, in))
+        path = tmp_path / source
+        assert main(["export", str(pretrained), "--format", "torch", "--out", str(path)]) == 0
     trainer = Trainer(config(npz_data(tmp_path), init_from=str(path)), tmp_path / "ft", source="ft.yaml",
                       log=lambda _: None)
     start = trainer.model.state_dict()
