@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuml import __version__
-from gpuml.errors import ConfigError, GpumlError
+from gpuml.errors import ConfigError, GpumlError, RunError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -110,43 +110,58 @@ def _default_run_dir(name: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gpuml.train import checkpoint as ckpt
-    from gpuml.train.config import command_line_source, config_diff, load_config
+    from gpuml.train.config import command_line_source, load_config
+    from gpuml.train.runlock import hold_run_lock
     from gpuml.train.trainer import Trainer, out_of_memory_message, write_config, write_run_info
 
-    resume_from = None
     if args.resume:
         run_dir = args.resume
-        saved_path = run_dir / "config.yaml"
-        if not saved_path.exists():
-            raise GpumlError(f"--resume {run_dir}: not a run folder ({saved_path} is missing)")
-        source = str(args.config or saved_path)
-        cfg = load_config(source, args.overrides)
-        changed = config_diff(load_config(saved_path), cfg)
-        if changed and not args.allow_config_change:
-            raise ConfigError(f"--resume {run_dir}: the config differs from the run's in "
-                              f"{', '.join(changed)}; pass --allow-config-change to accept")
-        resume_from = ckpt.find(run_dir, "last")
+        if not run_dir.is_dir():
+            raise RunError(f"--resume {run_dir}: no such run folder")
     else:
         if not args.config:
             raise ConfigError("gpuml train: give a CONFIG file, or --resume RUN_DIR")
         source = resolve_config(args.config)
         cfg = load_config(source, args.overrides)
         run_dir = args.out or _default_run_dir(cfg["name"])
-        if ckpt.list_checkpoints(run_dir / "checkpoints") or (run_dir / "summary.json").exists():
-            raise GpumlError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
-    try:
-        trainer = Trainer(cfg, run_dir, source=command_line_source(source, args.overrides))
-        if resume_from is not None:
-            trainer.restore(resume_from)
-        write_config(run_dir, cfg)
-        write_run_info(run_dir, trainer)
-        trainer.fit(progress=False if args.no_progress else None)
-    except Exception as exc:
-        oom = out_of_memory_message(exc, cfg["trainer"]["batch_size"])
-        if oom is not None:
-            raise oom from None
-        raise
+    # Locked before anything is read or written there: a second process stops here.
+    with hold_run_lock(run_dir):
+        if args.resume:
+            cfg, source = _resume_config(args, run_dir)
+        elif ckpt.list_checkpoints(run_dir / "checkpoints") or (run_dir / "summary.json").exists():
+            raise RunError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
+        try:
+            trainer = Trainer(cfg, run_dir, source=command_line_source(source, args.overrides))
+            if args.resume and trainer.resume_latest() and trainer.finished_summary() is not None:
+                trainer.log(f"{run_dir}: already finished ({trainer.epoch} epochs); nothing to do")
+                return 0
+            with ckpt.disk_full_keeps_last(run_dir):
+                write_config(run_dir, cfg)
+                write_run_info(run_dir, trainer)
+            trainer.fit(progress=False if args.no_progress else None)
+        except Exception as exc:
+            oom = out_of_memory_message(exc, cfg["trainer"]["batch_size"])
+            if oom is not None:
+                raise oom from None
+            raise
     return 0
+
+
+def _resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, Any], str]:
+    """The config to continue with (the run's own, or CONFIG / --set when given) and its
+    source; a change from the run's needs --allow-config-change."""
+    from gpuml.train.config import config_diff, load_config
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        raise RunError(f"--resume {run_dir}: not a run folder ({saved_path} is missing)")
+    source = str(args.config or saved_path)
+    cfg = load_config(source, args.overrides)
+    changed = config_diff(load_config(saved_path), cfg)
+    if changed and not args.allow_config_change:
+        raise ConfigError(f"--resume {run_dir}: the config differs from the run's in "
+                          f"{', '.join(changed)}; pass --allow-config-change to accept")
+    return cfg, source
 
 
 def resolve_config(name: str) -> str:
@@ -169,7 +184,7 @@ def _run_config(run_dir: Path, device: str | None) -> tuple[dict[str, Any], Path
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
-        raise GpumlError(f"{run_dir}: not a run folder ({cfg_path} is missing)")
+        raise RunError(f"{run_dir}: not a run folder ({cfg_path} is missing)")
     return load_config(cfg_path, options={"--device": f"device={device}"} if device else None), cfg_path
 
 
@@ -183,7 +198,7 @@ def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:
         return ckpt.load(ckpt.find(run_dir, checkpoint))[0]
     path = run_dir / "weights.npz"
     if not path.exists():
-        raise GpumlError(f"{run_dir}: no final weights ({path} is missing); use --checkpoint last")
+        raise RunError(f"{run_dir}: no final weights ({path} is missing); use --checkpoint last")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
@@ -191,7 +206,7 @@ def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "run.json"
     if not path.exists():
-        raise GpumlError(f"{run_dir}: {path.name} is missing (not a gpuml run folder?)")
+        raise RunError(f"{run_dir}: {path.name} is missing (not a gpuml run folder?)")
     return json.loads(path.read_text())
 
 
@@ -203,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.run_dir, source=str(cfg_path))
     trainer.model.load_state_dict(weights, source=args.checkpoint)
     if args.split not in trainer.eval_iters:
-        raise GpumlError(f"{args.run_dir}: this run has no {args.split} split (data.val_split is 0)")
+        raise RunError(f"{args.run_dir}: this run has no {args.split} split (data.val_split is 0)")
     result = trainer.evaluate(args.split)
     print(json.dumps({"split": args.split, "checkpoint": args.checkpoint,
                       f"{args.split}_loss": result["loss"], f"{args.split}_accuracy": result["accuracy"]}))

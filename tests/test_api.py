@@ -155,3 +155,10 @@ def _compiled(stack: list) -> gpuml.Sequential:
     model = gpuml.Sequential(stack)
     model.compile()
     return model
+
+
+def test_datasets_load_gives_keras_layout_arrays(fashion_root: Path) -> None:
+    (x, y), (xt, yt) = gpuml.datasets.load("fashion_mnist", root=fashion_root, download=False)
+    assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28) and x.dtype == np.uint8
+    assert y.shape == (60000,) and set(np.unique(yt)) == set(range(10))
+    assert "fashion_mnist" in gpuml.datasets.names()

@@ -76,7 +76,7 @@ def test_export_npz_and_eval_checkpoints(run: Path, tmp_path: Path, capsys) -> N
     last = json.loads(capsys.readouterr().out)
     summary = json.loads((run / "summary.json").read_text())
     assert last["test_accuracy"] == pytest.approx(summary["test_accuracy"])  # last epoch == final weights
-    assert main(["eval", str(run), "--checkpoint", "nonexistent.npz"]) == 1
+    assert main(["eval", str(run), "--checkpoint", "nonexistent.npz"]) == 8  # RunError: documented
     assert "not found" in capsys.readouterr().err
 
 
@@ -122,3 +122,27 @@ def test_info_names_backends(capsys) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "backends: cpu" in out and "numpy" in out and "gpu:" in out
+
+
+def test_progress_bar_eta_leaves_out_the_first_step(tmp_path: Path, fashion_root: Path, monkeypatch,
+                                                    capsys) -> None:
+    """The first step pays for JIT compilation (here: a 3 s stand-in); the bar's ETA must not
+    extrapolate it over the epoch (it did: `1/24 [00:03<01:09, 3.00s/batch]`)."""
+    import re
+    import time
+
+    from gpuml.train.trainer import Trainer
+
+    real_step = Trainer._step
+
+    def slow_first_step(self, x, y, lr):
+        if self.global_step == 0:
+            time.sleep(3.0)
+        real_step(self, x, y, lr)
+
+    monkeypatch.setattr(Trainer, "_step", slow_first_step)
+    assert main(["train", str(tiny_config(tmp_path, fashion_root, trainer__epochs=1)), "--out",
+                 str(tmp_path / "bar"), "--set", "trainer.progress=true"]) == 0
+    err = capsys.readouterr().err
+    etas = [int(m) * 60 + int(s) for m, s in re.findall(r"<(\d+):(\d+)", err)]
+    assert "1/24 [" in err and "s/batch" not in err and all(eta < 3 for eta in etas), err

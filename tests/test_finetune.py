@@ -203,3 +203,16 @@ def test_python_load_weights_and_trainable(tmp_path: Path, pretrained: Path) -> 
     with pytest.raises(GpumlError, match="dense_2.W has shape \\(16, 4\\) in the file, the model wants \\(16, 3\\)"):
         model.load_weights(pretrained)  # built: loaded at once, checked first
     assert np.array_equal(model.state_dict()["conv2d_2.W"], after["conv2d_2.W"])  # nothing changed
+
+
+def test_layer_names_are_unique_since_weights_are_matched_by_name(tmp_path: Path) -> None:
+    cfg = config(npz_data(tmp_path))
+    cfg["model"]["layers"][4]["name"] = cfg["model"]["layers"][5]["name"] = "head"
+    with pytest.raises(ConfigError, match=r"^ft.yaml: model.layers.5.name: layer head: the name is used by an "
+                                          r"earlier layer too"):
+        Trainer(cfg, tmp_path / "run", source="ft.yaml", log=lambda _: None)
+    from gpuml.nn.model import Sequential
+
+    # Automatic names skip the ones given explicitly (Keras-style numbering otherwise).
+    assert Sequential([L.Dense(3), L.Dense(4, name="dense_1"), L.Flatten()]).layer_names() == \
+        ["dense_2", "dense_1", "flatten_1"]

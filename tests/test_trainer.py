@@ -130,20 +130,45 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path: Path, fashion_root:
     assert_same_weights(run, tmp_path / "full")
 
 
+def stop_at_step(step: int, action: str, *args: str) -> subprocess.CompletedProcess:
+    """`gpuml ARGS` with the trainer interrupted at `step` (see tests/stop_at_step.py)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "tests.stop_at_step", str(step), action, *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+
+
+def checkpoint_meta(path: Path) -> dict:
+    with np.load(path) as z:
+        return json.loads(bytes(z["meta"]).decode())
+
+
 def test_ctrl_c_checkpoints_mid_epoch_and_resume_is_exact(tmp_path: Path, fashion_root: Path) -> None:
     cfg = tiny_config(tmp_path, fashion_root, trainer__epochs=6, trainer__batch_size=10)
     gpuml("train", cfg, "--out", tmp_path / "full", "--no-progress")
     run = tmp_path / "interrupted"
-    proc = _start(cfg, run)
-    _wait_for_checkpoint(proc, run)
-    time.sleep(0.05)  # into the next epoch
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    # 1,200 training samples in batches of 10: 120 steps per epoch, so step 150 is batch 30 of epoch 2.
+    proc = stop_at_step(150, f"signal:{int(signal.SIGINT)}", "train", cfg, "--out", run, "--no-progress")
+    err = proc.stderr
     assert proc.returncode == 130, err
     assert "checkpoint saved" in err and "gpuml train --resume" in err and "Traceback" not in err
+    ckpts = sorted((run / "checkpoints").glob("step-*.npz"))
+    assert ckpts[-1].name == "step-000000150.npz"
+    meta = checkpoint_meta(ckpts[-1])
+    assert meta["global_step"] == 150 and meta["epoch"] == 1  # stopped mid-epoch 2, not at a boundary
+    assert meta["data"]["cursor"] == 30 and meta["partial"]["seen"] == 300 and meta["partial"]["loss_sum"] > 0
     gpuml("train", "--resume", run, "--no-progress")
     assert metrics(run) == metrics(tmp_path / "full")
     assert_same_weights(run, tmp_path / "full")
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path: Path, fashion_root: Path) -> None:
+    cfg = tiny_config(tmp_path, fashion_root, trainer__epochs=2)
+    run = tmp_path / "terminated"
+    proc = stop_at_step(30, f"signal:{int(signal.SIGTERM)}", "train", cfg, "--out", run, "--no-progress")
+    assert proc.returncode == 143, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpuml: error: terminated at epoch 2, step 30") and "checkpoint saved" in last
+    assert checkpoint_meta(run / "checkpoints" / "step-000000030.npz")["data"]["cursor"] == 6
 
 
 def test_resume_with_changed_config_is_refused_unless_allowed(tmp_path: Path, fashion_root: Path) -> None:
@@ -187,6 +212,7 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path: Path, fashion_root: P
     assert proc.returncode == 5, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "loss became" in last and "step" in last and ("checkpoint" in last) and "Traceback" not in proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # the loss check reports, not NumPy
 
 
 def test_layers_that_do_not_fit_fail_at_build(tmp_path: Path, fashion_root: Path) -> None:

@@ -1,13 +1,34 @@
-"""Atomic file creation: the final name only ever holds a complete, flushed file."""
+"""Atomic file creation: the final name only ever holds a complete, flushed file.
+
+A full disk (or quota) is translated into DiskFullError naming the file; the temporary file is
+removed, so the previous version of the file and every other file stay as they were."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from gpuml.errors import DiskFullError
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an out-of-space OSError raised inside the block into DiskFullError naming `path`
+    (write(2) errors carry no file name of their own)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        # "no space left on device" or "disk quota exceeded"
+        raise DiskFullError(f"{path}: {os.strerror(exc.errno).lower()}") from None
 
 
 @contextlib.contextmanager
@@ -16,18 +37,19 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     and renamed over `path`, on an exception it is deleted. The temp file lives in the same
     folder so that os.replace is a rename within one file system (atomic on POSIX)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it 0600
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with disk_full_as_error(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it 0600
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     _fsync_dir(path.parent)
 
 

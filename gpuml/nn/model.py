@@ -31,11 +31,13 @@ class Sequential:
         return self.backend is not None
 
     def _name_layers(self) -> None:
-        """Number unnamed layers like Keras does (conv2d_1, dense_2); names must be unique, as
-        weights, checkpoints, init_skip and freeze refer to layers by name."""
+        """Number unnamed layers like Keras does (conv2d_1, dense_2), skipping names given
+        explicitly; names must be unique, as weights, checkpoints, init_skip and freeze refer to
+        layers by name."""
+        given = {layer.name for layer in self.layers if layer.name != layer.kind}
         counts: dict[str, int] = {}
-        for layer in self.layers:
-            if layer.name == layer.kind:
+        for layer in (layer for layer in self.layers if layer.name == layer.kind):
+            while layer.name == layer.kind or layer.name in given:
                 counts[layer.kind] = counts.get(layer.kind, 0) + 1
                 layer.name = f"{layer.kind}_{counts[layer.kind]}"
         seen: set[str] = set()

@@ -134,6 +134,13 @@ EARLY_STOPPING: dict[str, Any] = {
     "restore_best": F("bool", True),
 }
 
+# Mid-epoch checkpoints (on top of the one after every epoch), so a long epoch is not lost.
+CHECKPOINT_EVERY: dict[str, Any] = {
+    "steps": F("int|null", None, minimum=1, doc="also every N global steps (null: off)"),
+    "minutes": F("float|null", 10.0, minimum=0, exclusive_min=True,
+                 doc="also when this many minutes passed since the last checkpoint (null: off)"),
+}
+
 TRAINER: dict[str, Any] = {
     "epochs": F("int", 10, minimum=1),
     "batch_size": F("int", 32, minimum=1),
@@ -142,7 +149,8 @@ TRAINER: dict[str, Any] = {
     "log_every": F("int", 50, minimum=1, doc="steps between loss read-backs (progress bar)"),
     "progress": F("bool|null", None, doc="progress bar; default: when stderr is a terminal"),
     "grad_clip_norm": F("float|null", None, minimum=0, exclusive_min=True),
-    "keep_checkpoints": F("int", 2, minimum=1, doc="how many last-epoch checkpoints to keep"),
+    "keep_checkpoints": F("int", 2, minimum=1, doc="how many last step checkpoints to keep"),
+    "checkpoint_every": CHECKPOINT_EVERY,
     "monitor": F("str", "auto", doc="metric for the best checkpoint (auto: val_accuracy, else train_accuracy)"),
     "monitor_mode": F("str", "auto", choices=("auto", "min", "max")),
     "early_stopping": EARLY_STOPPING,

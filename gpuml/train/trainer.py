@@ -1,6 +1,6 @@
 """The training loop: build everything from a resolved config, train with a progress bar,
-checkpoint after every epoch (and on Ctrl-C / SIGTERM), resume exactly, stop early, and write
-the run folder.
+checkpoint after every epoch, every `trainer.checkpoint_every` steps or minutes and on Ctrl-C /
+SIGTERM, resume exactly, stop early, and write the run folder (locked while training).
 
 The step itself (forward, fused loss, backward, one fused optimizer launch) touches only
 preallocated buffers; the loss and accuracy are accumulated on the device and read back once
@@ -10,15 +10,12 @@ bar and catch a NaN early.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
 import sys
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +23,26 @@ import numpy as np
 
 from gpuml.backend import get_backend
 from gpuml.backend.base import Array
-from gpuml.data.atomic import atomic_write
+from gpuml.data.atomic import atomic_write, disk_full_as_error
 from gpuml.data.loader import BatchIterator, Dataset, load_dataset_config
-from gpuml.errors import DeviceError, GpumlError, TrainingDiverged
+from gpuml.errors import ConfigError, DeviceError, Interrupted, TrainingDiverged
 from gpuml.nn.buffers import Buffers
 from gpuml.nn.losses import Loss
 from gpuml.nn.model import Sequential
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
-from gpuml.train.config import dump_config
 from gpuml.train.metrics import MetricsLog, format_epoch, plural
+from gpuml.train.runfiles import write_config, write_run_info
+from gpuml.train.runlock import hold_run_lock
+from gpuml.train.stopping import StopFlag, StopRequested
+
+__all__ = ["Interrupted", "Trainer", "write_config", "write_run_info"]  # Interrupted: old import path
 
 Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class _Stop(Exception):
-    """Raised between steps after Ctrl-C or SIGTERM, so the checkpoint is consistent."""
-
-
-class Interrupted(GpumlError):
-    exit_code = 130
 
 
 def metric_mode(name: str, mode: str) -> str:
@@ -91,7 +84,7 @@ class Trainer:
         aug = cfg["data"]["augment"]
         self.augment = aug if (aug["shift"] or aug["rotate"] or aug["scale"] or aug["hflip"]) else None
         if self.augment and len(input_shape) != 3:
-            raise GpumlError(f"{source}: data.augment needs image input (channels, height, width), "
+            raise ConfigError(f"{source}: data.augment needs image input (channels, height, width), "
                              f"the model input is {input_shape}")
         self._augment_seed = zlib.crc32(f"{cfg['seed']}:augment".encode())
         self._augment_fill = (0.0 - mean) / std  # a black pixel, normalised
@@ -115,24 +108,39 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         #: called with each epoch's metrics row once it is logged and checkpointed (Python callbacks)
         self.epoch_end_hooks: list[Callable[[dict[str, Any]], None]] = []
-        self._stop_signal = ""
+        self.seconds_before = 0.0  # training time of earlier sessions, up to the checkpoint
+        self._session_t0: float | None = None
+        self._epoch_t0: float | None = None
+        self._last_save_t = 0.0
+        self._stop = StopFlag(log)
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_metric(self, name: str, key: str) -> str:
         if name == "auto":
             return "val_accuracy" if "val_accuracy" in self.metric_names else "train_accuracy"
         if name not in self.metric_names:
-            raise GpumlError(f"{self.source}: {key}: unknown metric {name!r}; this run logs "
+            raise ConfigError(f"{self.source}: {key}: unknown metric {name!r}; this run logs "
                              f"{', '.join(self.metric_names)}")
         return name
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        partial = dict(self.partial)
+        if self._epoch_t0 is not None:  # mid-epoch: the epoch's time so far
+            partial["seconds"] += now - self._epoch_t0
         return {
             "epoch": self.epoch, "global_step": self.global_step, "config": self.cfg,
             "history": self.history, "best": self.best, "es_wait": self.es_wait,
-            "partial": self.partial, "data": self.train_iter.state_dict(),
+            "partial": partial, "data": self.train_iter.state_dict(),
+            "seconds_total": self.total_seconds(now),
         }
+
+    def total_seconds(self, now: float | None = None) -> float:
+        """Training time of this run across every session (resumes add up)."""
+        if self._session_t0 is None:
+            return self.seconds_before
+        return self.seconds_before + (now or time.perf_counter()) - self._session_t0
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """The rolling step checkpoint, and best.npz too when `best` (one host copy for both)."""
@@ -142,17 +150,35 @@ class Trainer:
         if best:
             ckpt.save(folder / "best.npz", *state)
         ckpt.prune(folder, self.cfg["trainer"]["keep_checkpoints"])
+        self._last_save_t = time.perf_counter()
         return path
 
-    def restore(self, path: Path) -> None:
-        model, optim, meta = ckpt.load(path)
+    def restore(self, path: Path, state: ckpt.State | None = None) -> None:
+        model, optim, meta = state or ckpt.load(path)
         self.model.load_state_dict(model, source=str(path))
         self.optimizer.load_state_dict(optim)
         self.epoch, self.global_step = meta["epoch"], meta["global_step"]
         self.history, self.best, self.es_wait = meta["history"], meta["best"], meta["es_wait"]
         self.partial = meta["partial"]
+        self.seconds_before = meta.get("seconds_total", 0.0)  # absent before gpuml 0.x resumes
         self.train_iter.load_state_dict(meta["data"])
-        self.log(f"resumed from {path} (epoch {self.epoch}, step {self.global_step})")
+        where = f"epoch {self.epoch}" + (f" + {self.train_iter.cursor} batches" if self.partial["seen"] else "")
+        self.log(f"resumed from {path} ({where}, step {self.global_step})")
+
+    def resume_latest(self) -> bool:
+        """Restore the newest checkpoint that loads (skipping damaged ones, each said in one
+        line); with none, log so and keep the fresh state: the run starts from the beginning
+        and ends as an uninterrupted one would. True when a checkpoint was restored."""
+        found = ckpt.load_latest(self.run_dir, self.log)
+        if found is None:
+            self.log(f"{self.run_dir}: no checkpoint yet; starting from the beginning")
+            return False
+        self.restore(*found)
+        return True
+
+    def finished_summary(self) -> dict[str, Any] | None:
+        """summary.json when the run already reached its end at the restored checkpoint."""
+        return ckpt.finished_summary(self.run_dir, self.epoch, self.cfg["trainer"]["epochs"])
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test") -> dict[str, float]:
@@ -161,32 +187,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def fit(self, progress: bool | None = None) -> dict[str, Any]:
+        """Train to the configured end (or early stop) and write the run's final files; a run
+        already finished at the restored checkpoint is reported and left unchanged."""
+        done = self.finished_summary()
+        if done is not None:
+            self.log(f"{self.run_dir}: already finished ({plural(self.epoch, 'epoch')}); nothing to do")
+            return done
+        # errstate: an overflowing step must be reported by the loss check (TrainingDiverged),
+        # not by NumPy warnings printed before it.
+        with hold_run_lock(self.run_dir), ckpt.disk_full_keeps_last(self.run_dir), \
+                np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._fit(progress)
+
+    def _fit(self, progress: bool | None) -> dict[str, Any]:
         t = self.cfg["trainer"]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(self.run_dir)
         metrics.rewrite(self.history)  # on resume: drop rows past the checkpoint, never duplicate
         self.log(self.model.summary())
         show = t["progress"] if t["progress"] is not None else progress
-        start = time.perf_counter()
+        self._session_t0 = self._last_save_t = time.perf_counter()
         stopped_early = False
-        with self._stop_on_signals():
+        with self._stop.installed():
             try:
                 while self.epoch < t["epochs"] and not stopped_early:
-                    if self._stop_signal:
-                        raise _Stop()
+                    if self._stop:
+                        raise StopRequested()
                     row = self._train_epoch(show)
                     self.history.append(row)
                     is_best, stopped_early = self._after_epoch(row)
                     self.save_checkpoint(best=is_best)
-                    metrics.append(row)
+                    with disk_full_as_error(f"{metrics.jsonl} (or metrics.csv)"):
+                        metrics.append(row)
                     self.log(format_epoch(row, t["epochs"]))
                     for hook in self.epoch_end_hooks:
                         hook(row)
-            except _Stop:
+            except StopRequested:
                 path = self.save_checkpoint()
                 raise Interrupted(
-                    f"{self._stop_signal} at epoch {self.epoch + 1}, step {self.global_step}; "
-                    f"checkpoint saved to {path}; continue with: gpuml train --resume {self.run_dir}"
+                    f"{self._stop.reason} at epoch {self.epoch + 1}, step {self.global_step}; "
+                    f"checkpoint saved to {path}; continue with: gpuml train --resume {self.run_dir}",
+                    self._stop.exit_code,
                 ) from None
         if stopped_early:
             self.log(f"early stopping after epoch {self.epoch}: "
@@ -196,29 +236,16 @@ class Trainer:
                 model, _, meta = ckpt.load(best)
                 self.model.load_state_dict(model, source=str(best))
                 self.log(f"restored the best weights (epoch {meta['epoch']})")
-        return self._finish(time.perf_counter() - start, stopped_early)
+        return self._finish(stopped_early)
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self) -> Iterator[None]:
-        """Ctrl-C or SIGTERM asks the loop to stop after the current step (so the checkpoint
-        is consistent); a second Ctrl-C aborts at once, keeping the last epoch's checkpoint."""
-        self._stop_signal = ""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def on_signal(signum: int, frame: Any) -> None:
-            if self._stop_signal and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = "interrupted" if signum == signal.SIGINT else "terminated"
-            self.log(f"\n{self._stop_signal}: stopping after this step (Ctrl-C again to abort)")
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+    def _checkpoint_due(self) -> bool:
+        """A mid-epoch checkpoint by trainer.checkpoint_every: at multiples of `steps` (so the
+        same steps whether or not the run was resumed), or `minutes` after the last one."""
+        every = self.cfg["trainer"]["checkpoint_every"]
+        if every["steps"] and self.global_step % every["steps"] == 0:
+            return True
+        minutes = every["minutes"]
+        return minutes is not None and time.perf_counter() - self._last_save_t >= 60.0 * minutes
 
     def _train_epoch(self, show: bool | None) -> dict[str, Any]:
         from tqdm import tqdm
@@ -228,10 +255,8 @@ class Trainer:
         read_every = 1 if be.name == "cpu" else t["log_every"]
         p = self.partial
         be.fill_(self._acc, 0.0)
-        t0 = time.perf_counter()
-        bar = tqdm(total=n_batches, initial=self.train_iter.cursor if p["seen"] else 0,
-                   desc=f"epoch {self.epoch + 1}/{t['epochs']}", unit="batch",
-                   disable=(not show) if show is not None else None, leave=False, file=sys.stderr)
+        t0 = self._epoch_t0 = time.perf_counter()
+        bar = None  # made after the first step, whose JIT compile would inflate the bar's ETA
         steps_since_read = 0
         try:
             for x, y in self.train_iter:
@@ -242,19 +267,31 @@ class Trainer:
                 self.global_step += 1
                 p["seen"] += int(x.shape[0])
                 steps_since_read += 1
-                bar.update(1)
-                if (steps_since_read >= read_every or self.train_iter.cursor == n_batches
-                        or self._stop_signal):
-                    self._read_back(steps_since_read)
+                if bar is None:
+                    bar = tqdm(total=n_batches, initial=self.train_iter.cursor,
+                               desc=f"epoch {self.epoch + 1}/{t['epochs']}", unit="batch",
+                               disable=(not show) if show is not None else None, leave=False,
+                               file=sys.stderr)
+                else:
+                    bar.update(1)
+                mid_epoch = self.train_iter.cursor < n_batches
+                save = mid_epoch and self._checkpoint_due()
+                if steps_since_read >= read_every or not mid_epoch or self._stop or save:
+                    self._read_back(steps_since_read)  # the checkpoint's partial sums need it
                     steps_since_read = 0
                     bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
                                     acc=f"{p['correct'] / p['seen']:.3f}", refresh=False)
-                if self._stop_signal and self.train_iter.cursor < n_batches:
+                if save:
+                    self.save_checkpoint()
+                if self._stop and mid_epoch:
                     p["seconds"] += time.perf_counter() - t0
-                    raise _Stop()
+                    self._epoch_t0 = None
+                    raise StopRequested()
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         train_seconds = p["seconds"] + time.perf_counter() - t0
+        self._epoch_t0 = None
         row: dict[str, Any] = {
             "epoch": self.epoch + 1,
             "train_loss": p["loss_sum"] / p["seen"],
@@ -326,7 +363,8 @@ class Trainer:
         self.es_wait = 0 if improved else self.es_wait + 1
         return is_best, self.es_wait > es["patience"]
 
-    def _finish(self, seconds: float, stopped_early: bool) -> dict[str, Any]:
+    def _finish(self, stopped_early: bool) -> dict[str, Any]:
+        seconds = self.total_seconds()
         test = self.evaluate("test") if "test" in self.eval_iters else {"loss": None, "accuracy": None}
         weights = self.run_dir / "weights.npz"
         with atomic_write(weights) as f:
@@ -364,12 +402,6 @@ def value_improved(value: float, ref: float, mode: str, min_delta: float) -> boo
     return value < ref - min_delta if mode == "min" else value > ref + min_delta
 
 
-def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run_dir / "config.yaml") as f:
-        f.write(dump_config(cfg).encode())
-
-
 def out_of_memory_message(exc: BaseException, batch_size: int | None) -> DeviceError | None:
     """Translate CuPy's OutOfMemoryError (matched by name: cupy is not imported here), whose
     text says how many bytes were asked for, or numpy's MemoryError (host memory, outside the
@@ -380,23 +412,3 @@ def out_of_memory_message(exc: BaseException, batch_size: int | None) -> DeviceE
     kind = "GPU" if gpu else "host"
     where = f"at trainer.batch_size {batch_size}" if batch_size else "while setting up the run"
     return DeviceError(f"{kind} out of memory {where}: {str(exc).strip()}; try a smaller trainer.batch_size")
-
-
-def write_run_info(run_dir: Path, trainer: Trainer) -> None:
-    """run.json: what predict/export need without loading the dataset (normalisation, input
-    shape, class names)."""
-    from gpuml import __version__
-
-    normalize = trainer.cfg["data"]["normalize"]
-    info = {
-        "gpuml_version": __version__,
-        "dataset": trainer.data.spec.name,
-        "data_files": dict(trainer.data.files),
-        "classes": list(trainer.data.classes),
-        "input_shape": list(trainer.model.input_shape),
-        "mean": trainer.data.mean if normalize else 0.0,
-        "std": trainer.data.std if normalize else 1.0,
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run_dir / "run.json") as f:
-        f.write(json.dumps(info, indent=2).encode())
