@@ -17,6 +17,7 @@ from gpuml.nn import layers as L
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.config import validate
 from gpuml.train.trainer import Trainer, write_config, write_run_info
+from tests.gpu_util import cuda_available
 
 
 def synthetic(n: int, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -216,3 +217,19 @@ def test_layer_names_are_unique_since_weights_are_matched_by_name(tmp_path: Path
     # Automatic names skip the ones given explicitly (Keras-style numbering otherwise).
     assert Sequential([L.Dense(3), L.Dense(4, name="dense_1"), L.Flatten()]).layer_names() == \
         ["dense_2", "dense_1", "flatten_1"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")
+def test_frozen_layer_stays_bit_identical_on_cuda(tmp_path: Path) -> None:
+    """The fused CUDA optimizer gets only the trained parameters: a frozen layer is untouched."""
+    data = npz_data(tmp_path)
+    cfg = config(data, freeze=["conv2d_2"])
+    cfg["device"] = "cuda"
+    trainer = Trainer(cfg, tmp_path / "run", source="ft.yaml", log=lambda _: None)
+    before = trainer.model.state_dict()
+    trainer.fit(progress=False)
+    after = trainer.model.state_dict()
+    assert all(np.array_equal(after[k], before[k]) for k in ("conv2d_2.W", "conv2d_2.b"))
+    assert not np.array_equal(after["conv2d_1.W"], before["conv2d_1.W"])
+    assert not np.array_equal(after["dense_2.W"], before["dense_2.W"])
