@@ -147,6 +147,8 @@ TRAINER: dict[str, Any] = {
     "eval_batch_size": F("int", 1000, minimum=1),
     "drop_last": F("bool", False, doc="skip the last partial training batch"),
     "log_every": F("int", 50, minimum=1, doc="steps between loss read-backs (progress bar)"),
+    "tensorboard": F("bool", False, doc="TensorBoard event files in RUN_DIR/tensorboard: every log_every "
+                     "steps and each epoch"),
     "progress": F("bool|null", None, doc="progress bar; default: when stderr is a terminal"),
     "grad_clip_norm": F("float|null", None, minimum=0, exclusive_min=True),
     "keep_checkpoints": F("int", 2, minimum=1, doc="how many last step checkpoints to keep"),

@@ -35,6 +35,7 @@ from gpuml.train.metrics import MetricsLog, format_epoch, plural
 from gpuml.train.runfiles import write_config, write_run_info
 from gpuml.train.runlock import hold_run_lock
 from gpuml.train.stopping import StopFlag, StopRequested
+from gpuml.train.tensorboard import TensorBoardLogger
 
 __all__ = ["Interrupted", "Trainer", "write_config", "write_run_info"]  # Interrupted: old import path
 
@@ -108,6 +109,9 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         #: called with each epoch's metrics row once it is logged and checkpointed (Python callbacks)
         self.epoch_end_hooks: list[Callable[[dict[str, Any]], None]] = []
+        self.tensorboard = TensorBoardLogger.from_config(cfg, self.run_dir)  # None unless trainer.tensorboard
+        if self.tensorboard is not None:
+            self.epoch_end_hooks.append(lambda row: self.tensorboard.on_epoch_end(row, self.global_step))
         self.seconds_before = 0.0  # training time of earlier sessions, up to the checkpoint
         self._session_t0: float | None = None
         self._epoch_t0: float | None = None
@@ -279,6 +283,8 @@ class Trainer:
                 if steps_since_read >= read_every or not mid_epoch or self._stop or save:
                     self._read_back(steps_since_read)  # the checkpoint's partial sums need it
                     steps_since_read = 0
+                    if self.tensorboard is not None:
+                        self.tensorboard.on_read_back(self.global_step, p, lr)
                     bar.set_postfix(loss=f"{p['loss_sum'] / p['seen']:.4f}",
                                     acc=f"{p['correct'] / p['seen']:.3f}", refresh=False)
                 if save:
