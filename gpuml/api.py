@@ -274,16 +274,18 @@ class Sequential(_nn_model.Sequential):
 
 
 def load_model(path: str | Path, device: str = "auto") -> Sequential:
-    """A model saved by Sequential.save, or the final weights of any run folder (CLI or fit),
-    compiled with its config's optimizer and loss, ready to predict, evaluate or fit on."""
+    """A model saved by Sequential.save, or any run folder (CLI or fit): its final weights, or
+    its newest checkpoint's when the run did not finish. Compiled with the config's optimizer
+    and loss, normalised like its training data: ready to predict, evaluate or fit on."""
     from gpuml.backend import get_backend
     from gpuml.train.build import build_model, make_layer
     from gpuml.train.config import load_config
+    from gpuml.weights import read_weights
 
     folder = Path(path)
-    for name in ("config.yaml", "run.json", "weights.npz"):
+    for name in ("config.yaml", "run.json"):
         if not (folder / name).is_file():
-            raise GpumlError(f"{folder}: {name} is missing (not a saved model or finished run folder)")
+            raise GpumlError(f"{folder}: {name} is missing (not a saved model or run folder)")
     cfg = load_config(folder / "config.yaml", [f"device={device}"])
     info = json.loads((folder / "run.json").read_text())
     model = Sequential([make_layer(spec) for spec in cfg["model"]["layers"]])
@@ -292,8 +294,7 @@ def load_model(path: str | Path, device: str = "auto") -> Sequential:
     build_model(cfg, get_backend(cfg["device"], dtype=cfg["dtype"]), tuple(info["input_shape"]),
                 str(folder / "config.yaml"), model=model)
     model.init_from, model.init_skip = init["init_from"], init["init_skip"]
-    with np.load(folder / "weights.npz", allow_pickle=False) as z:
-        model.load_state_dict({k: z[k] for k in z.files}, source=str(folder / "weights.npz"))
+    model.load_state_dict(read_weights(folder), source=str(folder))  # weights.npz, else the last checkpoint
     model._optimizer, model._loss, model._compiled = cfg["optimizer"], cfg["loss"], True
     model._cfg, model._norm, model._classes = cfg, (info["mean"], info["std"]), info.get("classes")
     return model

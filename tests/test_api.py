@@ -162,3 +162,29 @@ def test_datasets_load_gives_keras_layout_arrays(fashion_root: Path) -> None:
     assert x.shape == (60000, 28, 28) and xt.shape == (10000, 28, 28) and x.dtype == np.uint8
     assert y.shape == (60000,) and set(np.unique(yt)) == set(range(10))
     assert "fashion_mnist" in gpuml.datasets.names()
+
+
+def test_a_second_fit_continues_from_the_trained_weights(data) -> None:
+    x, y, _, _ = data
+    model = small_cnn()
+    model.compile(optimizer={"name": "adam", "lr": 3e-3})
+    first = model.fit(x, y, epochs=1, device="cpu", verbose=0).history["loss"][0]
+    trained = model.state_dict()
+    probs = model.predict(x[:8])
+    second = model.fit(x, y, epochs=1, device="cpu", verbose=0).history["loss"][0]
+    assert second < 0.8 * first  # started from the trained weights, not a fresh draw
+    assert not np.array_equal(model.predict(x[:8]), probs)
+    assert any(not np.array_equal(model.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_load_model_reads_an_unfinished_run_and_summary_needs_a_build(data, tmp_path: Path) -> None:
+    x, y, xv, yv = data
+    model = small_cnn()
+    with pytest.raises(GpumlError, match="not built yet"):
+        model.summary()
+    model.compile()
+    model.fit(x, y, epochs=1, device="cpu", verbose=0, run_dir=tmp_path / "run", validation_data=(xv, yv))
+    (tmp_path / "run" / "weights.npz").unlink()  # as if stopped before the end: the checkpoint is used
+    loaded = gpuml.load_model(tmp_path / "run", device="cpu")
+    assert np.array_equal(loaded.predict(xv), model.predict(xv))
+    assert "conv2d_1" in loaded.summary()

@@ -176,6 +176,9 @@ class Sequential:
             self.backend.copy_(p, self.backend.asarray(np.asarray(value, dtype=self.backend.dtype)))
 
     def summary(self) -> str:
+        if not self.built:
+            raise ShapeError("summary: the model is not built yet; its shapes come from the input "
+                             "(the first fit or predict, or build())")
         rows = [("layer", "output shape", "params", "")]
         rows.append(("input", str(self.input_shape), "", ""))
         for layer in self.layers:
