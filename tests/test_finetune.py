@@ -233,3 +233,17 @@ def test_frozen_layer_stays_bit_identical_on_cuda(tmp_path: Path) -> None:
     assert all(np.array_equal(after[k], before[k]) for k in ("conv2d_2.W", "conv2d_2.b"))
     assert not np.array_equal(after["conv2d_1.W"], before["conv2d_1.W"])
     assert not np.array_equal(after["dense_2.W"], before["dense_2.W"])
+
+
+def test_freezing_every_layer_is_refused_for_training_but_predicts(tmp_path: Path) -> None:
+    import gpuml
+
+    x, y = synthetic(60)
+    model = gpuml.Sequential([L.Flatten(), L.Dense(8, activation="relu"), L.Dense(4)])
+    for layer in model.layers:
+        layer.trainable = False
+    model.compile()
+    with pytest.raises(ConfigError, match=r"^model.freeze: every layer with parameters is frozen "
+                                          r"\(dense_1, dense_2\); nothing would train$"):
+        model.fit(x, y, device="cpu", verbose=0)
+    assert model.predict(x).shape == (60, 4)

@@ -139,6 +139,10 @@ def build_optimizer(cfg: dict[str, Any], backend: Backend, model: Sequential) ->
     # Frozen layers' parameters are left out, so every backend's fused update skips them.
     params = [p for _, p, _ in model.trainable_parameters()]
     grads = [g for _, _, g in model.trainable_parameters()]
+    frozen = [layer.name for layer in model.layers if layer.params and not layer.trainable]
+    if not params and frozen:
+        raise ConfigError(f"model.freeze: every layer with parameters is frozen ({', '.join(frozen)}); "
+                          "nothing would train")
     name = o["name"]
     wd = o["weight_decay"]
     if name == "sgd":
