@@ -4,8 +4,9 @@ and sm_90, with no register spills or local memory.
 
 nvcc alone is not enough (tests/test_kernels_compile.py): NVRTC 13.0.88 with CuPy's flags
 spilled in six tile128 GEMM kernels where nvcc 13.0 did not. NVRTC needs no GPU: the library
-comes from the `nvidia-cuda-nvrtc` wheel (CI installs 13.0.88, .ci/run) or $GPUML_NVRTC_LIB,
-and is called through ctypes (no CuPy). Without it these tests skip, unless
+comes from the `nvidia-cuda-nvrtc` wheels (CI installs 13.0.88 and the CUDA 12 one, 12.9.86,
+in .ci/run; every one installed is checked) or $GPUML_NVRTC_LIB, and is called through ctypes
+(no CuPy). Without it these tests skip, unless
 GPUML_REQUIRE_NVRTC=1 (set by CI), where they fail. The ptxas report reaches the program log
 through `--ptxas-options`, which only adds reporting and leaves the generated code alone.
 """
@@ -13,6 +14,7 @@ through `--ptxas-options`, which only adds reporting and leaves the generated co
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -28,20 +30,18 @@ ARCHS = ("sm_80", "sm_90")
 PTXAS_REPORT = ("--ptxas-options=-v", "--ptxas-options=-warn-spills", "--ptxas-options=-warn-lmem-usage")
 
 
-def find_libnvrtc() -> Path | None:
-    """$GPUML_NVRTC_LIB, else libnvrtc.so.* of an installed nvidia-cuda-nvrtc wheel
-    (nvidia/cu13/lib for CUDA 13, nvidia/cuda_nvrtc/lib for CUDA 12)."""
+def find_libnvrtcs() -> list[Path]:
+    """The NVRTC libraries to check: $GPUML_NVRTC_LIB (paths joined by os.pathsep), else the
+    libnvrtc.so.* of every installed NVIDIA wheel (nvidia/cu13/lib from nvidia-cuda-nvrtc for
+    CUDA 13, nvidia/cuda_nvrtc/lib from nvidia-cuda-nvrtc-cu12 for CUDA 12)."""
     if env := os.environ.get("GPUML_NVRTC_LIB"):
-        return Path(env)
+        return [Path(p) for p in env.split(os.pathsep) if p]
     try:
         import nvidia  # namespace package of NVIDIA's wheels
     except ImportError:
-        return None
-    for base in map(Path, nvidia.__path__):
-        for lib in sorted(base.glob("*/lib/libnvrtc.so.*")):
-            if ".alt." not in lib.name:
-                return lib
-    return None
+        return []
+    return [lib for base in map(Path, nvidia.__path__) for lib in sorted(base.glob("*/lib/libnvrtc.so.*"))
+            if ".alt." not in lib.name]
 
 
 class Nvrtc:
@@ -78,15 +78,22 @@ class Nvrtc:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-@pytest.fixture(scope="module")
-def nvrtc() -> Nvrtc:
-    path = find_libnvrtc()
-    if path is None:
+LIBS = find_libnvrtcs()
+
+
+@functools.cache
+def _load(path: Path) -> Nvrtc:
+    return Nvrtc(path)
+
+
+@pytest.fixture(scope="module", params=LIBS or [None], ids=lambda p: (p.parent.parent.name or p.name) if p else "none")
+def nvrtc(request: pytest.FixtureRequest) -> Nvrtc:
+    if request.param is None:
         message = "libnvrtc not found (pip install nvidia-cuda-nvrtc, or set GPUML_NVRTC_LIB)"
         if os.environ.get("GPUML_REQUIRE_NVRTC") == "1":
             pytest.fail(f"GPUML_REQUIRE_NVRTC=1: {message}")
         pytest.skip(message)
-    return Nvrtc(path)
+    return _load(request.param)
 
 
 def test_nvrtc_options_are_cupys() -> None:
@@ -94,6 +101,7 @@ def test_nvrtc_options_are_cupys() -> None:
         "-std=c++17", "-I/k", "-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")
 
 
+@pytest.mark.slow  # about 1 s per file and target; every installed NVRTC
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_kernel_compiles_with_nvrtc_without_spills(nvrtc: Nvrtc, source: Path, arch: str) -> None:
