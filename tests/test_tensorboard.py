@@ -79,6 +79,12 @@ def test_training_run_writes_step_and_epoch_scalars(tmp_path):
     assert [e.step for e in epoch_loss] == [5, 10]
     np.testing.assert_allclose([e.value for e in epoch_loss], [r["train_loss"] for r in rows], rtol=1e-6)
     assert all(e.value == pytest.approx(1e-3) for e in acc.Scalars("lr"))
+    def files():
+        return sorted((f.name, f.stat().st_size) for f in (run / "tensorboard").iterdir())
+
+    before = files()
+    assert main(["eval", str(run)]) == 0  # builds a Trainer from the same config: writes no events
+    assert files() == before and len(before) == 1
 
 
 def test_off_by_default_writes_nothing(tmp_path):

@@ -119,8 +119,9 @@ class TensorBoardLogger:
     writes every log_every steps) and `on_epoch_end` with the epoch's metrics row."""
 
     def __init__(self, folder: Path, log_every: int) -> None:
-        self.writer = EventWriter(folder)
-        self.log_every = log_every
+        self.folder = folder
+        self.writer: EventWriter | None = None  # opened at the first point: eval/predict build a
+        self.log_every = log_every              # Trainer too, and must leave no empty event file
         self._last = (0.0, 0.0, 0)  # (loss_sum, correct, seen) at the previous point
         self._last_step = 0
 
@@ -138,15 +139,21 @@ class TensorBoardLogger:
         if step - self._last_step < self.log_every or seen == self._last[2]:
             return
         n = seen - self._last[2]
-        self.writer.scalars(step, {"train/loss": (loss_sum - self._last[0]) / n,
+        self._scalars(step, {"train/loss": (loss_sum - self._last[0]) / n,
                                    "train/accuracy": (correct - self._last[1]) / n, "lr": lr})
         self._last, self._last_step = (loss_sum, correct, seen), step
 
     def on_epoch_end(self, row: dict[str, Any], step: int) -> None:
         values = {f"epoch/{k}": float(v) for k, v in row.items()
                   if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.writer.scalars(step, values)
+        self._scalars(step, values)
         self._last = (0.0, 0.0, 0)
 
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            self.writer = EventWriter(self.folder)
+        self.writer.scalars(step, values)
+
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
