@@ -87,8 +87,7 @@ def config_json_schema() -> dict[str, Any]:
     model = props["model"]["properties"]
     model["layers"] = {"type": "array", "minItems": 1, "items": {"oneOf": layers},
                        "description": model["layers"].get("description", "the layers, in order")}
-    return {"$schema": DRAFT, "$id": "https://gpuml.invalid/config.schema.json",
-            "title": "gpuml run config", **root}
+    return {"$schema": DRAFT, "title": "gpuml run config", **root}
 
 
 def add_config_parser(sub: argparse._SubParsersAction) -> None:
