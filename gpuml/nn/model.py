@@ -138,7 +138,8 @@ class Sequential:
         weights .npz or checkpoint, or a .safetensors export. Layers named in `skip` keep their
         fresh initialisation (e.g. a new head). On a model not built yet the weights are loaded
         when it is built (the first fit or predict)."""
-        self.init_from, self.init_skip = str(path), list(skip)
+        # Absolute, so the config a run saves still finds it from another working directory.
+        self.init_from, self.init_skip = str(Path(path).expanduser().resolve()), list(skip)
         if self.built:
             from gpuml.weights import read_weights
 
@@ -187,4 +188,8 @@ class Sequential:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         rule = "-" * max(len(line) for line in lines)
-        return "\n".join([lines[0], rule, *lines[1:], rule, f"total parameters: {self.num_params():,}"])
+        total = f"total parameters: {self.num_params():,}"
+        trained = sum(layer.num_params() for layer in self.layers if layer.trainable)
+        if trained != self.num_params():
+            total += f" ({trained:,} trainable)"
+        return "\n".join([lines[0], rule, *lines[1:], rule, total])
