@@ -41,20 +41,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run on tests/cuda_emulator: CuPy emulated on the CPU, kernels built with g++ (not a GPU)")
 
 
-def torch_required() -> bool:
-    """CI sets GPUML_REQUIRE_TORCH=1 (.ci/run installs a CPU build of torch): there the PyTorch
-    comparison tests must run, so a missing torch is an error instead of a silent skip."""
-    return os.environ.get("GPUML_REQUIRE_TORCH", "") not in ("", "0")
+def required_modules() -> list[str]:
+    """CI sets GPUML_REQUIRE=torch,onnx,... (.ci/run installs them): there the tests that need
+    those optional modules (the PyTorch comparisons, ONNX export, TensorBoard files, the JSON
+    Schema) must run, so a missing one is an error instead of a silent skip."""
+    return [m.strip() for m in os.environ.get("GPUML_REQUIRE", "").split(",") if m.strip()]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if torch_required():
+    import importlib
+
+    for name in required_modules():
         try:
-            import torch  # noqa: F401
+            importlib.import_module(name)
         except ImportError as exc:
-            raise pytest.UsageError(f"GPUML_REQUIRE_TORCH is set but torch does not import ({exc}); "
-                                    "install it with: pip install torch==2.13.0 (a CPU build)") from exc
-    # Before anything imports cupy or gpuml.backend, so that the emulator is the cupy they find.
+            raise pytest.UsageError(f"GPUML_REQUIRE names {name}, which does not import ({exc}); "
+                                    "see .ci/run for how CI installs it") from exc
     if config.getoption("--cuda-emulator"):
         sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulator"))
         config.pluginmanager.import_plugin("cuda_emulator_plugin")
