@@ -132,12 +132,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise RunError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
         try:
             trainer = Trainer(cfg, run_dir, source=command_line_source(source, args.overrides))
-            if args.resume and trainer.resume_latest() and trainer.finished_summary() is not None:
-                trainer.log(f"{run_dir}: already finished ({trainer.epoch} epochs); nothing to do")
-                return 0
-            with ckpt.disk_full_keeps_last(run_dir):
-                write_config(run_dir, cfg)
-                write_run_info(run_dir, trainer)
+            resumed = args.resume and trainer.resume_latest()
+            if not (resumed and trainer.finished_summary()):  # fit() says a finished run is; no writes
+                with ckpt.disk_full_keeps_last(run_dir):
+                    write_config(run_dir, cfg)
+                    write_run_info(run_dir, trainer)
             trainer.fit(progress=False if args.no_progress else None)
         except Exception as exc:
             oom = out_of_memory_message(exc, cfg["trainer"]["batch_size"])

@@ -32,6 +32,7 @@ from gpuml.nn.model import Sequential
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
 from gpuml.train.metrics import MetricsLog, format_epoch, plural
+from gpuml.train.monitor import judge_epoch
 from gpuml.train.runfiles import write_config, write_run_info
 from gpuml.train.runlock import hold_run_lock
 from gpuml.train.stopping import StopFlag, StopRequested
@@ -44,12 +45,6 @@ Log = Callable[[str], None]
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def metric_mode(name: str, mode: str) -> str:
-    if mode != "auto":
-        return mode
-    return "max" if "accuracy" in name else "min"
 
 
 class Trainer:
@@ -201,7 +196,10 @@ class Trainer:
         # not by NumPy warnings printed before it.
         with hold_run_lock(self.run_dir), ckpt.disk_full_keeps_last(self.run_dir), \
                 np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._fit(progress)
+            try:
+                return self._fit(progress)
+            finally:  # a later fit() of this trainer (Python API) adds its time to this one's
+                self.seconds_before, self._session_t0 = self.total_seconds(), None
 
     def _fit(self, progress: bool | None) -> dict[str, Any]:
         t = self.cfg["trainer"]
@@ -353,21 +351,9 @@ class Trainer:
 
     def _after_epoch(self, row: dict[str, Any]) -> tuple[bool, bool]:
         """(is this the best epoch by trainer.monitor, should training stop early)."""
-        t = self.cfg["trainer"]
-        value = row[self.monitor]
-        mode = metric_mode(self.monitor, t["monitor_mode"])
-        is_best = self.best["value"] is None or value_improved(value, self.best["value"], mode, 0.0)
-        if is_best:
-            self.best = {"metric": self.monitor, "value": value, "epoch": row["epoch"]}
-        es = t["early_stopping"]
-        past = [r[es["monitor"]] for r in self.history[:-1]] if es["enabled"] else []
-        if not past:
-            return is_best, False
-        es_mode = metric_mode(es["monitor"], es["mode"])
-        ref = max(past) if es_mode == "max" else min(past)
-        improved = value_improved(row[es["monitor"]], ref, es_mode, es["min_delta"])
-        self.es_wait = 0 if improved else self.es_wait + 1
-        return is_best, self.es_wait > es["patience"]
+        self.best, self.es_wait, is_best, stop = judge_epoch(
+            self.cfg["trainer"], self.monitor, row, self.history[:-1], self.best, self.es_wait)
+        return is_best, stop
 
     def _finish(self, stopped_early: bool) -> dict[str, Any]:
         seconds = self.total_seconds()
@@ -402,10 +388,6 @@ def evaluate_batches(model: Sequential, loss_fn: Loss, it: BatchIterator, buffer
     loss_sum, n_correct = (float(v) for v in be.to_numpy(acc))
     n = it.num_samples
     return {"loss": loss_sum / n, "accuracy": n_correct / n}
-
-
-def value_improved(value: float, ref: float, mode: str, min_delta: float) -> bool:
-    return value < ref - min_delta if mode == "min" else value > ref + min_delta
 
 
 def out_of_memory_message(exc: BaseException, batch_size: int | None) -> DeviceError | None:
