@@ -31,9 +31,10 @@
 #include "common.cuh"
 
 #define OPTIM_THREADS 256
-// A minimum of 4 resident blocks caps registers at 64 (these kernels need about 45). Given
-// only the block size, ptxas (nvcc and NVRTC 13.0 alike) picked tighter budgets and spilled a
-// register around the division's slow-path call in adam_step or rmsprop_step.
+// A minimum of 4 resident blocks caps registers at 64 (these kernels use at most 44). With only
+// the block size given, ptxas (nvcc 13.0 for sm_80, NVRTC 13.0 for sm_80 and sm_90) spilled 4
+// bytes in adam_step or rmsprop_step, at 32-40 registers; with the minimum it does not (seen,
+// not documented behaviour: tests/test_kernels_compile.py and test_nvrtc_compile.py check).
 #define OPTIM_MIN_BLOCKS 4
 
 #define HYPER_LR 0
