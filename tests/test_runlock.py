@@ -85,3 +85,12 @@ def test_lock_is_reentrant_and_a_failed_start_leaves_no_folder(tmp_path: Path) -
     with hold_run_lock(existing):
         pass
     assert existing.is_dir()  # a folder it did not create is left alone
+
+
+def test_unusable_run_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    from gpuml.errors import RunError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunError, match="file: cannot use as a run folder"):
+        with hold_run_lock(tmp_path / "file"):
+            pass

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpuml.errors import RunLockedError
+from gpuml.errors import RunError, RunLockedError
 
 try:
     import fcntl
@@ -71,13 +71,18 @@ def hold_run_lock(run_dir: Path) -> Iterator[None]:
         yield
         return
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     key = str(run_dir.resolve())
     if key in _held:
         fd, depth = _held[key]
         _held[key] = (fd, depth + 1)
     else:
-        _held[key] = (_acquire(run_dir), 1)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = _acquire(run_dir)
+        except (FileExistsError, NotADirectoryError, PermissionError) as exc:
+            raise RunError(f"{run_dir}: cannot use as a run folder ({exc.strerror}: "
+                           f"{exc.filename})") from None
+        _held[key] = (fd, 1)
     try:
         yield
     finally:
