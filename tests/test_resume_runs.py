@@ -31,7 +31,11 @@ def test_killed_before_the_first_checkpoint_resumes_from_the_beginning(tmp_path:
     proc = stop_at_step(5, KILL, "train", tiny_config(tmp_path, fashion_root), "--out", run, "--no-progress")
     assert proc.returncode == -signal.SIGKILL
     assert not list((run / "checkpoints").glob("step-*.npz")) and (run / "config.yaml").exists()
+    stale = run / "checkpoints" / ".step-000000024.npz.x1y2.part"  # what a kill during a write leaves
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"PK")
     proc = gpuml("train", "--resume", run, "--no-progress")
+    assert not stale.exists()
     assert "no checkpoint yet; starting from the beginning" in proc.stderr
     assert metrics(run) == metrics(full)
     assert_same_weights(run, full)

@@ -68,6 +68,16 @@ def current_umask() -> int:
     return mask
 
 
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left in `folder`; only for a
+    folder no other process writes to (a locked run folder). Returns what was removed."""
+    stale = [p for p in folder.glob(".*.part") if p.is_file()] if folder.is_dir() else []
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
+
+
 def _fsync_dir(folder: Path) -> None:
     # Makes the rename itself durable; not every platform or file system allows it.
     try:

@@ -23,7 +23,7 @@ import numpy as np
 
 from gpuml.backend import get_backend
 from gpuml.backend.base import Array
-from gpuml.data.atomic import atomic_write, disk_full_as_error
+from gpuml.data.atomic import atomic_write, disk_full_as_error, remove_stale_temp_files
 from gpuml.data.loader import BatchIterator, Dataset, load_dataset_config
 from gpuml.errors import ConfigError, DeviceError, Interrupted, TrainingDiverged
 from gpuml.nn.buffers import Buffers
@@ -168,6 +168,8 @@ class Trainer:
         """Restore the newest checkpoint that loads (skipping damaged ones, each said in one
         line); with none, log so and keep the fresh state: the run starts from the beginning
         and ends as an uninterrupted one would. True when a checkpoint was restored."""
+        for folder in (self.run_dir, self.run_dir / "checkpoints"):  # a killed run's, under the lock
+            remove_stale_temp_files(folder)
         found = ckpt.load_latest(self.run_dir, self.log)
         if found is None:
             self.log(f"{self.run_dir}: no checkpoint yet; starting from the beginning")
