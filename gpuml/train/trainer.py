@@ -139,7 +139,7 @@ class Trainer:
         """Training time of this run across every session (resumes add up)."""
         if self._session_t0 is None:
             return self.seconds_before
-        return self.seconds_before + (now or time.perf_counter()) - self._session_t0
+        return self.seconds_before + (time.perf_counter() if now is None else now) - self._session_t0
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """The rolling step checkpoint, and best.npz too when `best` (one host copy for both)."""
@@ -159,7 +159,7 @@ class Trainer:
         self.epoch, self.global_step = meta["epoch"], meta["global_step"]
         self.history, self.best, self.es_wait = meta["history"], meta["best"], meta["es_wait"]
         self.partial = meta["partial"]
-        self.seconds_before = meta.get("seconds_total", 0.0)  # absent before gpuml 0.x resumes
+        self.seconds_before = meta.get("seconds_total", 0.0)  # absent in older checkpoints
         self.train_iter.load_state_dict(meta["data"])
         where = f"epoch {self.epoch}" + (f" + {self.train_iter.cursor} batches" if self.partial["seen"] else "")
         self.log(f"resumed from {path} ({where}, step {self.global_step})")
