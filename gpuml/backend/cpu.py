@@ -179,7 +179,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
             raise ValueError(f"softmax_xent: label_smoothing must be in [0, 1), got {label_smoothing}")
         loss = self.out_buf(op, "loss", loss, ())
         dlogits = self.out_buf(op, "dlogits", dlogits, (B, K))
-        loss[()] = loops.softmax_xent_rows(logits, labels, float(label_smoothing), dlogits)
+        tiny = float(loops.smallest_normal(self.dtype))
+        loss[()] = loops.softmax_xent_rows(logits, labels, float(label_smoothing), dlogits, tiny)
         return loss, dlogits
 
     def mse(
@@ -215,7 +216,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         elif kind == "tanh":
             np.tanh(x, out=out)
         else:
-            loops.run_parts(loops.sigmoid_fwd, (x.reshape(-1), out.reshape(-1)), (0, 1), x.size)
+            args = (x.reshape(-1), out.reshape(-1), loops.smallest_normal(self.dtype))
+            loops.run_parts(loops.sigmoid_fwd, args, (0, 1), x.size)
         return out
 
     def activation_bwd(self, kind: str, y: np.ndarray, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
