@@ -110,6 +110,15 @@ def test_idx_dataset_from_four_paths(tmp_path):
     assert ds.classes == ("p", "q", "r") and ds.files["test_labels"].endswith("test_labels.idx.gz")
 
 
+def test_bytes_class_names_and_float16_pixels(tmp_path):
+    xtr, ytr, xte, yte = _arrays()
+    # float16 cannot hold k/255 exactly (off by up to 0.12 of a step) but still means pixel k
+    path = _keras(tmp_path, x_train=(xtr / 255).astype(np.float16), classes=np.array([b"cat", b"dog", b"eel"]))
+    ds = load_dataset("npz", path=path)
+    assert ds.classes == ("cat", "dog", "eel")
+    np.testing.assert_array_equal(ds.train.images[:, 0], xtr)
+
+
 # ---------------------------------------------------------------------------- errors
 
 
@@ -128,6 +137,10 @@ def test_idx_dataset_from_four_paths(tmp_path):
     (dict(x_train=np.full((40, 6, 5), 3.0)), r"x_train: float values must be in \[0, 1\]"),
     (dict(x_train=np.full((40, 6, 5), 300)), r"x_train: integer pixels must be in 0..255, got 300..300"),
     (dict(classes=np.array(["a", "b"])), r"y_train: label 2 at index \d+ is out of range for the 2 classes \(0..1\)"),
+    # one stray label must not make a 70,001-class dataset (10**9 exhausted memory)
+    (dict(y_test=np.r_[np.zeros(11, int), 70000]), r"y_test: label 70000 at index 11 would make 70001 classes"),
+    # a uint64 past 2**63 is not "negative" (it wrapped in int64)
+    (dict(y_train=np.full(40, 2**63 + 5, np.uint64)), r"y_train: label 9223372036854775813 at index 0 would make"),
 ])
 def test_bad_npz_is_one_line_data_error(tmp_path, over, message):
     path = _keras(tmp_path, **over)
@@ -140,8 +153,9 @@ def test_unreadable_npz_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_dataset("npz", path=tmp_path / "nope.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
-    with pytest.raises(DataError, match="not a readable .npz file"):
+    with pytest.raises(DataError, match="not a readable .npz file") as info:
         load_dataset("npz", path=tmp_path / "junk.npz")
+    assert "pickle" not in str(info.value)  # numpy's guess for a file that is neither zip nor .npy
     np.save(tmp_path / "one.npy", np.zeros(3))
     with pytest.raises(DataError, match="single array"):
         load_dataset("npz", path=tmp_path / "one.npy")

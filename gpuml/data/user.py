@@ -31,6 +31,9 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 #: The four IDX files of `data.dataset: idx`, as keys of `data.paths`.
 IDX_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 _CHANNELS = (1, 3)
+#: Without class names the class count is the largest label + 1: bounded, so that one stray
+#: label (say 10**9) is an error, not a billion-class output layer and name list.
+MAX_INFERRED_CLASSES = 65536
 
 
 def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None]:
@@ -45,7 +48,9 @@ def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], tuple
     except PermissionError:
         raise DataError(f"{path}: permission denied") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        # np.load takes whatever is neither a zip nor .npy for a pickle, and says so: misleading
+        why = "neither a zip archive nor a .npy array" if "pickle" in str(exc) else str(exc)
+        raise DataError(f"{path}: not a readable .npz file ({why}; np.savez writes one)") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: holds a single array, not an .npz archive with {', '.join(NPZ_KEYS)}")
     with z:
@@ -62,7 +67,8 @@ def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], tuple
     if classes is not None:
         if classes.ndim != 1 or classes.dtype.kind not in "USiu":
             raise DataError(f"{path}: classes must be a 1-D array of names, got {classes.dtype} {classes.shape}")
-        classes = tuple(str(c) for c in classes)
+        # np.array([b"cat", ...]) (dtype S) holds bytes: names, not "b'cat'"
+        classes = tuple(c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in classes.tolist())
     return arrays, classes
 
 
@@ -74,8 +80,10 @@ def read_idx_files(paths: Mapping[str, str | os.PathLike[str] | None]) -> dict[s
     return {k: read_idx(Path(str(paths[k])).expanduser()) for k in IDX_KEYS}
 
 
-def to_images(x: np.ndarray, where: str) -> np.ndarray:
-    """uint8 samples (N, C, H, W) or (N, features) from any accepted layout (module docstring)."""
+def channels_first(x: np.ndarray, where: str) -> np.ndarray:
+    """(N, C, H, W) or (N, features), a view of `x` in any accepted layout (module docstring).
+    Training data and `gpuml predict` input both go through here, so an array laid out like
+    the training data is read the same way in both."""
     x = np.asarray(x)
     if x.ndim == 2:
         out = x
@@ -93,7 +101,12 @@ def to_images(x: np.ndarray, where: str) -> np.ndarray:
                         f"features (N, F), got shape {x.shape}")
     if 0 in out.shape[1:]:
         raise DataError(f"{where}: samples of shape {out.shape[1:]} are empty")
-    return np.ascontiguousarray(_as_uint8(out, where))
+    return out
+
+
+def to_images(x: np.ndarray, where: str) -> np.ndarray:
+    """uint8 samples (N, C, H, W) or (N, features) from any accepted layout (module docstring)."""
+    return np.ascontiguousarray(_as_uint8(channels_first(x, where), where))
 
 
 def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
@@ -109,7 +122,8 @@ def _as_uint8(x: np.ndarray, where: str) -> np.ndarray:
                             f"got {np.nanmin(x):g}..{np.nanmax(x):g}")
         scaled = x.astype(np.float64) * 255.0
         steps = np.rint(scaled)
-        if np.abs(scaled - steps).max(initial=0.0) > 1e-3:
+        # k / 255 rounded to the array's precision: float16 is off by up to 255 * eps / 2 (0.12)
+        if np.abs(scaled - steps).max(initial=0.0) > max(1e-3, 255.0 * float(np.finfo(x.dtype).eps)):
             raise DataError(f"{where}: float values must be multiples of 1/255 (gpuml trains on 8-bit "
                             "inputs); convert with np.rint(x * 255).astype(np.uint8) if 8 bits suffice")
         return steps.astype(np.uint8)
@@ -131,15 +145,20 @@ def to_labels(y: np.ndarray, n: int, where: str, num_classes: int | None) -> np.
             raise DataError(f"{where}: labels must be integers, got {y[bad[0]].item()!r} at index {bad[0]}")
     elif y.dtype.kind not in "iu":
         raise DataError(f"{where}: labels must be integers, got dtype {y.dtype}")
-    labels = y.astype(np.int64)
-    if labels.size and labels.min() < 0:
-        i = int(np.argmin(labels))
-        raise DataError(f"{where}: labels must not be negative, got {labels[i]} at index {i}")
-    if num_classes is not None and labels.size and labels.max() >= num_classes:
-        i = int(np.argmax(labels))
-        raise DataError(f"{where}: label {labels[i]} at index {i} is out of range for the "
+    # Range checks on the array as given: a uint64 label past 2**63 would wrap negative in int64.
+    if y.size and y.min() < 0:
+        i = int(np.argmin(y))
+        raise DataError(f"{where}: labels must not be negative, got {y[i].item()} at index {i}")
+    if num_classes is not None and y.size and y.max() >= num_classes:
+        i = int(np.argmax(y))
+        raise DataError(f"{where}: label {y[i].item()} at index {i} is out of range for the "
                         f"{num_classes} classes (0..{num_classes - 1})")
-    return labels
+    if num_classes is None and y.size and y.max() >= MAX_INFERRED_CLASSES:
+        i = int(np.argmax(y))
+        raise DataError(f"{where}: label {y[i].item()} at index {i} would make {y[i].item() + 1} classes; "
+                        f"without class names at most {MAX_INFERRED_CLASSES} are inferred: renumber the "
+                        "labels 0..K-1 (np.unique(y, return_inverse=True)) or name the classes (data.classes)")
+    return y.astype(np.int64)
 
 
 def check_arrays(
