@@ -13,6 +13,7 @@ import numpy as np
 
 from gpuml.backend.base import Backend
 from gpuml.data.atomic import atomic_write
+from gpuml.data.user import channels_first
 from gpuml.errors import DataError, GpumlError, ShapeError
 from gpuml.nn.model import Sequential
 
@@ -21,21 +22,46 @@ CSV_COLUMNS = ("index", "class", "name", "probability")
 
 
 def load_images(path: Path, input_shape: tuple[int, ...]) -> np.ndarray:
-    """uint8 or float images -> float64 in [0, 1] units, shaped (N, *input_shape)."""
+    """Images -> float64 in [0, 1] units, shaped (N, *input_shape). uint8 or any integer type
+    holds 0..255, floats 0..1 (as in training data). Layouts as training reads them (channels
+    last (N, H, W, C) is transposed, not reshaped), or flat (N, features) in the model's order."""
     try:
         x = _read_array(path)
     except PermissionError:  # the file, or a folder above it that cannot be searched
         raise DataError(f"{path}: permission denied (cannot read the input)") from None
-    if x.dtype == np.uint8:
+    if x.dtype.kind in "iu":
+        if x.size and (x.min() < 0 or x.max() > 255):
+            raise DataError(f"{path}: integer pixels must be in 0..255, got {x.min()}..{x.max()}")
         x = x.astype(np.float64) / 255.0
     elif x.dtype.kind == "f":
         x = x.astype(np.float64)
+        # 0..255 floats would be read as 255x too bright: every prediction silently wrong
+        if x.size and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+            raise DataError(f"{path}: float images must be in [0, 1] (pixel / 255), "
+                            f"got {np.nanmin(x):g}..{np.nanmax(x):g}")
     else:
         raise DataError(f"{path}: expected uint8 (0..255) or float (0..1) images, got {x.dtype}")
-    per_sample = math.prod(input_shape)
-    if x.ndim < 2 or math.prod(x.shape[1:]) != per_sample:
-        raise ShapeError(f"{path}: images of shape {x.shape} do not fit the model input {tuple(input_shape)}")
-    return x.reshape((x.shape[0], *input_shape))
+    return _fit_input(x, tuple(input_shape), path)
+
+
+def _fit_input(x: np.ndarray, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    bad = ShapeError(f"{path}: images of shape {x.shape} do not fit the model input {shape}: give "
+                     f"(N, {', '.join(map(str, shape))})"
+                     + (f", (N, {shape[1]}, {shape[2]}, {shape[0]})" if len(shape) == 3 else "")
+                     + f" or flat (N, {math.prod(shape)})")
+    if x.ndim < 2 or math.prod(x.shape[1:]) != math.prod(shape):
+        raise bad
+    if x.ndim == 2 or len(shape) == 1:  # flat samples, or a model that takes flat ones
+        return x.reshape((x.shape[0], *shape))
+    try:  # read as training read its data; (N, 3, 3, 3) is channels last in both
+        images = channels_first(x, str(path))
+    except DataError:
+        images = x
+    if images.shape[1:] == shape:
+        return images
+    if x.shape[1:] == shape:  # (N, 3, 8, 3) for a (3, 8, 3) model: already channels first
+        return x
+    raise bad
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -69,7 +95,9 @@ def predict_file(model: Sequential, backend: Backend, info: dict[str, Any], path
                  out: Path | None, batch_size: int) -> np.ndarray:
     x = load_images(path, tuple(info["input_shape"]))
     probs = predict_array(model, backend, info, x, batch_size)
-    classes = info.get("classes") or [str(i) for i in range(probs.shape[1])]
+    # a model may have more outputs than the data had classes: those are named by their index
+    names = list(info.get("classes") or [])
+    classes = names + [str(i) for i in range(len(names), probs.shape[1])]
     pred = probs.argmax(axis=1)
     if out is None:
         for i, k in enumerate(pred):

@@ -4,6 +4,7 @@ file holds, --out says where it wrote, bad output paths and batch sizes are one-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +14,28 @@ from gpuml.cli import build_parser, main
 from gpuml.predict import CSV_COLUMNS
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Path:
-    """A run folder holding a 16-3 dense model for 4x4 images, as `gpuml train` leaves it."""
+def _make_run(run: Path, input_shape: list[int], layers: list[dict], classes: list[str]) -> Path:
+    """A run folder as `gpuml train` leaves it (config.yaml, run.json, weights.npz), untrained."""
     from gpuml.backend import get_backend
     from gpuml.train.build import build_model
     from gpuml.train.config import dump_config, validate
 
-    cfg = validate({"device": "cpu", "model": {"input_shape": [1, 4, 4],
-                                               "layers": [{"type": "flatten"}, {"type": "dense", "units": 3}]}})
-    run = tmp_path / "run"
+    cfg = validate({"device": "cpu", "model": {"input_shape": input_shape, "layers": layers}})
     run.mkdir()
     (run / "config.yaml").write_text(dump_config(cfg))
-    (run / "run.json").write_text(json.dumps({"input_shape": [1, 4, 4], "mean": 0.5, "std": 0.25,
-                                              "classes": ["a", "b", "c"]}))
-    model = build_model(cfg, get_backend("cpu"), (1, 4, 4))
+    (run / "run.json").write_text(json.dumps({"input_shape": input_shape, "mean": 0.5, "std": 0.25,
+                                              "classes": classes}))
+    model = build_model(cfg, get_backend("cpu"), tuple(input_shape))
     np.savez(run / "weights.npz", **model.state_dict())
-    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (7, 4, 4), dtype=np.uint8))
     return run
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A run folder holding a 16-3 dense model for 4x4 images, as `gpuml train` leaves it."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 256, (7, 4, 4), dtype=np.uint8))
+    return _make_run(tmp_path / "run", [1, 4, 4], [{"type": "flatten"}, {"type": "dense", "units": 3}],
+                     ["a", "b", "c"])
 
 
 def test_help_names_the_csv_columns_the_file_has(run: Path, tmp_path: Path, capsys) -> None:
@@ -66,3 +71,47 @@ def test_predict_device_names_the_option(run: Path, tmp_path: Path, capsys) -> N
     assert main(["predict", str(run), str(tmp_path / "x.npy"), "--device", "gpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "gpuml: error: --device: 'gpu' is not one of auto, cuda, cpu (did you mean 'cuda'?)"
+
+
+def _predict_npy(run: Path, tmp_path: Path, x: np.ndarray) -> np.ndarray:
+    np.save(tmp_path / "in.npy", x)
+    assert main(["predict", str(run), str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy")]) == 0
+    return np.load(tmp_path / "out.npy")
+
+
+def test_input_laid_out_like_the_training_data(tmp_path: Path) -> None:
+    """Keras-layout (N, H, W, C) images, as an npz run was trained on, are transposed to the
+    model's (C, H, W), not reshaped into it (which scrambled pixels silently); any integer
+    dtype holds 0..255 as in training data."""
+    run = _make_run(tmp_path / "rgb", [3, 4, 2], [{"type": "conv2d", "filters": 2, "kernel": 2},
+                                                  {"type": "flatten"}, {"type": "dense", "units": 3}],
+                    ["a", "b", "c"])
+    nchw = np.random.default_rng(0).integers(0, 256, (6, 3, 4, 2), dtype=np.uint8)
+    expected = _predict_npy(run, tmp_path, nchw)
+    np.testing.assert_allclose(_predict_npy(run, tmp_path, nchw.transpose(0, 2, 3, 1)), expected)
+    np.testing.assert_allclose(_predict_npy(run, tmp_path, nchw.astype(np.int64)), expected)
+    np.testing.assert_allclose(_predict_npy(run, tmp_path, nchw.reshape(6, -1)), expected)
+
+
+@pytest.mark.parametrize("x, message", [
+    (np.full((2, 4, 4), 200.0), r"float images must be in \[0, 1\] \(pixel / 255\), got 200..200"),
+    (np.full((2, 4, 4), 300), r"integer pixels must be in 0..255"),
+    (np.zeros((2, 2, 8), np.uint8), r"images of shape \(2, 2, 8\) do not fit the model input \(1, 4, 4\)"),
+])
+def test_bad_input_values_are_one_line(run: Path, tmp_path: Path, capsys, x: np.ndarray, message: str) -> None:
+    np.save(tmp_path / "bad.npy", x)
+    assert main(["predict", str(run), str(tmp_path / "bad.npy")]) in (2, 3)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(message, err), err
+
+
+def test_more_outputs_than_class_names(tmp_path: Path, capsys) -> None:
+    """An output beyond the run's class names (a head wider than the data's classes) is named
+    by its index instead of an IndexError traceback."""
+    run = _make_run(tmp_path / "wide", [1, 4, 4], [{"type": "flatten"}, {"type": "dense", "units": 5}], ["a", "b"])
+    w = dict(np.load(run / "weights.npz"))
+    w["dense_1.b"][4] = 100.0  # every sample predicts class 4
+    np.savez(run / "weights.npz", **w)
+    np.save(tmp_path / "x.npy", np.zeros((2, 4, 4), np.uint8))
+    assert main(["predict", str(run), str(tmp_path / "x.npy")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split("\t")[:3] == ["0", "4", "4"]
