@@ -131,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif ckpt.list_checkpoints(run_dir / "checkpoints") or (run_dir / "summary.json").exists():
             raise RunError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
         try:
-            trainer = Trainer(cfg, run_dir, source=command_line_source(source, args.overrides))
+            trainer = Trainer(cfg, run_dir, source=command_line_source(source, args.overrides),
+                              resume=bool(args.resume))
             resumed = args.resume and trainer.resume_latest()
             if not (resumed and trainer.finished_summary()):  # fit() says a finished run is; no writes
                 with ckpt.disk_full_keeps_last(run_dir):

@@ -248,3 +248,28 @@ def test_freezing_every_layer_is_refused_for_training_but_predicts(tmp_path: Pat
                                           r"\(dense_1, dense_2\); nothing would train$"):
         model.fit(x, y, device="cpu", verbose=0)
     assert model.predict(x).shape == (60, 4)
+
+
+def test_resume_restores_the_checkpoint_without_reading_init_from(tmp_path: Path, pretrained: Path,
+                                                                   capsys) -> None:
+    """The checkpoint holds the fine-tuned weights: a moved or deleted init_from source must not
+    break `--resume`. With no checkpoint yet the run starts afresh and needs the source again."""
+    import shutil
+
+    from gpuml.cli import main
+
+    source = tmp_path / "pre.npz"
+    shutil.copy(pretrained / "weights.npz", source)
+    data = npz_data(tmp_path)
+    run = tmp_path / "ft"
+    train(config(data, epochs=1, init_from=str(source)), run)
+    source.unlink()
+    assert main(["train", "--resume", str(run), "--set", "trainer.epochs=2", "--allow-config-change",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert "resumed from" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"  # config.yaml written, killed before the first checkpoint
+    write_config(fresh, config(data, epochs=1, init_from=str(source)))
+    assert main(["train", "--resume", str(fresh), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gpuml: error: ") and "model.init_from" in err[-1]
+    assert "pre.npz: no such weights file" in err[-1] and "no checkpoint yet" in "\n".join(err)

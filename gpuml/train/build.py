@@ -73,9 +73,10 @@ def model_section(model: Sequential) -> dict[str, Any]:
 
 
 def build_model(cfg: dict[str, Any], backend: Backend, input_shape: tuple[int, ...],
-                source: str = "config", model: Sequential | None = None) -> Sequential:
+                source: str = "config", model: Sequential | None = None, load_init: bool = True) -> Sequential:
     """Build the configured layers for `input_shape` (without the batch axis), apply
-    model.freeze, and load model.init_from into freshly initialised weights.
+    model.freeze, and load model.init_from into freshly initialised weights (unless not
+    `load_init`: a resume restores a checkpoint's weights, and the source may be gone since).
 
     `model` (the Python API's) is used instead of new layers made from cfg; the weights it
     already has are kept (carried over when it is rebuilt for another backend or dtype)."""
@@ -104,7 +105,7 @@ def build_model(cfg: dict[str, Any], backend: Backend, input_shape: tuple[int, .
     _freeze(model, m["freeze"], source)
     if m["init_skip"] and m["init_from"] is None:
         raise ConfigError(blame(source, "model.init_skip", "is only read with model.init_from"))
-    if state is None and m["init_from"] is not None:
+    if state is None and load_init and m["init_from"] is not None:
         from gpuml.weights import read_weights
 
         try:

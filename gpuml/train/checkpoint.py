@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuml.data.atomic import atomic_write
+from gpuml.data.atomic import atomic_write, remove_stale_temp_files
 from gpuml.errors import DiskFullError, RunError
 
 State = tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]
@@ -83,18 +83,30 @@ def prune(folder: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def load_latest(run_dir: Path, log: Callable[[str], None]) -> tuple[Path, State] | None:
+def load_latest(run_dir: Path, log: Callable[[str], None], rename: bool = True) -> tuple[Path, State] | None:
     """The newest rolling checkpoint that loads, with its state; None when there is none.
-    Each newer one that does not load is reported in one log line and renamed to
+    Each newer one that does not load is reported in one log line and, with `rename` (only
+    `--resume`, which owns the locked folder; read-only commands change nothing), renamed to
     `<name>.damaged` (kept for inspection, out of the way of pruning and later resumes)."""
     for path in reversed(list_checkpoints(run_dir / "checkpoints")):
         try:
             return path, load(path)
         except RunError as exc:
+            if not rename:
+                log(f"skipped {exc}")
+                continue
             aside = path.with_name(path.name + ".damaged")
             path.replace(aside)
             log(f"skipped {exc}; renamed to {aside.name}")
     return None
+
+
+def resume_point(run_dir: Path, log: Callable[[str], None]) -> tuple[Path, State] | None:
+    """What `--resume` continues from (load_latest), after removing the temporary files a
+    killed run left behind; call it only with the run folder locked."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        remove_stale_temp_files(folder)
+    return load_latest(run_dir, log)
 
 
 def find(run_dir: Path, which: str = "last") -> Path:

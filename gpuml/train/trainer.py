@@ -23,7 +23,7 @@ import numpy as np
 
 from gpuml.backend import get_backend
 from gpuml.backend.base import Array
-from gpuml.data.atomic import atomic_write, disk_full_as_error, remove_stale_temp_files
+from gpuml.data.atomic import atomic_write, disk_full_as_error
 from gpuml.data.loader import BatchIterator, Dataset, load_dataset_config
 from gpuml.errors import ConfigError, DeviceError, Interrupted, TrainingDiverged
 from gpuml.nn.buffers import Buffers
@@ -50,9 +50,10 @@ def _stderr(msg: str) -> None:
 class Trainer:
     def __init__(self, cfg: dict[str, Any], run_dir: Path, *, source: str = "config",
                  log: Log = _stderr, dataset: Dataset | None = None,
-                 model: Sequential | None = None) -> None:
+                 model: Sequential | None = None, resume: bool = False) -> None:
         """`dataset` replaces the one the config names, `model` the one its layers describe
-        (the Python API passes the user's; it must match cfg["model"])."""
+        (the Python API passes the user's; it must match cfg["model"]). `resume`: find the
+        checkpoint resume_latest() restores (the run folder must be locked)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.source = source
@@ -72,7 +73,12 @@ class Trainer:
             if split is not None and len(split)  # fit() without validation data has no test split
         }
         input_shape = tuple(cfg["model"]["input_shape"] or self.data.train.images.shape[1:])
-        self.model = build_model(cfg, self.backend, input_shape, source, model=model)
+        # The checkpoint holds the weights: model.init_from (perhaps moved since) is not read.
+        self._resume_point = ckpt.resume_point(self.run_dir, log) if resume else None
+        if resume and self._resume_point is None:  # said first: it is why init_from is read
+            log(f"{self.run_dir}: no checkpoint yet; starting from the beginning")
+        self.model = build_model(cfg, self.backend, input_shape, source, model=model,
+                                 load_init=self._resume_point is None)
         self.loss_fn = build_loss(cfg, self.backend, source)
         self.optimizer = build_optimizer(cfg, self.backend, self.model)
         self.schedule = build_schedule(cfg, len(self.train_iter))
@@ -165,16 +171,14 @@ class Trainer:
         self.log(f"resumed from {path} ({where}, step {self.global_step})")
 
     def resume_latest(self) -> bool:
-        """Restore the newest checkpoint that loads (skipping damaged ones, each said in one
-        line); with none, log so and keep the fresh state: the run starts from the beginning
-        and ends as an uninterrupted one would. True when a checkpoint was restored."""
-        for folder in (self.run_dir, self.run_dir / "checkpoints"):  # a killed run's, under the lock
-            remove_stale_temp_files(folder)
-        found = ckpt.load_latest(self.run_dir, self.log)
-        if found is None:
-            self.log(f"{self.run_dir}: no checkpoint yet; starting from the beginning")
+        """Restore the newest checkpoint that loads, found when this Trainer was made with
+        `resume` (damaged newer ones skipped, each said in one line); with none, keep the fresh
+        state: the run starts from the beginning and ends as an uninterrupted one would. True
+        when a checkpoint was restored."""
+        if self._resume_point is None:
             return False
-        self.restore(*found)
+        self.restore(*self._resume_point)
+        self._resume_point = None  # its arrays are in the model now
         return True
 
     def finished_summary(self) -> dict[str, Any] | None:
