@@ -194,6 +194,12 @@ def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:
 
     from gpuml.train import checkpoint as ckpt
 
+    if checkpoint == "last":  # the newest that loads, as --resume picks, but nothing renamed
+        ckpt.find(run_dir, "last")  # none at all: its one-line error
+        found = ckpt.load_latest(run_dir, _note, rename=False)
+        if found is None:
+            raise RunError(f"{run_dir}: no checkpoint that loads (each is named above)")
+        return found[1][0]
     if checkpoint != "final":
         return ckpt.load(ckpt.find(run_dir, checkpoint))[0]
     path = run_dir / "weights.npz"
@@ -201,6 +207,10 @@ def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:
         raise RunError(f"{run_dir}: no final weights ({path} is missing); use --checkpoint last")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:

@@ -146,3 +146,32 @@ def test_progress_bar_eta_leaves_out_the_first_step(tmp_path: Path, fashion_root
     err = capsys.readouterr().err
     etas = [int(m) * 60 + int(s) for m, s in re.findall(r"<(\d+):(\d+)", err)]
     assert "1/24 [" in err and "s/batch" not in err and all(eta < 3 for eta in etas), err
+
+
+def test_checkpoint_last_skips_a_damaged_newest_without_changing_the_run(run: Path, tmp_path: Path, capsys) -> None:
+    """eval/predict/export `--checkpoint last` fall back as --resume does, one line per skipped
+    file, but leave the run folder as it was (only --resume renames to *.damaged)."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    older, newest = sorted((copy / "checkpoints").glob("step-*.npz"))[-2:]
+    newest.write_bytes(b"")
+    before = sorted(p.name for p in (copy / "checkpoints").iterdir())
+    capsys.readouterr()
+    assert main(["eval", str(copy), "--checkpoint", "last"]) == 0
+    out, err = capsys.readouterr()
+    skipped = [ln for ln in err.splitlines() if ln.startswith("skipped ")]
+    assert len(skipped) == 1 and newest.name in skipped[0] and "EOFError" in skipped[0]
+    assert json.loads(out)["checkpoint"] == "last"
+    assert main(["export", str(copy), "--checkpoint", "last", "--out", str(tmp_path / "w.npz"),
+                 "--format", "npz"]) == 0
+    from gpuml.train import checkpoint as ckpt
+
+    ref = ckpt.load(older)[0]
+    with np.load(tmp_path / "w.npz") as z:
+        assert z.files and all(np.array_equal(z[k], ref[k]) for k in z.files)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == before
+    older.write_bytes(b"PK")  # none loads: one line, exit 8
+    assert main(["eval", str(copy), "--checkpoint", "last"]) == 8
+    assert "no checkpoint that loads" in capsys.readouterr().err.strip().splitlines()[-1]
