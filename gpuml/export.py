@@ -6,10 +6,12 @@ reads the format, without gpuml. `--format torch` writes PyTorch names and layou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -41,9 +43,25 @@ def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] |
     return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
+@contextlib.contextmanager
+def export_file(out: Path) -> Iterator[BinaryIO]:
+    """atomic_write into `out`, its folder created; a path that cannot be written (a folder, a
+    file where a folder should be, no permission) is one GpumlError naming it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise GpumlError(f"{out}: cannot write the export ({out.parent} or a folder above it is a file)") from None
+    except OSError as exc:
+        raise GpumlError(f"{out}: cannot create its folder ({exc.strerror or exc})") from None
+    try:
+        with atomic_write(out) as f:
+            yield f
+    except OSError as exc:
+        raise GpumlError(f"{out}: cannot write the export ({exc.strerror or exc})") from None
+
+
 def export_weights(weights: dict[str, np.ndarray], out: Path, fmt: str) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as f:
+    with export_file(out) as f:
         if fmt == "npz":
             np.savez(f, **weights)
         elif fmt == "safetensors":
@@ -118,8 +136,7 @@ def export_torch(model: Sequential, weights: dict[str, np.ndarray], out: Path) -
     tensors, names = torch_state(model, weights)
     meta = {"format": "pt", "gpuml_format": "torch", "gpuml_layers": json.dumps(layer_specs(model)),
             "gpuml_names": json.dumps(names), "input_shape": json.dumps(list(model.input_shape))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as f:
+    with export_file(out) as f:
         f.write(safetensors_bytes(tensors, meta))
     return out
 

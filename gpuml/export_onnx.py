@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from gpuml.data.atomic import atomic_write
 from gpuml.errors import GpumlError
+from gpuml.export import export_file
 from gpuml.nn import layers as L
 from gpuml.nn.model import Sequential
 
@@ -102,7 +102,6 @@ def build_onnx(model: Sequential, weights: dict[str, np.ndarray], info: dict[str
 def export_onnx(model: Sequential, weights: dict[str, np.ndarray], out: Path,
                 info: dict[str, Any] | None = None) -> Path:
     proto = build_onnx(model, weights, info)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as f:
+    with export_file(out) as f:
         f.write(proto.SerializeToString())
     return out

@@ -4,6 +4,8 @@ torch.nn.Sequential and gives gpuml's logits; the reader that brings it back to 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +158,32 @@ def test_cli_export_torch(tmp_path, capsys):
     np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
     with np.load(run / "weights.npz") as z:
         assert all(np.array_equal(read_torch_safetensors(out)[k], z[k]) for k in z.files)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "torch", "onnx"])
+def test_export_to_a_path_that_is_not_a_file_is_one_line(tmp_path, fmt):
+    """--out naming a folder, a path under a file, or a device/pipe: one GpumlError naming it,
+    and nothing replaced (atomic_write renamed over a fifo, and as root over /dev/null)."""
+    from gpuml.errors import GpumlError
+    from gpuml.export import export_weights
+
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    model, weights, _, _ = gpuml_model()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("keep")
+    os.mkfifo(tmp_path / "pipe")
+    for out, message in [(tmp_path / "folder", "is a folder"), (tmp_path / "file" / "w.out", "is a file"),
+                         (tmp_path / "pipe", "not a regular file")]:
+        with pytest.raises(GpumlError, match=message) as info:
+            if fmt == "torch":
+                export_torch(model, weights, out)
+            elif fmt == "onnx":
+                from gpuml.export_onnx import export_onnx
+
+                export_onnx(model, weights, out)
+            else:
+                export_weights(weights, out, fmt)
+        assert str(out) in str(info.value) and "\n" not in str(info.value)
+    assert (tmp_path / "folder").is_dir() and (tmp_path / "file").read_text() == "keep"
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)

@@ -4,7 +4,9 @@ file holds, --out says where it wrote, bad output paths and batch sizes are one-
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,11 @@ def test_more_outputs_than_class_names(tmp_path: Path, capsys) -> None:
     np.save(tmp_path / "x.npy", np.zeros((2, 4, 4), np.uint8))
     assert main(["predict", str(run), str(tmp_path / "x.npy")]) == 0
     assert capsys.readouterr().out.splitlines()[0].split("\t")[:3] == ["0", "4", "4"]
+
+
+def test_out_never_replaces_a_non_file(run: Path, tmp_path: Path, capsys) -> None:
+    """--out naming a pipe or device is refused, not renamed over (as root, /dev/null was)."""
+    os.mkfifo(tmp_path / "pipe")
+    assert main(["predict", str(run), str(tmp_path / "x.npy"), "--out", str(tmp_path / "pipe")]) == 1
+    assert "not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)

@@ -37,6 +37,11 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     and renamed over `path`, on an exception it is deleted. The temp file lives in the same
     folder so that os.replace is a rename within one file system (atomic on POSIX)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        # os.replace would put a file where a folder's name or a device node (/dev/null, as
+        # root) was, or fail late with a temp-file name in the message
+        what = "is a folder" if path.is_dir() else "exists and is not a regular file"
+        raise OSError(errno.EEXIST, f"{what}; name the file to write", str(path))
     with disk_full_as_error(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         try:
