@@ -31,7 +31,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-EXPORT_FILES = {"safetensors": "weights.safetensors", "npz": "weights.npz",
+# npz is not weights.npz: that is the run's own final weights (an export of best would replace them).
+EXPORT_FILES = {"safetensors": "weights.safetensors", "npz": "weights.export.npz",
                 "torch": "weights.torch.safetensors", "onnx": "model.onnx"}
 
 
@@ -209,6 +210,22 @@ def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:
         return {k: z[k] for k in z.files}
 
 
+# What the trainer writes in a run folder; an output file of eval/predict/export must not be one.
+RUN_FILES = ("weights.npz", "config.yaml", "run.json", "summary.json", "metrics.jsonl", "metrics.csv")
+
+
+def _refuse_run_file(run_dir: Path, out: Path) -> None:
+    """A RunError when `out` would overwrite one of the run's own files or checkpoints."""
+    target = out.resolve()
+    if target.parent == (run_dir / "checkpoints").resolve():
+        what = "checkpoint"
+    elif target.parent == run_dir.resolve() and target.name in RUN_FILES:
+        what = "final weights" if target.name == "weights.npz" else "file"
+    else:
+        return
+    raise RunError(f"--out {out}: that is the run's own {what}; write to another file")
+
+
 def _note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -241,6 +258,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from gpuml.train.build import build_model
 
     cfg, cfg_path = _run_config(args.run_dir, args.device)
+    if args.out is not None:
+        _refuse_run_file(args.run_dir, args.out)
     weights = _load_weights(args.run_dir, args.checkpoint)
     info = read_run_info(args.run_dir)
     backend = get_backend(cfg["device"], dtype=cfg["dtype"])
@@ -257,6 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg, cfg_path = _run_config(args.run_dir, "cpu")  # a clear error when run_dir is not a run folder
     out = args.out or args.run_dir / EXPORT_FILES[args.format]
+    _refuse_run_file(args.run_dir, out)
     weights = _load_weights(args.run_dir, args.checkpoint)
     if args.format in ("torch", "onnx"):  # these need the architecture: build it on the CPU
         from gpuml.backend import get_backend

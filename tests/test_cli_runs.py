@@ -175,3 +175,26 @@ def test_checkpoint_last_skips_a_damaged_newest_without_changing_the_run(run: Pa
     older.write_bytes(b"PK")  # none loads: one line, exit 8
     assert main(["eval", str(copy), "--checkpoint", "last"]) == 8
     assert "no checkpoint that loads" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_export_npz_never_overwrites_the_runs_own_weights(run: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    final = (copy / "weights.npz").read_bytes()
+    assert main(["export", str(copy), "--format", "npz", "--checkpoint", "best"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out == copy / "weights.export.npz" and out.exists()
+    assert (copy / "weights.npz").read_bytes() == final  # was replaced by the best weights
+    for target in (copy / "weights.npz", copy / "checkpoints" / "best.npz",
+                   sorted((copy / "checkpoints").glob("step-*.npz"))[-1]):
+        before = target.read_bytes()
+        for fmt in ("npz", "safetensors"):
+            assert main(["export", str(copy), "--format", fmt, "--out", str(target)]) == 8
+            err = capsys.readouterr().err
+            assert err.startswith("gpuml: error: ") and err.count("\n") == 1 and str(target) in err
+        assert target.read_bytes() == before
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), dtype=np.uint8))
+    assert main(["predict", str(copy), str(tmp_path / "x.npy"), "--out", str(copy / "run.json")]) == 8
+    assert "run's own file" in capsys.readouterr().err
