@@ -159,3 +159,21 @@ def test_layer_build_errors_blame_set() -> None:
     cfg = load_config(CONFIGS / "cnn.yaml", overrides)
     with pytest.raises(ConfigError, match=f"^{CONFIGS / 'cnn.yaml'}: model.layers.0: "):
         build_model(cfg, get_backend("cpu"), (1, 28, 28), str(CONFIGS / "cnn.yaml"))
+
+
+def test_default_val_split_fits_small_datasets(tmp_path: Path) -> None:
+    """Without data.val_split a small npz, or a data.limit under 5,001, still trains: the default
+    is the seeds' 1/12 (it was a count of 5000), which is still 5,000 of Fashion-MNIST's 60,000."""
+    import numpy as np
+
+    from gpuml.data.loader import _val_count, load_dataset_config
+
+    cfg = validate({"model": {"layers": [{"type": "flatten"}]}})
+    assert _val_count(cfg["data"]["val_split"], 60000) == 5000
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (48, 4, 4), dtype=np.uint8), y_train=np.arange(48) % 3,
+             x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.zeros(2, int))
+    cfg = validate({"data": {"dataset": "npz", "path": str(tmp_path / "d.npz")},
+                    "model": {"layers": [{"type": "flatten"}]}})
+    ds = load_dataset_config(cfg["data"])
+    assert (len(ds.train), len(ds.val)) == (44, 4)

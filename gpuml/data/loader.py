@@ -208,7 +208,8 @@ def _val_count(val_split: int | float, n: int, limited: bool = False) -> int:
             raise ConfigError(f"data.val_split as a fraction must be in [0, 1), got {val_split}")
         count = round(val_split * n)
         if val_split > 0 and count == 0:
-            raise ConfigError(f"data.val_split={val_split} of {n} training samples is 0 samples")
+            raise ConfigError(f"data.val_split={val_split} of {n} training samples is 0 samples; "
+                              "set data.val_split: 0 for no validation split, or a count")
     if count >= n:
         of = f"the {n} training samples" + (f" (data.limit={n})" if limited else "")
         raise ConfigError(

@@ -47,7 +47,9 @@ DATA: dict[str, Any] = {
     "paths": {k: F("str|null", None, doc=f"idx: the {k.replace('_', ' ')} IDX file")
               for k in ("train_images", "train_labels", "test_images", "test_labels")},
     "classes": F("list[str]|null", None, doc="npz/idx: class names (default: the npz's classes, else 0..k-1)"),
-    "val_split": F("int|float", 5000, minimum=0, doc="validation samples (int) or fraction (float < 1)"),
+    # 1/12: 5,000 of Fashion-MNIST's 60,000 as before, and a share of any data.limit or npz (a
+    # count of 5000 refused every dataset under 5,001 samples unless val_split was set)
+    "val_split": F("int|float", 0.0833333333, minimum=0, doc="validation samples (int) or fraction (float < 1)"),
     "limit": F("int|null", None, minimum=1, doc="use only the first N training samples"),
     "normalize": F("bool", True, doc="subtract the training mean, divide by its std"),
     "download": F("bool", True, doc="download from the canonical mirrors when not found"),
