@@ -34,6 +34,17 @@ def test_config_show_finds_seed_configs_by_name_and_reports_errors(capsys):
     assert err.startswith("gpuml: error: ") and "trainer.epoch" in err and "\n" not in err
 
 
+def test_config_show_reads_a_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((CONFIGS / "mlp.yaml").read_text())
+    assert main(["config", "show", str(run), "--set", "trainer.epochs=2"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == load_config(CONFIGS / "mlp.yaml", ["trainer.epochs=2"])
+    assert main(["config", "show", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a run folder" in err and "\n" not in err
+
+
 def test_config_schema_is_json_with_descriptions(capsys):
     assert main(["config", "schema"]) == 0
     schema = json.loads(capsys.readouterr().out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from gpuml.train.schema import LAYERS, REQUIRED, ROOT, Field
@@ -94,7 +95,7 @@ def add_config_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="show a resolved config, or the config's JSON Schema")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print CONFIG with every default filled in and --set applied (YAML)")
-    show.add_argument("config", help="YAML config, or a seed config's name (mlp, cnn, ...)")
+    show.add_argument("config", help="YAML config, a seed config's name (mlp, cnn, ...) or a run folder")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value (repeatable)")
     show.set_defaults(func=cmd_config_show)
@@ -104,9 +105,15 @@ def add_config_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     from gpuml.cli import resolve_config
+    from gpuml.errors import ConfigError
     from gpuml.train.config import dump_config, load_config
 
-    sys.stdout.write(dump_config(load_config(resolve_config(args.config), args.overrides)))
+    path = Path(args.config)
+    if path.is_dir():  # a run folder: the config it was trained with
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path}: a folder without config.yaml (not a run folder); give a YAML config")
+        path = path / "config.yaml"
+    sys.stdout.write(dump_config(load_config(resolve_config(str(path)), args.overrides)))
     return 0
 
 
