@@ -7,14 +7,17 @@ code (2 for config errors); tracebacks are only for bugs.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from gpuml import __version__
-from gpuml.errors import ConfigError, GpumlError, RunError
+from gpuml.errors import ConfigError, DiskFullError, GpumlError, RunError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -125,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = resolve_config(args.config)
         cfg = load_config(source, args.overrides)
         run_dir = args.out or _default_run_dir(cfg["name"])
+    args.run_dir = run_dir  # main() gives errors about files in it the run folder's exit code
     # Locked before anything is read or written there: a second process stops here.
     with hold_run_lock(run_dir):
         if args.resume:
@@ -335,11 +339,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_TEMP_NAME = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.part$")  # atomic_write's temporary file for NAME
+
+
+def file_error(exc: OSError, args: argparse.Namespace) -> GpumlError:
+    """An OSError about a file that no command turned into a GpumlError (no permission, a
+    folder where a file should be): one line naming the file, exit 8 when it is in the run
+    folder the command works on, 6 when the disk is full, else 1."""
+    path = Path(os.fsdecode(exc.filename))
+    match = _TEMP_NAME.match(path.name)
+    if match:  # the file being written, not its temporary name
+        path = path.with_name(match.group(1))
+    reason = (exc.strerror or str(exc)).lower()
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # as gpuml.data.atomic.disk_full_as_error says it
+        return DiskFullError(f"{path}: {reason}")
+    runs = [Path(d).resolve() for d in (getattr(args, "run_dir", None), *getattr(args, "run_dirs", ())) if d]
+    in_run = any(path.resolve().is_relative_to(d) for d in runs)
+    return (RunError if in_run else GpumlError)(f"{path}: {reason}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except OSError as exc:
+            if not isinstance(exc.filename, (str, bytes, os.PathLike)):  # not about a file: a bug
+                raise
+            raise file_error(exc, args) from None
     except GpumlError as exc:
         print(f"gpuml: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -212,3 +212,88 @@ def test_memory_error_elsewhere_names_batch_size() -> None:
     assert str(err) == ("host out of memory at trainer.batch_size 4096: Unable to allocate 3.00 GiB for an array; "
                         "try a smaller trainer.batch_size")
     assert out_of_memory_message(ValueError("x"), 4096) is None
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    """A finished run folder made through the Python API (fast, synthetic data)."""
+    import gpuml
+    from gpuml import layers
+    from tests.test_finetune import synthetic
+
+    x, y = synthetic(80)
+    model = gpuml.Sequential([layers.Flatten(), layers.Dense(4)])
+    model.compile()
+    model.fit(x, y, device="cpu", verbose=0, batch_size=40, run_dir=tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_os_errors_in_a_run_folder_are_one_line_exit_8(tmp_path: Path, monkeypatch, capsys) -> None:
+    """PermissionError / IsADirectoryError on a run file: one line naming the file and the
+    reason, exit 8 (README: run folder files); a temporary file's name is not shown."""
+    import tempfile
+
+    run = _run_folder(tmp_path)
+    (run / "weights.npz").unlink()
+    (run / "weights.npz").mkdir()  # IsADirectoryError from np.load
+    assert main(["eval", str(run)]) == 8
+    assert _last_error(capsys) == f"gpuml: error: {run / 'weights.npz'}: is a directory"
+    real_read_text = Path.read_text
+
+    def denied(self: Path, *a, **kw):
+        if self.name == "run.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    np_input = tmp_path / "x.npy"
+    import numpy as np
+
+    np.save(np_input, np.zeros((2, 8, 8), dtype=np.uint8))
+    assert main(["predict", str(run), str(np_input), "--checkpoint", "last"]) == 8
+    assert _last_error(capsys) == f"gpuml: error: {run / 'run.json'}: permission denied"
+    monkeypatch.undo()
+
+    def no_write(*a, dir: str = ".", prefix: str = "", suffix: str = "", **kw):
+        raise PermissionError(13, "Permission denied", os.path.join(dir, prefix + "ab_c1234" + suffix))
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_write)
+    assert main(["train", "--resume", str(run), "--set", "trainer.epochs=2", "--allow-config-change",
+                 "--no-progress"]) == 8
+    assert _last_error(capsys) == f"gpuml: error: {run / 'config.yaml'}: permission denied"
+    monkeypatch.undo()
+    newest = sorted((run / "checkpoints").glob("step-*.npz"))[-1]
+    real_load = np.load
+
+    def unreadable(file, *a, **kw):
+        if Path(file) == newest:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_load(file, *a, **kw)
+
+    monkeypatch.setattr(np, "load", unreadable)  # not damage: not skipped, not renamed *.damaged
+    for args in (["eval", str(run), "--checkpoint", "last"], ["train", "--resume", str(run)]):
+        assert main(args) == 8
+        assert _last_error(capsys) == f"gpuml: error: {newest}: permission denied"
+    assert newest.exists()
+
+
+def test_os_error_fallback_keeps_bugs_and_disk_full(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    import gpuml.cli as cli
+
+    def raising(exc: BaseException):
+        def cmd(args) -> int:
+            raise exc
+        return cmd
+
+    elsewhere = str(tmp_path / "elsewhere.txt")
+    monkeypatch.setattr(cli, "cmd_info", raising(PermissionError(13, "Permission denied", elsewhere)))
+    assert main(["info"]) == 1  # not a run folder's file: no more specific code
+    assert _last_error(capsys) == f"gpuml: error: {elsewhere}: permission denied"
+    monkeypatch.setattr(cli, "cmd_info", raising(OSError(errno.ENOSPC, "No space left on device", elsewhere)))
+    assert main(["info"]) == 6
+    assert _last_error(capsys) == f"gpuml: error: {elsewhere}: no space left on device"
+    for bug in (OSError("no file named"), ValueError("a bug")):  # tracebacks stay for bugs
+        monkeypatch.setattr(cli, "cmd_info", raising(bug))
+        with pytest.raises(type(bug)):
+            main(["info"])

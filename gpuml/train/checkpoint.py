@@ -58,6 +58,8 @@ def load(path: Path) -> State:
             optim: dict[str, Any] = {k[6:]: z[k] for k in z.files if k.startswith("optim/")}
     except FileNotFoundError:
         raise RunError(f"{path}: checkpoint not found") from None
+    except (PermissionError, IsADirectoryError):
+        raise  # not damage (nothing to skip or rename): the CLI names the file and the reason
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         # np.load of an empty file raises EOFError; a truncated zip BadZipFile or OSError.
         raise RunError(f"{path}: checkpoint is damaged ({type(exc).__name__}: {exc})") from None
