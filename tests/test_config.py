@@ -177,3 +177,34 @@ def test_default_val_split_fits_small_datasets(tmp_path: Path) -> None:
                     "model": {"layers": [{"type": "flatten"}]}})
     ds = load_dataset_config(cfg["data"])
     assert (len(ds.train), len(ds.val)) == (44, 4)
+
+
+@pytest.mark.parametrize("key,value,by_set,by_file", [
+    ("trainer.monitor", "val_los", "--set trainer.monitor: unknown metric 'val_los'",
+     "ft.yaml: trainer.monitor: unknown metric 'val_los'"),
+    ("trainer.early_stopping.monitor", "val_los", "--set trainer.early_stopping.monitor: unknown metric 'val_los'",
+     "ft.yaml: trainer.early_stopping.monitor: unknown metric 'val_los'"),
+    ("data.augment.shift", 1, "--set data.augment.shift: data.augment: needs image input",
+     "ft.yaml: data.augment: needs image input"),
+])
+def test_trainer_config_errors_blame_set(tmp_path: Path, key: str, value: object, by_set: str, by_file: str) -> None:
+    """Errors the Trainer finds (not the validator) name `--set` when it set the key, else the file."""
+    from gpuml.train.config import command_line_source
+    from gpuml.train.trainer import Trainer
+    from tests.test_finetune import config, npz_data
+
+    cfg = config(npz_data(tmp_path))
+    if key.startswith("data."):  # image augmentation for a model taking a flat vector
+        cfg["model"].update(input_shape=[64], layers=[{"type": "dense", "units": 4, "name": "dense_1"}])
+    if key.endswith("early_stopping.monitor"):
+        cfg["trainer"]["early_stopping"]["enabled"] = True
+    section = cfg
+    *parents, last = key.split(".")
+    for part in parents:
+        section = section[part]
+    section[last] = value
+    overrides = [f"{key}={value}"]
+    for source, prefix in ((command_line_source("ft.yaml", overrides), by_set), ("ft.yaml", by_file)):
+        with pytest.raises(ConfigError) as e:
+            Trainer(cfg, tmp_path / "run", source=source, log=lambda _: None)
+        assert str(e.value).startswith(prefix), str(e.value)

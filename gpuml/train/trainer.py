@@ -31,6 +31,7 @@ from gpuml.nn.losses import Loss
 from gpuml.nn.model import Sequential
 from gpuml.train import checkpoint as ckpt
 from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
+from gpuml.train.config import blame
 from gpuml.train.metrics import MetricsLog, format_epoch, plural
 from gpuml.train.monitor import judge_epoch
 from gpuml.train.runfiles import write_config, write_run_info
@@ -86,8 +87,8 @@ class Trainer:
         aug = cfg["data"]["augment"]
         self.augment = aug if (aug["shift"] or aug["rotate"] or aug["scale"] or aug["hflip"]) else None
         if self.augment and len(input_shape) != 3:
-            raise ConfigError(f"{source}: data.augment needs image input (channels, height, width), "
-                             f"the model input is {input_shape}")
+            raise ConfigError(blame(source, "data.augment", "needs image input (channels, height, width), "
+                                    f"the model input is {input_shape}"))
         self._augment_seed = zlib.crc32(f"{cfg['seed']}:augment".encode())
         self._augment_fill = (0.0 - mean) / std  # a black pixel, normalised
         self._buffers = Buffers(self.backend)
@@ -124,8 +125,8 @@ class Trainer:
         if name == "auto":
             return "val_accuracy" if "val_accuracy" in self.metric_names else "train_accuracy"
         if name not in self.metric_names:
-            raise ConfigError(f"{self.source}: {key}: unknown metric {name!r}; this run logs "
-                             f"{', '.join(self.metric_names)}")
+            raise ConfigError(blame(self.source, key, f"unknown metric {name!r}; this run logs "
+                                    f"{', '.join(self.metric_names)}"))
         return name
 
     # ------------------------------------------------------------------ checkpoints
