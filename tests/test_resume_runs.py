@@ -134,3 +134,21 @@ def test_run_folder_exit_codes(tmp_path: Path, fashion_root: Path, full: Path) -
     (no_weights / "config.yaml").write_text((full / "config.yaml").read_text())
     proc = gpuml("eval", no_weights, check=False)
     assert proc.returncode == 8 and "no final weights" in proc.stderr
+
+
+def test_run_saved_with_the_old_val_split_count_resumes_unchanged(tmp_path: Path, fashion_root: Path, capsys) -> None:
+    """data.val_split's default became the fraction 1/12; a run folder's config.yaml holds the
+    value it ran with (5000, the old default), so it still resumes without a config change."""
+    from gpuml.cli import main
+
+    cfg = tiny_config(tmp_path, fashion_root, trainer__epochs=2, data__limit=5500, data__val_split=5000)
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    assert "val_split: 5000\n" in (run / "config.yaml").read_text()
+    for name in ("weights.npz", "summary.json"):  # as if killed after the first epoch
+        (run / name).unlink()
+    ckpt.list_checkpoints(run / "checkpoints")[-1].unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "differs" not in err and (run / "summary.json").exists()
