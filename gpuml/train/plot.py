@@ -12,6 +12,7 @@ import yaml
 
 from gpuml.errors import GpumlError
 from gpuml.train.metrics import read_metrics
+from gpuml.train.monitor import metric_mode
 
 
 def best_epoch(run_dir: Path, rows: list[dict[str, Any]]) -> tuple[int, str] | None:
@@ -31,8 +32,7 @@ def best_epoch(run_dir: Path, rows: list[dict[str, Any]]) -> tuple[int, str] | N
         pass
     if monitor == "auto":
         monitor = "val_accuracy" if all("val_accuracy" in r for r in rows) else "train_accuracy"
-    if mode == "auto":  # the trainer's rule (trainer.metric_mode)
-        mode = "max" if "accuracy" in monitor else "min"
+    mode = metric_mode(monitor, mode)  # the trainer's rule
     scored = [(r[monitor], r["epoch"]) for r in rows if isinstance(r.get(monitor), (int, float))]
     if not scored:
         return None
