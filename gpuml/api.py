@@ -150,10 +150,10 @@ class Sequential(_nn_model.Sequential):
                 "augment": dict(augment or {})}, schedule=schedule, trainer=train_opts)
             raw["model"]["input_shape"] = list(xs.shape[1:])
             return self._run(raw, folder, keep=run_dir is not None, callbacks=list(callbacks),
-                             verbose=verbose)
+                             verbose=verbose, validated=validation_data is not None)
 
     def _run(self, raw: dict[str, Any], folder: Path, *, keep: bool, callbacks: list[Any],
-             verbose: int) -> History:
+             verbose: int, validated: bool) -> History:
         from gpuml.train.config import validate
         from gpuml.train.trainer import Trainer, out_of_memory_message, write_config, write_run_info
 
@@ -161,6 +161,10 @@ class Sequential(_nn_model.Sequential):
         log = _stderr if verbose else _quiet
         try:
             trainer = Trainer(cfg, folder, source="fit", log=log, model=self)
+            if validated:  # validation_data is the run's test split (and its validation split)
+                trainer.test_label = "val"
+            if not keep:
+                trainer.run_label = "(no run_dir: run folder not kept)"
             write_config(folder, cfg)
             write_run_info(folder, trainer)
 

@@ -188,3 +188,21 @@ def test_load_model_reads_an_unfinished_run_and_summary_needs_a_build(data, tmp_
     loaded = gpuml.load_model(tmp_path / "run", device="cpu")
     assert np.array_equal(loaded.predict(xv), model.predict(xv))
     assert "conv2d_1" in loaded.summary()
+
+
+def test_fit_final_line_names_what_exists_and_what_was_measured(data, tmp_path: Path, capsys) -> None:
+    """Without run_dir the temporary folder is deleted: its path is not printed. The test
+    split of a fit is its validation_data: the line says val_, not test_."""
+    x, y, xv, yv = data
+    model = gpuml.Sequential([layers.Flatten(), layers.Dense(4)])
+    model.compile()
+    capsys.readouterr()
+    history = model.fit(x, y, device="cpu", verbose=2, validation_data=(xv, yv))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gpuml-fit-" not in last and "(no run_dir: run folder not kept)" in last
+    val = model.evaluate(xv, yv)
+    assert last.startswith(f"val_loss {val['loss']:.4f}  val_accuracy {val['accuracy']:.4f}  "), last
+    assert "test_" not in last and history.summary["test_loss"] == pytest.approx(val["loss"], rel=1e-5)
+    model.fit(x, y, device="cpu", verbose=2, run_dir=tmp_path / "run")  # no validation data: no score
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("(1 epoch, ") and last.endswith(f"-> {tmp_path / 'run'}"), last

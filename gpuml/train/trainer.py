@@ -119,6 +119,8 @@ class Trainer:
         self._epoch_t0: float | None = None
         self._last_save_t = 0.0
         self._stop = StopFlag(log)
+        # Names in the final log line (the API's fit tests on its validation data, may delete the folder)
+        self.test_label, self.run_label = "test", str(self.run_dir)
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_metric(self, name: str, key: str) -> str:
@@ -365,8 +367,7 @@ class Trainer:
     def _finish(self, stopped_early: bool) -> dict[str, Any]:
         seconds = self.total_seconds()
         test = self.evaluate("test") if "test" in self.eval_iters else {"loss": None, "accuracy": None}
-        weights = self.run_dir / "weights.npz"
-        with atomic_write(weights) as f:
+        with atomic_write(self.run_dir / "weights.npz") as f:
             np.savez(f, **self.model.state_dict())
         summary = {
             "name": self.cfg["name"], "test_loss": test["loss"], "test_accuracy": test["accuracy"],
@@ -375,9 +376,9 @@ class Trainer:
         }
         with atomic_write(self.run_dir / "summary.json") as f:
             f.write(json.dumps(summary, indent=2).encode())
-        tested = "" if test["loss"] is None else \
-            f"test_loss {test['loss']:.4f}  test_accuracy {test['accuracy']:.4f}  "
-        self.log(f"{tested}({plural(self.epoch, 'epoch')}, {seconds:.1f}s) -> {self.run_dir}")
+        n = self.test_label
+        tested = "" if test["loss"] is None else f"{n}_loss {test['loss']:.4f}  {n}_accuracy {test['accuracy']:.4f}  "
+        self.log(f"{tested}({plural(self.epoch, 'epoch')}, {seconds:.1f}s) -> {self.run_label}")
         return summary
 
 
