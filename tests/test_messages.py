@@ -189,6 +189,28 @@ def test_layer_too_big_for_host_memory_names_layer_and_bytes() -> None:
                             "(7,450.6 GiB) for shape (1000000, 1000000) float64; use fewer units or filters")
 
 
+def test_layer_that_numpy_would_allocate_but_not_fit_is_refused_first(monkeypatch) -> None:
+    """Linux overcommits: a dense layer of 10**6 units asked numpy for 10 GB, got it, and the OOM
+    killer ended the run (exit 137, no message) when Adam's state was touched. The check uses
+    MemAvailable; here 1 MB of it."""
+    from gpuml.backend import get_backend
+    from gpuml.errors import DeviceError
+    from gpuml.nn import memory
+    from gpuml.train.build import build_model
+    from gpuml.train.config import validate
+
+    monkeypatch.setattr(memory, "available_host_memory", lambda: 10**6)
+    cfg = validate({"device": "cpu", "model": {"layers": [{"type": "dense", "units": 1000, "name": "big"},
+                                                          {"type": "dense", "units": 10}]}})
+    with pytest.raises(DeviceError) as e:
+        build_model(cfg, get_backend("cpu"), (500,))
+    assert e.value.exit_code == 4
+    assert str(e.value) == ("layer big: out of host memory for its parameters: shape (500, 1000) float32 needs "
+                            "8,000,000 bytes (0.0 GiB) for value, gradient and optimizer state, 0.0 GiB "
+                            "available; use fewer units or filters")
+    build_model(cfg, get_backend("cpu"), (20,))  # 20 x 1000 x 4 bytes x 4 copies fits in 1 MB
+
+
 def test_activation_buffer_too_big_names_layer_and_batch() -> None:
     import numpy as np
 

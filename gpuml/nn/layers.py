@@ -22,7 +22,7 @@ import numpy as np
 from gpuml.backend.base import ACTIVATIONS, Array, Backend, Pair, conv_out_size
 from gpuml.errors import ShapeError
 from gpuml.nn.buffers import Buffers
-from gpuml.nn.memory import out_of_memory
+from gpuml.nn.memory import ensure_host_memory, out_of_memory
 
 Shape = tuple[int, ...]
 
@@ -71,6 +71,8 @@ class Layer:
 
     def _set_param(self, key: str, host: np.ndarray) -> None:
         assert self.backend is not None
+        if self.backend.name == "cpu":  # on a GPU, CuPy's own OutOfMemoryError says it
+            ensure_host_memory(self.name, host.shape, self.backend.dtype, "use fewer units or filters")
         self.params[key] = self.backend.asarray(host.astype(self.backend.dtype))
         self.grads[key] = self.backend.zeros(host.shape)
 
