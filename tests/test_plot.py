@@ -60,3 +60,27 @@ def test_best_epoch_is_marked(tmp_path: Path, capsys) -> None:
     assert "r best val_accuracy (epoch 2)" in [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     out = tmp_path / "c.png"
     assert main(["plot", str(run), "--out", str(out)]) == 0 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_out_and_run_paths_are_one_line(tmp_path: Path, capsys) -> None:
+    """An --out without an image extension (matplotlib wrote NAME.png while the CLI printed
+    NAME), an unknown one (ValueError traceback), a folder or a path under a file; a missing
+    run folder or a metrics file that is not JSON lines: each one line, exit 1."""
+    run = _run(tmp_path, "a", ROWS)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"epoch": 1, "train_loss"\n')
+    for args, message in [([str(run), "--out", str(tmp_path / "curves")], "needs a file name ending in"),
+                          ([str(run), "--out", str(tmp_path / "c.txt")], "needs a file name ending in"),
+                          ([str(run), "--out", str(run)], "needs a file name ending in"),
+                          ([str(run), "--out", str(tmp_path / "d.png")], None),
+                          ([str(run), "--out", str(tmp_path / "file" / "c.png")], "is a file"),
+                          ([str(tmp_path / "missing")], "no such run folder"),
+                          ([str(tmp_path / "bad")], "not one JSON object per line")]:
+        code = main(["plot", *args])
+        err = capsys.readouterr().err.strip()
+        if message is None:
+            assert code == 0 and (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+        else:
+            assert code == 1 and message in err and "\n" not in err, (args, err)
+    assert not (tmp_path / "curves.png").exists()

@@ -54,7 +54,12 @@ def make_figure(run_dirs: list[Path]) -> Any:
         raise GpumlError("gpuml plot needs matplotlib: pip install 'gpuml[bench]'") from None
     runs = []
     for d in run_dirs:
-        rows = read_metrics(d)
+        if not d.is_dir():
+            raise GpumlError(f"{d}: no such run folder")
+        try:
+            rows = read_metrics(d)
+        except ValueError as exc:  # a hand-edited or foreign file
+            raise GpumlError(f"{d / 'metrics.jsonl'}: not one JSON object per line ({exc})") from None
         if not rows:
             raise GpumlError(f"{d}: no metrics.jsonl rows to plot")
         runs.append((d, rows))
@@ -93,10 +98,25 @@ def _mark_best(axes: Any, rows: list[dict[str, Any]], color: str, label: str, ep
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    """Write the figure to `out`, its format from the extension (png, pdf, svg, ...)."""
     fig = make_figure(run_dirs)
     import matplotlib.pyplot as plt
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        formats = fig.canvas.get_supported_filetypes()
+        # matplotlib would add ".png" to a name without one (and the CLI print the name given)
+        if out.suffix[1:].lower() not in formats:
+            raise GpumlError(f"{out}: --out needs a file name ending in one of "
+                             f"{', '.join('.' + f for f in sorted(formats))}")
+        if out.is_dir():
+            raise GpumlError(f"{out}: is a folder; --out names the image file to write")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=110)
+        except (FileExistsError, NotADirectoryError):
+            raise GpumlError(f"{out}: cannot write the plot ({out.parent} or a folder above it is a file)") from None
+        except OSError as exc:
+            raise GpumlError(f"{out}: cannot write the plot ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
     return out
