@@ -67,11 +67,18 @@ def _fit_input(x: np.ndarray, shape: tuple[int, ...], path: Path) -> np.ndarray:
 def _read_array(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: input file not found")
+    if path.suffix == ".npz":  # e.g. the training data file itself
+        raise DataError(f"{path}: an .npz archive; predict reads one array: a .npy file "
+                        "(np.save('x.npy', x_test)) or an IDX file")
     if path.suffix == ".npy":
         try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+            x = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError) as exc:  # EOFError: an empty file
+            raise DataError(f"{path}: not a readable .npy file ({exc or 'empty'})") from None
+        if not isinstance(x, np.ndarray):  # an .npz archive saved under a .npy name
+            x.close()
+            raise DataError(f"{path}: an .npz archive, not a .npy array")
+        return x
     from gpuml.data.idx import read_idx
 
     return read_idx(path)

@@ -125,3 +125,16 @@ def test_out_never_replaces_a_non_file(run: Path, tmp_path: Path, capsys) -> Non
     assert main(["predict", str(run), str(tmp_path / "x.npy"), "--out", str(tmp_path / "pipe")]) == 1
     assert "not a regular file" in capsys.readouterr().err
     assert stat.S_ISFIFO((tmp_path / "pipe").stat().st_mode)
+
+
+def test_unreadable_inputs_are_one_line(run: Path, tmp_path: Path, capsys) -> None:
+    """An empty .npy (EOFError traceback before), an .npz (the training file, say) under either
+    name: one line each, exit 3."""
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "data.npz", x_test=np.zeros((2, 4, 4), np.uint8))
+    (tmp_path / "zip.npy").write_bytes((tmp_path / "data.npz").read_bytes())
+    for name, message in [("empty.npy", "not a readable .npy file"), ("data.npz", "an .npz archive"),
+                          ("zip.npy", "an .npz archive")]:
+        assert main(["predict", str(run), str(tmp_path / name)]) == 3, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"gpuml: error: {tmp_path / name}: ") and message in err and "\n" not in err
