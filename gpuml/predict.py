@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +109,14 @@ def predict_file(model: Sequential, backend: Backend, info: dict[str, Any], path
     classes = names + [str(i) for i in range(len(names), probs.shape[1])]
     pred = probs.argmax(axis=1)
     if out is None:
-        for i, k in enumerate(pred):
-            print(f"{i}\t{k}\t{classes[k]}\t{probs[i, k]:.4f}")
+        try:
+            for i, k in enumerate(pred):
+                print(f"{i}\t{k}\t{classes[k]}\t{probs[i, k]:.4f}")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `gpuml predict ... | head`: the reader has what it wanted. Point stdout at
+            # /dev/null so the interpreter's final flush does not raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return probs
     try:
         with atomic_write(out) as f:

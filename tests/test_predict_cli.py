@@ -138,3 +138,18 @@ def test_unreadable_inputs_are_one_line(run: Path, tmp_path: Path, capsys) -> No
         assert main(["predict", str(run), str(tmp_path / name)]) == 3, name
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"gpuml: error: {tmp_path / name}: ") and message in err and "\n" not in err
+
+
+def test_output_piped_into_head_is_not_a_traceback(run: Path, tmp_path: Path) -> None:
+    """`gpuml predict RUN x.npy | head -1`: the closed pipe ends the listing quietly."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "many.npy", np.zeros((30000, 4, 4), np.uint8))  # ~0.4 MB of lines: past any pipe buffer
+    proc = subprocess.Popen([sys.executable, "-m", "gpuml.cli", "predict", str(run), str(tmp_path / "many.npy")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"0\t")
+    proc.stdout.close()  # what head does after its line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
