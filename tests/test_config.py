@@ -57,6 +57,15 @@ def test_typo_names_key_file_and_suggestion(tmp_path: Path) -> None:
     ("data.val_split=1.5", "data.val_split"),
     ("model.layers.7.units=3", "not an index"),
     ("trainer", "expected key.path=value"),
+    # bounds checked where the value enters: beta1=1 was a ZeroDivisionError traceback in the
+    # first step, beta2=1.5 a "loss became nan", dropout 1.0 / label smoothing 1.0 build errors
+    ("optimizer.beta1=1.0", "--set optimizer.beta1: must be < 1, got 1.0"),
+    ("optimizer.beta2=1.5", "--set optimizer.beta2: must be < 1, got 1.5"),
+    ("optimizer.alpha=1.5", "--set optimizer.alpha: must be <= 1, got 1.5"),
+    ("model.layers.1={type: dropout, rate: 1.0}", "--set model.layers.1.rate: must be < 1, got 1.0"),
+    ("loss.label_smoothing=1.0", "--set loss.label_smoothing: must be < 1, got 1.0"),
+    ("schedule.pct_start=2", "--set schedule.pct_start: must be <= 1, got 2"),
+    ("optimizer.lr=.nan", "--set optimizer.lr: must be a number, got nan"),
 ])
 def test_override_errors(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as e:

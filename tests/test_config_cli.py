@@ -84,6 +84,8 @@ def test_schema_rejects_what_the_loader_rejects():
         {**base, "model": {"layers": [{"type": "dense"}]}},  # units is required
         {**base, "model": {"layers": [{"type": "conv2d", "filters": 2, "kernel": [3, 3, 3]}]}},
         {**base, "data": {"dataset": "cifar"}},
+        {**base, "optimizer": {"name": "adam", "beta1": 1.0}},
+        {**base, "model": {"layers": [{"type": "dropout", "rate": 1.5}]}},
     ]
     for cfg in bad:
         assert list(validator.iter_errors(cfg)), cfg

@@ -176,15 +176,20 @@ def _check_value(v: Any, field: Field, path: str, ctx: ConfigSource) -> None:
             hint = f"did you mean '{alias}'?"
         hint = f" ({hint})" if hint.startswith("did") else ""
         raise ctx.fail(path, f"{v!r} is not one of {', '.join(names)}{hint}")
-    if field.minimum is not None:
+    if field.minimum is not None or field.maximum is not None:
         nums = [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else (
             v if isinstance(v, list) else [])
         for n in nums:
-            if not isinstance(n, (int, float)) or (isinstance(n, float) and math.isnan(n)):
+            if not isinstance(n, (int, float)):
                 continue
-            if n < field.minimum or (field.exclusive_min and n == field.minimum):
+            if isinstance(n, float) and math.isnan(n):  # YAML's .nan passes every comparison
+                raise ctx.fail(path, "must be a number, got nan")
+            if field.minimum is not None and (n < field.minimum or (field.exclusive_min and n == field.minimum)):
                 rel = ">" if field.exclusive_min else ">="
                 raise ctx.fail(path, f"must be {rel} {field.minimum:g}, got {n!r}")
+            if field.maximum is not None and (n > field.maximum or (field.exclusive_max and n == field.maximum)):
+                rel = "<" if field.exclusive_max else "<="
+                raise ctx.fail(path, f"must be {rel} {field.maximum:g}, got {n!r}")
 
 
 def _validate_section(raw: Any, spec: dict[str, Any], path: str, ctx: ConfigSource) -> dict[str, Any]:

@@ -20,9 +20,12 @@ SHORTHANDS = ("loss", "optimizer", "schedule")
 
 
 def _number_bounds(field: Field) -> dict[str, Any]:
-    if field.minimum is None:
-        return {}
-    return {"exclusiveMinimum" if field.exclusive_min else "minimum": field.minimum}
+    out: dict[str, Any] = {}
+    if field.minimum is not None:
+        out["exclusiveMinimum" if field.exclusive_min else "minimum"] = field.minimum
+    if field.maximum is not None:
+        out["exclusiveMaximum" if field.exclusive_max else "maximum"] = field.maximum
+    return out
 
 
 def _type_schema(t: str, field: Field) -> dict[str, Any]:

@@ -22,12 +22,15 @@ class Field:
     exclusive_min: bool = False
     doc: str = ""
     pattern: str | None = None  # strings accepted besides `choices` (a full-match regex)
+    maximum: float | None = None  # inclusive upper bound for numbers
+    exclusive_max: bool = False
 
 
 def F(types: str, default: Any = REQUIRED, choices: tuple[Any, ...] | None = None,
       minimum: float | None = None, exclusive_min: bool = False, doc: str = "",
-      pattern: str | None = None) -> Field:
-    return Field(tuple(types.split("|")), default, choices, minimum, exclusive_min, doc, pattern)
+      pattern: str | None = None, maximum: float | None = None, exclusive_max: bool = False) -> Field:
+    return Field(tuple(types.split("|")), default, choices, minimum, exclusive_min, doc, pattern,
+                 maximum, exclusive_max)
 
 
 ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", None)
@@ -81,7 +84,7 @@ LAYERS: dict[str, dict[str, Field]] = {
     "relu": {},
     "tanh": {},
     "sigmoid": {},
-    "dropout": {"rate": F("float", minimum=0)},
+    "dropout": {"rate": F("float", minimum=0, maximum=1, exclusive_max=True)},
 }
 LAYERS["avgpool2d"] = dict(LAYERS["maxpool2d"])
 for _spec in LAYERS.values():
@@ -98,17 +101,17 @@ MODEL: dict[str, Any] = {
 
 LOSS: dict[str, Any] = {
     "name": F("str", "softmax_cross_entropy", choices=("softmax_cross_entropy", "mse")),
-    "label_smoothing": F("float", 0.0, minimum=0),
+    "label_smoothing": F("float", 0.0, minimum=0, maximum=1, exclusive_max=True),
 }
 
 OPTIMIZER: dict[str, Any] = {
     "name": F("str", "adam", choices=("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")),
     "lr": F("float", 1e-3, minimum=0, exclusive_min=True),
     "momentum": F("float", 0.9, minimum=0, doc="momentum / nesterov"),
-    "beta1": F("float", 0.9, minimum=0),
-    "beta2": F("float", 0.999, minimum=0),
+    "beta1": F("float", 0.9, minimum=0, maximum=1, exclusive_max=True),
+    "beta2": F("float", 0.999, minimum=0, maximum=1, exclusive_max=True),
     "eps": F("float", 1e-8, minimum=0, exclusive_min=True),
-    "alpha": F("float", 0.99, minimum=0, doc="rmsprop smoothing constant"),
+    "alpha": F("float", 0.99, minimum=0, maximum=1, doc="rmsprop smoothing constant"),
     "weight_decay": F("float", 0.0, minimum=0),
 }
 
@@ -120,7 +123,7 @@ SCHEDULE: dict[str, Any] = {
     "gamma": F("float", 0.1, minimum=0),
     "min_lr": F("float", 0.0, minimum=0, doc="cosine: final lr"),
     "max_lr": F("float|null", None, minimum=0, doc="onecycle: peak lr (default optimizer.lr)"),
-    "pct_start": F("float", 0.3, minimum=0),
+    "pct_start": F("float", 0.3, minimum=0, maximum=1, doc="onecycle: share of the steps spent rising"),
     "div_factor": F("float", 25.0, minimum=0, exclusive_min=True),
     "final_div_factor": F("float", 1e4, minimum=0, exclusive_min=True),
     "warmup_epochs": F("float", 0.0, minimum=0, doc="linear warm-up length in epochs"),
