@@ -65,7 +65,9 @@ def test_typo_names_key_file_and_suggestion(tmp_path: Path) -> None:
     ("model.layers.1={type: dropout, rate: 1.0}", "--set model.layers.1.rate: must be < 1, got 1.0"),
     ("loss.label_smoothing=1.0", "--set loss.label_smoothing: must be < 1, got 1.0"),
     ("schedule.pct_start=2", "--set schedule.pct_start: must be <= 1, got 2"),
-    ("optimizer.lr=.nan", "--set optimizer.lr: must be a number, got nan"),
+    ("optimizer.lr=.nan", "--set optimizer.lr: must be a finite number, got nan"),
+    ("optimizer.lr=.inf", "--set optimizer.lr: must be a finite number, got inf"),
+    ("data.augment.scale=1.0", "--set data.augment.scale: must be < 1, got 1.0"),
 ])
 def test_override_errors(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -182,8 +182,8 @@ def _check_value(v: Any, field: Field, path: str, ctx: ConfigSource) -> None:
         for n in nums:
             if not isinstance(n, (int, float)):
                 continue
-            if isinstance(n, float) and math.isnan(n):  # YAML's .nan passes every comparison
-                raise ctx.fail(path, "must be a number, got nan")
+            if isinstance(n, float) and not math.isfinite(n):  # .nan passes every comparison
+                raise ctx.fail(path, f"must be a finite number, got {n}")
             if field.minimum is not None and (n < field.minimum or (field.exclusive_min and n == field.minimum)):
                 rel = ">" if field.exclusive_min else ">="
                 raise ctx.fail(path, f"must be {rel} {field.minimum:g}, got {n!r}")

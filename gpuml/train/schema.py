@@ -38,7 +38,8 @@ ACTIVATION_CHOICES = ("relu", "tanh", "sigmoid", None)
 AUGMENT: dict[str, Any] = {
     "shift": F("int", 0, minimum=0, doc="max random shift in pixels (each axis)"),
     "rotate": F("float", 0.0, minimum=0, doc="max random rotation in degrees"),
-    "scale": F("float", 0.0, minimum=0, doc="max relative zoom, e.g. 0.1 for 0.9x..1.1x"),
+    "scale": F("float", 0.0, minimum=0, maximum=1, exclusive_max=True,
+               doc="max relative zoom, e.g. 0.1 for 0.9x..1.1x (1 would allow 0x)"),
     "hflip": F("bool", False, doc="random horizontal flips (off by default: wrong for digits)"),
 }
 
