@@ -140,3 +140,24 @@ def test_registry_names_other_tools_layouts_and_fashion_mirrors():
     assert (mnist.torchvision, mnist.keras) == ("MNIST", "mnist.npz")
     assert fashion.mirrors[1] == \
         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"
+
+
+@pytest.mark.parametrize("where", ["GPUML_DATA", "KERAS_HOME", "data.root", "data.path", "data.paths"])
+def test_tilde_of_an_unknown_user_is_one_line(home, monkeypatch, where):
+    """`~nosuchuser/...` made pathlib raise RuntimeError (a traceback); now a DataError naming
+    the path and the setting it came from."""
+    bad = "~gpuml_no_such_user_x/data"
+    kw = {}
+    if where in ("GPUML_DATA", "KERAS_HOME"):
+        monkeypatch.setenv(where, bad)
+        name, label = "tiny_set", f"${where}"
+    elif where == "data.root":
+        name, kw, label = "tiny_set", {"root": bad}, "data.root"
+    elif where == "data.path":
+        name, kw, label = "npz", {"path": bad}, "data.path"
+    else:
+        name, label = "idx", "data.paths.train_images"
+        kw = {"paths": dict.fromkeys(("train_images", "train_labels", "test_images", "test_labels"), bad)}
+    with pytest.raises(DataError) as info:
+        load_dataset(name, download=False, **kw)
+    assert str(info.value) == f"{bad}: cannot expand '~' (no such user, or no home directory) ({label})"

@@ -39,6 +39,7 @@ from gpuml import __version__
 from gpuml.data.atomic import atomic_write
 from gpuml.data.idx import idx_sha256, read_idx
 from gpuml.data.search import keras_datasets_dir, torchvision_dirs, user_cache_dir
+from gpuml.data.user import expand_user
 from gpuml.errors import ConfigError, DataError
 
 #: The four files of every dataset, in this order.
@@ -194,13 +195,14 @@ def search_places(spec: DatasetSpec, root: str | os.PathLike[str] | None = None)
     names = (spec.name, spec.dashed_name)
     places: list[tuple[Path, str]] = []
     if root is not None:
-        base = Path(root).expanduser()
+        base = expand_user(root, "data.root")
         places += [(base, "data.root")] + [(base / n, "data.root") for n in names]
         places += [(p, "data.root, torchvision layout") for p in torchvision_dirs(spec, base)]
     env = os.environ.get("GPUML_DATA")
     if env:
-        places += [(Path(env).expanduser() / n, "$GPUML_DATA") for n in names]
-        places += [(p, "$GPUML_DATA, torchvision layout") for p in torchvision_dirs(spec, Path(env).expanduser())]
+        data_dir = expand_user(env, "$GPUML_DATA")
+        places += [(data_dir / n, "$GPUML_DATA") for n in names]
+        places += [(p, "$GPUML_DATA, torchvision layout") for p in torchvision_dirs(spec, data_dir)]
     places.append((_cache_dir(spec), "user cache"))
     if spec.keras:
         places.append((keras_datasets_dir() / spec.keras, "Keras cache"))
@@ -217,7 +219,7 @@ def search_places(spec: DatasetSpec, root: str | os.PathLike[str] | None = None)
 def download_dir(spec: DatasetSpec) -> Path:
     """Where missing files are downloaded: $GPUML_DATA/<name> when set, else the user cache."""
     env = os.environ.get("GPUML_DATA")
-    return Path(env).expanduser() / spec.name if env else _cache_dir(spec)
+    return expand_user(env, "$GPUML_DATA") / spec.name if env else _cache_dir(spec)
 
 
 def _cache_dir(spec: DatasetSpec) -> Path:

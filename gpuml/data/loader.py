@@ -17,7 +17,7 @@ import numpy as np
 from gpuml.backend.base import Array, Backend
 from gpuml.data.datasets import FILE_KEYS, DatasetSpec, fetch_dataset, read_verified
 from gpuml.data.search import NPZ_TO_FILE_KEY, read_keras_npz
-from gpuml.data.user import IDX_KEYS, NPZ_KEYS, check_arrays, read_idx_files, read_npz
+from gpuml.data.user import IDX_KEYS, NPZ_KEYS, check_arrays, expand_user, read_idx_files, read_npz
 from gpuml.errors import ConfigError, DataError
 
 
@@ -153,7 +153,7 @@ def _load_user(
         if path is None:
             raise ConfigError("data.dataset npz needs data.path: a .npz file holding "
                               + ", ".join(NPZ_KEYS))
-        file = Path(path).expanduser().resolve()
+        file = expand_user(path, "data.path").resolve()
         arrays, npz_classes = read_npz(file)
         where = {k: f"{file}: {k}" for k in NPZ_KEYS} | {"classes": f"{file}: classes"}
         if classes is not None:
@@ -162,7 +162,7 @@ def _load_user(
         folder, origin = file.parent, {"path": str(file)}
         classes = classes if classes is not None else npz_classes
     else:
-        files = {k: Path(str(v)).expanduser().resolve() for k, v in (paths or {}).items() if v}
+        files = {k: expand_user(str(v), f"data.paths.{k}").resolve() for k, v in (paths or {}).items() if v}
         unknown = sorted(set(files) - set(IDX_KEYS))
         if unknown:
             raise ConfigError(f"data.paths: unknown key {unknown[0]!r} (expected {', '.join(IDX_KEYS)})")

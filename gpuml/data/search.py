@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpuml.data.idx import idx_sha256
-from gpuml.data.user import NPZ_KEYS, read_npz
+from gpuml.data.user import NPZ_KEYS, expand_user, read_npz
 from gpuml.errors import DataError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def user_cache_dir() -> Path:
 def keras_datasets_dir() -> Path:
     """Keras's dataset cache: $KERAS_HOME/datasets, default ~/.keras/datasets."""
     home = os.environ.get("KERAS_HOME")
-    return (Path(home).expanduser() if home else Path.home() / ".keras") / "datasets"
+    return (expand_user(home, "$KERAS_HOME") if home else Path.home() / ".keras") / "datasets"
 
 
 def torchvision_dirs(spec: DatasetSpec, root: Path) -> list[Path]:

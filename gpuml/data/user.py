@@ -36,9 +36,19 @@ _CHANNELS = (1, 3)
 MAX_INFERRED_CLASSES = 65536
 
 
+def expand_user(path: str | os.PathLike[str], what: str = "") -> Path:
+    """Path(path).expanduser(), with `~nobody/...` (an unknown user) or `~` without a home
+    directory a DataError naming the path and `what` set it, not pathlib's RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise DataError(f"{path}: cannot expand '~' (no such user, or no home directory)"
+                        + (f" ({what})" if what else "")) from None
+
+
 def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None]:
     """(x_train, y_train, x_test, y_test arrays, class names or None) from a Keras-layout npz."""
-    path = Path(path).expanduser()
+    path = expand_user(path, "data.path")
     try:
         z = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -77,7 +87,7 @@ def read_idx_files(paths: Mapping[str, str | os.PathLike[str] | None]) -> dict[s
     missing = [k for k in IDX_KEYS if not paths.get(k)]
     if missing:
         raise DataError(f"data.dataset idx needs data.paths.{', data.paths.'.join(missing)}")
-    return {k: read_idx(Path(str(paths[k])).expanduser()) for k in IDX_KEYS}
+    return {k: read_idx(expand_user(str(paths[k]), f"data.paths.{k}")) for k in IDX_KEYS}
 
 
 def channels_first(x: np.ndarray, where: str) -> np.ndarray:
