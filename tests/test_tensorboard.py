@@ -94,3 +94,27 @@ def test_off_by_default_writes_nothing(tmp_path):
     cfg = validate({"model": {"layers": [{"type": "flatten"}]}})
     assert cfg["trainer"]["tensorboard"] is False
     assert TensorBoardLogger.from_config(cfg, tmp_path) is None and not (tmp_path / "tensorboard").exists()
+
+
+def test_write_failures_are_gpuml_errors(tmp_path, monkeypatch):
+    """A full disk while appending events was a raw OSError traceback (atomic_write's
+    translation does not cover this open file): DiskFullError naming the event file; a
+    tensorboard/ that is a file is a RunError (exit 8) instead of FileExistsError."""
+    import errno
+
+    from gpuml.errors import DiskFullError, RunError
+
+    writer = EventWriter(tmp_path / "tb")
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "_file", Full())
+    with pytest.raises(DiskFullError, match=f"^{writer.path}: no space left on device$"):
+        writer.scalars(1, {"loss": 1.0})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "tensorboard").write_text("not a folder")
+    with pytest.raises(RunError, match="cannot write TensorBoard events") as info:
+        EventWriter(tmp_path / "run" / "tensorboard")
+    assert info.value.exit_code == 8

@@ -16,12 +16,17 @@ A resumed run appends a new file; points after its checkpoint are written again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from gpuml.data.atomic import disk_full_as_error
+from gpuml.errors import RunError
 
 # ---------------------------------------------------------------------------------- encoding
 
@@ -98,20 +103,33 @@ class EventWriter:
     viewer (or a crash) sees every point written so far."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.gpuml"
-        self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
+        with _write_errors(self.path):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
         self._write(event_bytes(time.time(), 0, file_version="brain.Event:2"))
 
     def _write(self, payload: bytes) -> None:
-        self._file.write(record_bytes(payload))
-        self._file.flush()
+        with _write_errors(self.path):
+            self._file.write(record_bytes(payload))
+            self._file.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self._write(event_bytes(time.time(), step, scalars=values))
 
     def close(self) -> None:
         self._file.close()
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A full disk is DiskFullError naming the event file (the trainer adds the last good
+    checkpoint); any other write failure (tensorboard/ a file, no permission) a RunError."""
+    try:
+        with disk_full_as_error(path):
+            yield
+    except OSError as exc:
+        raise RunError(f"{path}: cannot write TensorBoard events ({exc.strerror or exc})") from None
 
 
 class TensorBoardLogger:
