@@ -84,3 +84,25 @@ def test_bad_out_and_run_paths_are_one_line(tmp_path: Path, capsys) -> None:
         else:
             assert code == 1 and message in err and "\n" not in err, (args, err)
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_disk_full_leaves_no_image(tmp_path: Path, capsys, monkeypatch) -> None:
+    """savefig straight to the file left a 0-byte PNG and exit 1 on a full disk: the image is
+    written atomically, and a full disk is exit 6 like every other write."""
+    import errno
+
+    import matplotlib.figure
+
+    run = _run(tmp_path, "a", ROWS)
+
+    def full(self, fname, *args, **kwargs):  # opens its target, writes a little, then the disk is full
+        if isinstance(fname, (str, Path)):
+            Path(fname).write_bytes(b"\x89PNG")
+        else:
+            fname.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 6
+    assert "c.png: no space left on device" in capsys.readouterr().err
+    assert list(tmp_path.glob("*c.png*")) == []

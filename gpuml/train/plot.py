@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from gpuml.data.atomic import atomic_write
 from gpuml.errors import GpumlError
 from gpuml.train.metrics import read_metrics
 from gpuml.train.monitor import metric_mode
@@ -112,7 +113,8 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
             raise GpumlError(f"{out}: is a folder; --out names the image file to write")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out, dpi=110)
+            with atomic_write(out) as f:  # a full disk leaves no empty or half image behind
+                fig.savefig(f, dpi=110, format=out.suffix[1:].lower())
         except (FileExistsError, NotADirectoryError):
             raise GpumlError(f"{out}: cannot write the plot ({out.parent} or a folder above it is a file)") from None
         except OSError as exc:
