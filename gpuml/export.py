@@ -155,6 +155,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
         (n,) = struct.unpack("<Q", blob[:8])
         header = json.loads(blob[8:8 + n])
         meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise TypeError("__metadata__ must map names to strings")
         base, tensors = 8 + n, {}
         for name, t in header.items():
             start, stop = t["data_offsets"]
@@ -173,7 +175,12 @@ def read_torch_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     if "gpuml_names" not in meta:
         raise DataError(f"{path}: no gpuml_names in its metadata: not written by gpuml export --format torch "
                         "(a plain PyTorch state_dict does not say which gpuml layer each tensor belongs to)")
-    names = json.loads(meta["gpuml_names"])
+    try:
+        names = json.loads(meta["gpuml_names"])
+    except ValueError:
+        names = None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise DataError(f"{path}: its gpuml_names metadata is not a JSON object of tensor -> layer names")
     missing = sorted(set(names) - set(tensors))
     if missing:
         raise DataError(f"{path}: tensors {', '.join(missing)} named in its metadata are missing")

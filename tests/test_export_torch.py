@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,16 @@ def test_read_torch_safetensors_refuses_other_files(tmp_path):
         read_torch_safetensors(tmp_path / "junk.safetensors")
     with pytest.raises(DataError, match="cannot read"):
         read_torch_safetensors(tmp_path / "missing.safetensors")
+    # hostile headers: TypeError / JSONDecodeError tracebacks before
+    for i, (header, message) in enumerate([
+            ({"__metadata__": 5}, "not a safetensors file"),
+            ({"__metadata__": {"gpuml_names": "not json"}}, "gpuml_names metadata is not a JSON object"),
+            ({"__metadata__": {"gpuml_names": "[1, 2]"}}, "gpuml_names metadata is not a JSON object"),
+            ({"__metadata__": {"gpuml_names": '{"0.weight": 5}'}}, "gpuml_names metadata is not a JSON object")]):
+        text = json.dumps(header).encode()
+        (tmp_path / f"h{i}.safetensors").write_bytes(struct.pack("<Q", len(text)) + text)
+        with pytest.raises(DataError, match=message):
+            read_torch_safetensors(tmp_path / f"h{i}.safetensors")
 
 
 def tiny_run(tmp_path: Path) -> Path:
