@@ -114,6 +114,9 @@ def test_config_diff_lists_changed_keys() -> None:
     ("optimizer: {name: adam}\ntrainer: {epochs: 1}\noptimizer: {name: sgd}\n", "optimizer", "lines 1 and 3"),
     ("trainer:\n  epochs: 1\n  batch_size: 8\n  epochs: 2\n", "epochs", "lines 2 and 4"),
     ("model:\n  layers:\n    - {type: dense, units: 3, units: 4}\n", "units", "twice on line 3"),
+    # two duplicates: the first in the file is named (the nested one was reported second)
+    ("model:\n  layers:\n    - type: dense\n      units: 3\n      units: 4\ntrainer:\n  early_stopping:\n"
+     "    enabled: true\n    enabled: false\n", "units", "lines 4 and 5"),
 ])
 def test_duplicate_yaml_keys_name_key_and_lines(tmp_path: Path, text: str, key: str, lines: str) -> None:
     p = _write(tmp_path, text)

@@ -86,25 +86,38 @@ class _DuplicateKey(Exception):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently, so a second `optimizer:` section would quietly replace the first)."""
+    silently, so a second `optimizer:` section would quietly replace the first). The whole
+    document is checked before it is built, in file order: PyYAML builds nested mappings
+    last, so checking while building reported a later duplicate before an earlier one."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            first: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # `<<: *base` keys may be overridden on purpose
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_unique_keys(node, set())
+        return super().construct_document(node)
+
+    def _check_unique_keys(self, node: yaml.Node, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias: already checked (and may be recursive)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                self._check_unique_keys(child, seen)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden on purpose
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 try:
                     before = first.get(key)
                 except TypeError:  # unhashable: the base class reports it
-                    continue
+                    before = None
+                else:
+                    first.setdefault(key, line)
                 if before is not None:
                     where = f"lines {before} and {line}" if before != line else f"twice on line {line}"
                     raise _DuplicateKey(f"duplicate key {key!r} ({where})")
-                first[key] = line
-        return super().construct_mapping(node, deep=deep)
+            self._check_unique_keys(value_node, seen)
 
 
 def _load_yaml(text: str) -> Any:
