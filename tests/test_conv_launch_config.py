@@ -1,4 +1,4 @@
-"""The pure-Python half of gpuml.backend.cuda_conv: geometry checks, grids and the bwd_weight split
+"""The pure-Python half of gpuml.backend.cuda.conv: geometry checks, grids and the bwd_weight split
 plan. No GPU needed: these decide which output elements the CUDA kernels write, so a grid that
 misses a tile or a split that skips a reduction step would be a silent wrong answer there."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuml.backend import cuda_common
-from gpuml.backend import cuda_conv as cc
+from gpuml.backend.cuda import common as cuda_common
+from gpuml.backend.cuda import conv as cc
 from gpuml.errors import ShapeError
 
 # (x shape, w shape, stride, padding): the seed CNN's layers, a ResNet stage, and odd edge shapes

@@ -9,9 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from gpuml.backend import cpu_conv, cpu_loops
 from gpuml.backend.base import conv_out_size
 from gpuml.backend.cpu import CpuBackend
+from gpuml.backend.cpu import conv as cpu_conv
+from gpuml.backend.cpu import loops as cpu_loops
 from gpuml.backend.rng import keep_mask
 from gpuml.errors import ShapeError
 

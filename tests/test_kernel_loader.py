@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gpuml.backend import cuda_launch as plan
 from gpuml.backend import get_backend
-from gpuml.backend import kernels as k
-from gpuml.backend.cuda_optim import HYPER_SIZE, hyper_vector
+from gpuml.backend.cuda import kernels as k
+from gpuml.backend.cuda import launch as plan
+from gpuml.backend.cuda.optim import HYPER_SIZE, hyper_vector
 from gpuml.errors import DeviceError, ShapeError
 from gpuml.paths import kernel_dir
 

@@ -1,5 +1,5 @@
 """Every kernels/*.cu compiles through NVRTC exactly as CuPy compiles it at run time (the text
-gpuml/backend/kernels.py hands over, CuPy's options included: kernels.nvrtc_options) for sm_80
+gpuml/backend/cuda/kernels.py hands over, CuPy's options included: kernels.nvrtc_options) for sm_80
 and sm_90, with no register spills or local memory.
 
 nvcc alone is not enough (tests/test_kernels_compile.py): NVRTC 13.0.88 with CuPy's flags
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuml.backend.kernels import headers_digest, nvrtc_options, prepare_source, resolve_includes
+from gpuml.backend.cuda.kernels import headers_digest, nvrtc_options, prepare_source, resolve_includes
 from gpuml.paths import kernel_dir
 from tests.test_kernels_compile import ptxas_report
 

@@ -44,7 +44,7 @@ def sample_params(seed: int, offset: int, batch: int, max_shift: float, max_rota
 
 
 # Serial on purpose: numba's parallel pool busy-waits between loops and takes the cores the
-# BLAS GEMMs of the same training step need (see cpu_loops.run_parts for how the CPU backend
+# BLAS GEMMs of the same training step need (see cpu/loops.run_parts for how the CPU backend
 # spreads large loops instead).
 @numba.njit(cache=True)
 def affine_sample(x: np.ndarray, params: np.ndarray, fill: float, out: np.ndarray) -> None:

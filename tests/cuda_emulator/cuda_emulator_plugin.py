@@ -25,7 +25,7 @@ if shutil.which("g++") is None:
 def all_entry_points() -> dict[str, list[str]]:
     """kernels/<family>.cu -> its `extern "C" __global__` names, after the preprocessor (some
     entry points are stamped out by macros)."""
-    from gpuml.backend.kernels import compile_options
+    from gpuml.backend.cuda.kernels import compile_options
     from gpuml.paths import kernel_dir
 
     folder = kernel_dir()

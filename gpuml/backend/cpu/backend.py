@@ -15,12 +15,13 @@ from typing import Any
 import numba
 import numpy as np
 
-from gpuml.backend import augment, cpu_conv
-from gpuml.backend import cpu_loops as loops
+from gpuml.backend import augment
 from gpuml.backend.base import ACTIVATIONS, Backend, Pair
-from gpuml.backend.cpu_checks import Checks, fail
-from gpuml.backend.cpu_optim import OptimizerSteps
-from gpuml.backend.cpu_pool import PoolingOps
+from gpuml.backend.cpu import conv as cpu_conv
+from gpuml.backend.cpu import loops
+from gpuml.backend.cpu.checks import Checks, fail
+from gpuml.backend.cpu.optim import OptimizerSteps
+from gpuml.backend.cpu.pool import PoolingOps
 
 _ACT_BWD = {"relu": loops.relu_bwd, "tanh": loops.tanh_bwd, "sigmoid": loops.sigmoid_bwd}
 

@@ -5,8 +5,8 @@ output buffer (the caller's `out=`, or a fresh one) -> launch on the current CuP
 Inside ops there is no host synchronisation, no cuBLAS and no CuPy elementwise kernel, and once
 a shape has been seen nothing is allocated when `out=` is given (launch plans and scratch
 buffers are cached per shape), so a training step can be captured and replayed as a CUDA graph.
-Convolution and pooling come from `ConvPoolOps` (cuda_conv.py), the optimizer updates and
-global_norm from `MultiTensorOps` (cuda_optim.py), launch plans from cuda_launch.py.
+Convolution and pooling come from `ConvPoolOps` (conv.py), the optimizer updates and
+global_norm from `MultiTensorOps` (optim.py), launch plans from launch.py.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from gpuml.backend import cuda_launch as plan
 from gpuml.backend.base import ACTIVATIONS, Array, Backend, fail
-from gpuml.backend.cuda_augment import AugmentOps
-from gpuml.backend.cuda_common import DevicePlumbing, aligned16
-from gpuml.backend.cuda_conv import ConvPoolOps
-from gpuml.backend.cuda_optim import MultiTensorOps
-from gpuml.backend.kernels import arch_from_compute_capability
+from gpuml.backend.cuda import launch as plan
+from gpuml.backend.cuda.augment import AugmentOps
+from gpuml.backend.cuda.common import DevicePlumbing, aligned16
+from gpuml.backend.cuda.conv import ConvPoolOps
+from gpuml.backend.cuda.kernels import arch_from_compute_capability
+from gpuml.backend.cuda.optim import MultiTensorOps
 from gpuml.errors import DeviceError
 
 BLOCK = (plan.THREADS, 1, 1)

@@ -1,6 +1,6 @@
-"""Numba loops of the CPU convolution (cpu_conv drives them): im2col and its adjoint col2im, in
+"""Numba loops of the CPU convolution (conv.py drives them): im2col and its adjoint col2im, in
 NCHW and channels-last column order, and the layout passes around the GEMMs. Each writes into the
-arrays it is given, serially (cpu_conv runs them on several threads by chunks of the batch), and
+arrays it is given, serially (conv.py runs them on several threads by chunks of the batch), and
 sums in a fixed order.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gpuml.backend.base import Array
-from gpuml.backend.cuda_launch import THREADS, grid_1d, partials_grid
+from gpuml.backend.cuda.launch import THREADS, grid_1d, partials_grid
 from gpuml.errors import ShapeError
 
 # kernels/optim.cu hyper layout

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gpuml.backend.base import Array, Pair, check_pair, conv_out_size, fail
-from gpuml.backend.cuda_launch import ceil_div
+from gpuml.backend.cuda.launch import ceil_div
 
 THREADS = 256
 #: conv2d_fwd / conv2d_bwd_data output tile: (pixels, channels) per block

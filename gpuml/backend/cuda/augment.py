@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from gpuml.backend import cuda_launch as plan
 from gpuml.backend.base import Array
+from gpuml.backend.cuda import launch as plan
 
 
 class AugmentOps:

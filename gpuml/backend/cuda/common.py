@@ -1,4 +1,4 @@
-"""Plumbing shared by every part of the CUDA backend (cuda.py and its mixins): argument checks,
+"""Plumbing shared by every part of the CUDA backend (backend.py and its mixins): argument checks,
 overlap tests by pointer arithmetic (no sync), kernel launches with a per-backend memo, and
 per-shape scratch buffers. The free functions are pure Python and work on numpy arrays too."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gpuml.backend.base import Array, fail
-from gpuml.backend.kernels import get_function
+from gpuml.backend.cuda.kernels import get_function
 
 
 def buffers_overlap(a: Any, b: Any) -> bool:

@@ -3,7 +3,7 @@
 Planes are (M = N*C, H, W) views of NCHW tensors. Max pooling records argmax as the flat index
 h*W + w of the winner in its plane; its backward is a gather (each input cell visits the windows
 covering it), except for non-overlapping windows, where each cell has one window at most. Loops are
-deterministic and run on several threads by ranges of planes (cpu_loops.run_parts).
+deterministic and run on several threads by ranges of planes (loops.run_parts).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit
 
 from gpuml.backend.base import Pair
-from gpuml.backend.cpu_checks import Checks
-from gpuml.backend.cpu_loops import run_parts
+from gpuml.backend.cpu.checks import Checks
+from gpuml.backend.cpu.loops import run_parts
 
 # --------------------------------------------------------------------------- loops
 

@@ -14,7 +14,7 @@ between NCHW and channel-major order cost more than the GEMM.
 
 A chunk is sized so that col and the GEMM result stay near COL_BUDGET_BYTES: written and read back
 by the GEMM in cache, which more than pays for the extra GEMM calls, and lets bwd_weight rebuild
-col instead of keeping the forward's. The chunks run on all cores at once (cpu_loops.run_tasks),
+col instead of keeping the forward's. The chunks run on all cores at once (loops.run_tasks),
 each with single-threaded GEMMs, so that no core idles through the numba loops between GEMMs;
 chunk bounds depend on the shapes alone, so results do not depend on the core count. Arguments
 arrive validated (shapes, dtype, C-contiguous) from CpuBackend; these functions only compute.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gpuml.backend.cpu_conv_loops import (
+from gpuml.backend.cpu.conv_loops import (
     batch_to_channel_major,
     bias_act_planes,
     col2im,
@@ -33,7 +33,7 @@ from gpuml.backend.cpu_conv_loops import (
     im2col,
     im2col_nhwc,
 )
-from gpuml.backend.cpu_loops import run_tasks
+from gpuml.backend.cpu.loops import run_tasks
 
 #: the size one im2col matrix aims at; a batch is split into equal chunks of whole images
 COL_BUDGET_BYTES = 4 << 20

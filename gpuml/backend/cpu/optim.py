@@ -9,7 +9,7 @@ instead of a ZeroDivisionError check on every element, which kept the loop from 
 ran at a sixth of the speed, bound by scalar sqrt and division).
 
 Every value an update writes (parameter and state) is flushed to zero below the dtype's smallest
-normal (cpu_loops.flush_subnormal): with zero gradients, as dead ReLU units have, m *= beta1,
+normal (loops.flush_subnormal): with zero gradients, as dead ReLU units have, m *= beta1,
 velocity *= momentum and square_avg *= alpha decay geometrically into the subnormal range and
 stay there, where x86 arithmetic is about 100 times slower (issue 15: 59% of Adam's m for the
 seed MLP's hidden layer after 5 epochs, each epoch slower than the last). Against PyTorch,
@@ -19,7 +19,7 @@ unless a parameter is itself that small; a v or square_avg below it adds less th
 rounding to its square root.
 
 An update is memory-bound and one core cannot draw the machine's bandwidth, so a large tensor is
-updated in parts on several threads (cpu_loops.run_parts); each element is updated on its own, so
+updated in parts on several threads (loops.run_parts); each element is updated on its own, so
 the split cannot change the result.
 """
 
@@ -31,8 +31,8 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from gpuml.backend.cpu_checks import Checks
-from gpuml.backend.cpu_loops import flush_subnormal, run_parts, smallest_normal
+from gpuml.backend.cpu.checks import Checks
+from gpuml.backend.cpu.loops import flush_subnormal, run_parts, smallest_normal
 
 
 @njit(cache=True, nogil=True)

@@ -1,5 +1,5 @@
 """Numba loops of the CPU backend for losses, elementwise ops, reductions and batch gathering
-(convolution loops live in cpu_conv, pooling loops in cpu_pool).
+(convolution loops live in conv_loops.py, pooling loops in pool.py).
 
 Every function writes into arrays it is given and is deterministic: every sum runs in a fixed
 order. Arrays are C-contiguous (1-D loops take flat views). Reductions over float32 data
@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit
 
 # flat-view offsets as uint64: numba guards signed indices against wraparound, which keeps LLVM
-# from vectorising the loop (see cpu_conv)
+# from vectorising the loop (see conv.py)
 _U = np.uint64
 
 #: elements of work below which a part is not worth a thread hand-off (about 60 us)
