@@ -319,3 +319,22 @@ def test_os_error_fallback_keeps_bugs_and_disk_full(tmp_path: Path, monkeypatch,
         monkeypatch.setattr(cli, "cmd_info", raising(bug))
         with pytest.raises(type(bug)):
             main(["info"])
+
+
+def test_summary_shows_both_sides_of_uneven_strides_and_padding() -> None:
+    """conv [3, 2] stride [2, 1] pad [1, 0] was summarised as "stride 2 pad 1", a pool with
+    stride (1, 2) as "stride 1", and pool padding not at all."""
+    import numpy as np
+
+    from gpuml.backend import get_backend
+    from gpuml.nn.layers import AvgPool2D, Conv2D, MaxPool2D
+
+    be, rng = get_backend("cpu"), np.random.default_rng(0)
+    conv = Conv2D(4, (3, 2), stride=(2, 1), padding=(1, 0), activation="tanh")
+    conv.build((1, 9, 9), be, rng)
+    assert conv.describe() == "4 3x2 stride 2x1 pad 1x0, tanh"
+    square = Conv2D(4, 3, stride=2, padding=1)
+    square.build((1, 9, 9), be, rng)
+    assert square.describe() == "4 3x3 stride 2 pad 1"
+    assert AvgPool2D((2, 3), stride=(1, 2), padding=(1, 1)).describe() == "2x3 stride 1x2 pad 1"
+    assert MaxPool2D(2).describe() == "2x2"

@@ -240,9 +240,9 @@ class Conv2D(_LinearActivation):
     def describe(self) -> str:
         s = f"{self.filters} {self.kernel[0]}x{self.kernel[1]}"
         if self.stride != (1, 1):
-            s += f" stride {self.stride[0]}"
+            s += f" stride {_pair_text(self.stride)}"
         if self.padding != (0, 0):
-            s += f" pad {self.padding[0]}"
+            s += f" pad {_pair_text(self.padding)}"
         return s + self._activation_note()
 
     def _linear(self, x: Array, fused: str | None, out: Array) -> None:
@@ -283,7 +283,9 @@ class _Pool2D(Layer):
     def describe(self) -> str:
         s = f"{self.size[0]}x{self.size[1]}"
         if self.stride != self.size:
-            s += f" stride {self.stride[0]}"
+            s += f" stride {_pair_text(self.stride)}"
+        if self.padding != (0, 0):
+            s += f" pad {_pair_text(self.padding)}"
         return s
 
 
@@ -397,6 +399,11 @@ class Dropout(Layer):
         if not self._active:
             return dy
         return self.backend.dropout_bwd(dy, self._mask, self.rate, out=self.buffer("dx", dy.shape))
+
+
+def _pair_text(pair: Pair) -> str:
+    """(2, 2) -> "2", (2, 1) -> "2x1" (height x width): the summary shows both when they differ."""
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
 
 
 def init_weights(rng: np.random.Generator, scheme: str, shape: tuple[int, ...],
