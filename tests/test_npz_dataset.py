@@ -232,3 +232,23 @@ def test_cli_bad_npz_exits_3_with_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 3
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and err[0].startswith("gpuml: error: ") and "y_train: label 7" in err[0]
+
+
+def test_relative_data_path_is_found_from_another_directory(tmp_path, monkeypatch, capsys):
+    """A relative data.path was saved as given in RUN/config.yaml, so `gpuml eval RUN` (or
+    --resume) from any other directory looked for the data there: exit 3."""
+    work = tmp_path / "work"
+    work.mkdir()
+    xtr, ytr, xte, yte = _arrays()
+    _npz(work / "mine.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    (work / "c.yaml").write_text(yaml.safe_dump({
+        "device": "cpu", "data": {"dataset": "npz", "path": "mine.npz", "val_split": 0},
+        "model": {"layers": [{"type": "flatten"}, {"type": "dense", "units": 3}]},
+        "trainer": {"epochs": 1, "batch_size": 20}}))
+    monkeypatch.chdir(work)
+    assert main(["train", "c.yaml", "--out", "run", "--no-progress"]) == 0
+    assert yaml.safe_load((work / "run" / "config.yaml").read_text())["data"]["path"] == str(work / "mine.npz")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(work / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "test"

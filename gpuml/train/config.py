@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -270,7 +271,19 @@ def validate(raw: Any, source: str = "<config>") -> dict[str, Any]:
     if isinstance(val, float) and not 0.0 <= val < 1.0:
         raise ctx.fail("data.val_split", f"a fraction must be in [0, 1), got {val}")
     _check_data_source(cfg["data"], ctx)
+    _absolute_data_paths(cfg["data"])
     return cfg
+
+
+def _absolute_data_paths(data: dict[str, Any]) -> None:
+    """data.root, data.path and data.paths made absolute (relative ones are read from the
+    current directory): the run saves this config, and `eval` or `train --resume` run from
+    another directory must find the same files."""
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else os.path.abspath(os.path.expanduser(p))
+
+    data["root"], data["path"] = absolute(data["root"]), absolute(data["path"])
+    data["paths"] = {k: absolute(v) for k, v in data["paths"].items()}
 
 
 def _check_data_source(data: dict[str, Any], ctx: ConfigSource) -> None:
