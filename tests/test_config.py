@@ -222,3 +222,13 @@ def test_trainer_config_errors_blame_set(tmp_path: Path, key: str, value: object
         with pytest.raises(ConfigError) as e:
             Trainer(cfg, tmp_path / "run", source=source, log=lambda _: None)
         assert str(e.value).startswith(prefix), str(e.value)
+
+
+def test_paths_are_absolute_in_the_resolved_config(tmp_path: Path, monkeypatch) -> None:
+    """The run saves the resolved config; a relative init_from in it made eval/predict/export
+    of a fine-tune run from another directory fail ('no such weights file')."""
+    monkeypatch.chdir(tmp_path)
+    cfg = validate({"data": {"dataset": "npz", "path": "d.npz"},
+                    "model": {"layers": [{"type": "flatten"}], "init_from": "runs/pre"}})
+    assert cfg["model"]["init_from"] == str(tmp_path / "runs" / "pre")
+    assert cfg["data"]["path"] == str(tmp_path / "d.npz") and cfg["data"]["root"] is None

@@ -271,19 +271,21 @@ def validate(raw: Any, source: str = "<config>") -> dict[str, Any]:
     if isinstance(val, float) and not 0.0 <= val < 1.0:
         raise ctx.fail("data.val_split", f"a fraction must be in [0, 1), got {val}")
     _check_data_source(cfg["data"], ctx)
-    _absolute_data_paths(cfg["data"])
+    _absolute_paths(cfg)
     return cfg
 
 
-def _absolute_data_paths(data: dict[str, Any]) -> None:
-    """data.root, data.path and data.paths made absolute (relative ones are read from the
-    current directory): the run saves this config, and `eval` or `train --resume` run from
-    another directory must find the same files."""
+def _absolute_paths(cfg: dict[str, Any]) -> None:
+    """data.root, data.path, data.paths and model.init_from made absolute (relative ones are
+    read from the current directory): the run saves this config, and `eval`, `predict`,
+    `export` or `train --resume` run from another directory must find the same files."""
     def absolute(p: str | None) -> str | None:
         return None if p is None else os.path.abspath(os.path.expanduser(p))
 
+    data = cfg["data"]
     data["root"], data["path"] = absolute(data["root"]), absolute(data["path"])
     data["paths"] = {k: absolute(v) for k, v in data["paths"].items()}
+    cfg["model"]["init_from"] = absolute(cfg["model"]["init_from"])
 
 
 def _check_data_source(data: dict[str, Any], ctx: ConfigSource) -> None:
