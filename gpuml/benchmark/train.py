@@ -81,6 +81,25 @@ class _BusyMeter:
 
 
 # ------------------------------------------------------------------------------------- gpuml
+def step_launches(trainer: Any) -> int | None:
+    """Kernel launches of one training step (batch gather included) as the trainer issues them
+    eagerly, after a first step has compiled kernels and built launch plans; None on a backend
+    that launches no kernels (CPU). Trains two steps of `trainer`: use a throwaway one."""
+    be = trainer.backend
+    if not hasattr(be, "launch_count"):
+        return None
+    batches = iter(trainer.train_iter)
+    counts = []
+    for _ in range(2):
+        before = be.launch_count
+        x, y = next(batches)
+        trainer._step(x, y, trainer.schedule.lr(trainer.global_step))
+        trainer.global_step += 1
+        counts.append(be.launch_count - before)
+    be.synchronize()
+    return counts[-1]
+
+
 def run_gpuml(cfg: dict[str, Any], data: Dataset, warmup_steps: int, log: Log) -> dict[str, Any]:
     from gpuml.train.trainer import Trainer
 
@@ -92,6 +111,7 @@ def run_gpuml(cfg: dict[str, Any], data: Dataset, warmup_steps: int, log: Log) -
     warm_data = dataclasses.replace(data, train=Split(data.train.images[:n_warm], data.train.labels[:n_warm]))
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(cfg, Path(tmp) / "warmup", log=quiet, dataset=warm_data)._train_epoch(False)
+        launches = step_launches(Trainer(cfg, Path(tmp) / "launches", log=quiet, dataset=warm_data))
         trainer = Trainer(cfg, Path(tmp) / "run", log=quiet, dataset=data)
         meter = _BusyMeter()
         meter.start()
@@ -99,9 +119,11 @@ def run_gpuml(cfg: dict[str, Any], data: Dataset, warmup_steps: int, log: Log) -
         busy = meter.stop()
         test = trainer.evaluate("test")
     last = rows[-1]
-    return _result(cfg, "gpuml", [r["seconds"] for r in rows], trainer.train_iter.num_samples,
-                   len(trainer.train_iter), {"loss": last["train_loss"], "accuracy": last["train_accuracy"]},
-                   test["accuracy"], busy)
+    result = _result(cfg, "gpuml", [r["seconds"] for r in rows], trainer.train_iter.num_samples,
+                     len(trainer.train_iter), {"loss": last["train_loss"], "accuracy": last["train_accuracy"]},
+                     test["accuracy"], busy)
+    result["launches_per_step"] = launches
+    return result
 
 
 # ------------------------------------------------------------------------------------- torch
@@ -278,8 +300,9 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
             eager = next((r for r in new if r["impl"] == "torch eager"), None)
             for r in new:
                 r["speedup_vs_torch_eager"] = eager["median_epoch_s"] / r["median_epoch_s"] if eager else None
+                launches = f"  {r['launches_per_step']} launches/step" if r.get("launches_per_step") else ""
                 log(f"  {r['model']:12s} B={batch:<5d} {r['impl']:17s} {r['samples_per_s']:10.0f} samples/s "
-                    f"{r['us_per_step']:9.0f} us/step  test acc {r['test_accuracy']:.4f}")
+                    f"{r['us_per_step']:9.0f} us/step  test acc {r['test_accuracy']:.4f}{launches}")
             rows += new
             _release(device, torch)
     if not rows:

@@ -45,6 +45,9 @@ class DevicePlumbing:
 
     dtype: np.dtype
     xp: Any
+    #: kernels launched through this backend so far (`_launch` is the only launch path): the
+    #: benchmark and tests/test_cuda_launch_count.py read the difference over one step
+    launch_count: int = 0
 
     def _launch(self, family: str, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
         # Kernels are memoised here, not only in kernels.get_function: that one re-derives the
@@ -54,6 +57,7 @@ class DevicePlumbing:
         if fn is None:
             fn = kernels[(family, name)] = get_function(family, name)
         fn(grid, block, args, shared_mem=shared_mem)
+        self.launch_count += 1
 
     def _scratch(self, name: str, elems: int, dtype: Any = np.float32) -> Array:
         """A per-backend scratch vector, allocated on the first call for its size and reused
