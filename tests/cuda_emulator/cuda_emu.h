@@ -155,6 +155,12 @@ template <class T> T __shfl_up_sync(unsigned mask, T v, unsigned delta, int widt
 }
 
 template <class T> T __ldg(const T* p) { return *p; }
+template <class T> T __ldcg(const T* p) { return *p; }
+// Blocks run one after another and threads switch only at barriers and shuffles, so an atomic
+// is a plain read-modify-write and a fence has nothing to order (gemm.cu's split-K tickets).
+inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p = old + v; return old; }
+inline void __threadfence() {}
 template <class T> void __stwb(T* p, T v) { *p = v; }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
