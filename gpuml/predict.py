@@ -69,10 +69,10 @@ def _fit_input(x: np.ndarray, shape: tuple[int, ...], path: Path) -> np.ndarray:
 def _read_array(path: Path) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: input file not found")
-    if path.suffix == ".npz":  # e.g. the training data file itself
+    if path.suffix.lower() == ".npz":  # e.g. the training data file itself
         raise DataError(f"{path}: an .npz archive; predict reads one array: a .npy file "
                         "(np.save('x.npy', x_test)) or an IDX file")
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         try:
             x = np.load(path, allow_pickle=False)
         except (ValueError, EOFError) as exc:  # EOFError: an empty file
@@ -120,7 +120,7 @@ def predict_file(model: Sequential, backend: Backend, info: dict[str, Any], path
         return probs
     try:
         with atomic_write(out) as f:
-            if out.suffix == ".npy":
+            if out.suffix.lower() == ".npy":
                 np.save(f, probs)
             else:
                 text = io.StringIO(newline="")

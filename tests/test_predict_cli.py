@@ -153,3 +153,13 @@ def test_output_piped_into_head_is_not_a_traceback(run: Path, tmp_path: Path) ->
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_upper_case_extensions(run: Path, tmp_path: Path) -> None:
+    """X.NPY in and P.NPY out are .npy files (the input went to the IDX reader, the output
+    was written as CSV text under a .NPY name)."""
+    x = np.random.default_rng(0).integers(0, 256, (3, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "X.npy", x)
+    (tmp_path / "X.npy").rename(tmp_path / "X.NPY")
+    assert main(["predict", str(run), str(tmp_path / "X.NPY"), "--out", str(tmp_path / "P.NPY")]) == 0
+    assert np.load(tmp_path / "P.NPY").shape == (3, 3)
