@@ -68,6 +68,8 @@ def test_typo_names_key_file_and_suggestion(tmp_path: Path) -> None:
     ("optimizer.lr=.nan", "--set optimizer.lr: must be a finite number, got nan"),
     ("optimizer.lr=.inf", "--set optimizer.lr: must be a finite number, got inf"),
     ("data.augment.scale=1.0", "--set data.augment.scale: must be < 1, got 1.0"),
+    # the item is named, not the whole layer list printed
+    ("model.layers.2=null", "--set model.layers.2: expected a mapping such as {type: dense, units: 10}, got null"),
 ])
 def test_override_errors(override: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as e:

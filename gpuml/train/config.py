@@ -143,6 +143,11 @@ def _coerce(value: Any, field: Field, path: str, ctx: ConfigSource) -> Any:
         if ok:
             _check_value(v, field, path, ctx)
             return v
+    if field.types == ("list[dict]",) and isinstance(value, list):
+        # name the item, not the whole list (a whole model's layers in one line)
+        i = next(i for i, item in enumerate(value) if not isinstance(item, dict))
+        got = "null" if value[i] is None else f"{_type_name(value[i])} {value[i]!r}"
+        raise ctx.fail(f"{path}.{i}", f"expected a mapping such as {{type: dense, units: 10}}, got {got}")
     want = " or ".join(field.types)
     raise ctx.fail(path, f"expected {want}, got {_type_name(value)} {value!r}")
 
