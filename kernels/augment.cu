@@ -8,19 +8,23 @@
 // CPU, so the two backends agree to float32 rounding of the result.
 //
 // Entry point:
-//   augment_affine (x, y, N, C, H, W, seed, offset, max_shift, max_rotate_halfturns, max_scale,
-//                   hflip, fill)
+//   augment_affine (x, y, N, C, H, W, seed, offset, offset_at, max_shift, max_rotate_halfturns,
+//                   max_scale, hflip, fill)
+//   the generator offset is offset + offset_at[0] (a device int64 counter: a replayed CUDA graph
+//   draws fresh transforms each step; the host passes a zero for a plain offset)
 //   one thread per output pixel position (b, oy, ox) looping over the C channels; 1-D
 //   grid-stride, block 256, any grid. y must not overlap x.
 // Limits: N*H*W < 2^63; images of any size.
 #include "common.cuh"
 
 extern "C" __global__ void augment_affine(const float* __restrict__ x, float* __restrict__ y, int N, int C,
-                                          int H, int W, gpuml_u64 seed, gpuml_u64 offset, double max_shift,
+                                          int H, int W, gpuml_u64 seed, gpuml_u64 offset,
+                                          const gpuml_i64* __restrict__ offset_at, double max_shift,
                                           double max_rotate_halfturns, double max_scale, int hflip, float fill) {
     const gpuml_i64 plane = (gpuml_i64)H * W;
     const gpuml_i64 total = (gpuml_i64)N * plane;
     const double cy = (H - 1) * 0.5, cx = (W - 1) * 0.5;
+    const gpuml_u64 first = offset + (gpuml_u64)offset_at[0];
     for (gpuml_i64 idx = (gpuml_i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (gpuml_i64)gridDim.x * blockDim.x) {
         const int b = (int)(idx / plane);
@@ -28,7 +32,7 @@ extern "C" __global__ void augment_affine(const float* __restrict__ x, float* __
         const int ox = (int)(idx % W);
         // Every thread of sample b recomputes its five uniforms: five hashes are cheaper than a
         // second launch or a shared-memory handoff.
-        const gpuml_u64 base = offset + 5ull * (gpuml_u64)b;
+        const gpuml_u64 base = first + 5ull * (gpuml_u64)b;
         const double u0 = gpuml_uniform(seed, base + 0), u1 = gpuml_uniform(seed, base + 1);
         const double u2 = gpuml_uniform(seed, base + 2), u3 = gpuml_uniform(seed, base + 3);
         const double u4 = gpuml_uniform(seed, base + 4);

@@ -9,8 +9,10 @@
 // Entry points:
 //   relu_fwd, tanh_fwd, sigmoid_fwd (x, y, n)          y = f(x)
 //   relu_bwd, tanh_bwd, sigmoid_bwd (y, dy, dx, n)     dx from the forward OUTPUT y
-//   dropout_fwd (x, y, mask, n, seed, offset, keep_threshold, scale)
-//       mask[i] = (gpuml_uniform_bits24(seed, offset + i) >= keep_threshold), uint8;
+//   dropout_fwd (x, y, mask, n, seed, offset, offset_at, keep_threshold, scale)
+//       o = offset + offset_at[0] (a device int64 counter, so a replayed CUDA graph draws fresh
+//       numbers each step; 0 for a host offset);
+//       mask[i] = (gpuml_uniform_bits24(seed, o + i) >= keep_threshold), uint8;
 //       y = x * scale where kept else 0. keep_threshold = ceil(p * 2^24) and scale = 1/(1-p),
 //       computed on the host, reproduce rng.keep_mask bit for bit.
 //   dropout_bwd (dy, mask, dx, n, scale)               dx = dy * mask * scale
@@ -32,10 +34,17 @@
 //   one_hot (labels, out, B, K)   out[b, k] = 1 if k == labels[b] else 0, out float32 (B, K),
 //       labels int32 (B,); writes every element (no memset needed, nothing allocated). A label
 //       outside [0, K) gives a row of NaN (visible, never silently wrong).
-//   gather_batch (images, labels, indices, out_x, out_y, B, D, index_is_64, label_kind, scale,
-//       shift)   out_x[j, p] = images[indices[j], p] * scale + shift (uint8 images (N, D));
+//   gather_batch (images, labels, indices, start_at, out_x, out_y, B, D, index_is_64, label_kind,
+//       scale, shift)   i_j = indices[start_at[0] + j] (start_at a device int64 cursor, read on the
+//       device so a replayed graph walks the epoch's permutation);
+//       out_x[j, p] = images[i_j, p] * scale + shift (uint8 images (N, D));
 //       out_y[j] = labels[indices[j]] as int32; label_kind 0 = uint8, 1 = int32, 2 = int64;
 //       indices int32 or (index_is_64) int64. Grid (x covers D, y covers rows), block 256.
+//   counters_advance (counters, increments, n)   counters[i] += increments[i], int64, one thread:
+//       the per-step values of a training step (RNG offset, batch cursor, schedule row) bumped
+//       on the device, inside the step's CUDA graph.
+//   hyper_row_copy (rows, index_at, hyper, row_len)   hyper[k] = rows[index_at[0] * row_len + k],
+//       float32, one block: the optimizer's hyperparameters of this step from a device table.
 // Precision: float32 with accurate tanhf / expf; sums of squares accumulate in double.
 #include "common.cuh"
 
@@ -82,10 +91,11 @@ extern "C" __global__ void sigmoid_bwd(const float* __restrict__ y, const float*
 // Dropout.
 
 extern "C" __global__ void dropout_fwd(const float* x, float* y, unsigned char* __restrict__ mask, gpuml_i64 n,
-                                       gpuml_u64 seed, gpuml_u64 offset, unsigned int keep_threshold,
-                                       float scale) {
+                                       gpuml_u64 seed, gpuml_u64 offset, const gpuml_i64* __restrict__ offset_at,
+                                       unsigned int keep_threshold, float scale) {
+    const gpuml_u64 base = offset + (gpuml_u64)offset_at[0];
     GRID_STRIDE_LOOP(i, n) {
-        const bool keep = gpuml_uniform_bits24(seed, offset + (gpuml_u64)i) >= keep_threshold;
+        const bool keep = gpuml_uniform_bits24(seed, base + (gpuml_u64)i) >= keep_threshold;
         mask[i] = keep ? 1 : 0;
         y[i] = keep ? x[i] * scale : 0.0f;
     }
@@ -218,11 +228,13 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS)
 
 extern "C" __global__ void __launch_bounds__(EW_THREADS)
     gather_batch(const unsigned char* __restrict__ images, const void* __restrict__ labels,
-                 const void* __restrict__ indices, float* __restrict__ out_x, int* __restrict__ out_y, int B,
-                 gpuml_i64 D, int index_is_64, int label_kind, float scale, float shift) {
+                 const void* __restrict__ indices, const gpuml_i64* __restrict__ start_at,
+                 float* __restrict__ out_x, int* __restrict__ out_y, int B, gpuml_i64 D, int index_is_64,
+                 int label_kind, float scale, float shift) {
+    const gpuml_i64 start = start_at[0];
     for (int j = blockIdx.y; j < B; j += gridDim.y) {
-        const gpuml_i64 src = index_is_64 ? static_cast<const gpuml_i64*>(indices)[j]
-                                          : (gpuml_i64) static_cast<const int*>(indices)[j];
+        const gpuml_i64 src = index_is_64 ? static_cast<const gpuml_i64*>(indices)[start + j]
+                                          : (gpuml_i64) static_cast<const int*>(indices)[start + j];
         const unsigned char* image = images + src * D;
         float* dst = out_x + (gpuml_i64)j * D;
         for (gpuml_i64 p = (gpuml_i64)blockIdx.x * blockDim.x + threadIdx.x; p < D;
@@ -239,4 +251,19 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS)
             out_y[j] = label;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-step values of a captured training step (gpuml/backend/cuda/graph.py).
+
+extern "C" __global__ void counters_advance(gpuml_i64* __restrict__ counters,
+                                            const gpuml_i64* __restrict__ increments, int n) {
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        for (int i = 0; i < n; ++i) counters[i] += increments[i];
+}
+
+extern "C" __global__ void hyper_row_copy(const float* __restrict__ rows, const gpuml_i64* __restrict__ index_at,
+                                          float* __restrict__ hyper, int row_len) {
+    const gpuml_i64 row = index_at[0];
+    for (int k = threadIdx.x; k < row_len; k += blockDim.x) hyper[k] = rows[row * row_len + k];
 }

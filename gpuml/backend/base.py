@@ -48,6 +48,14 @@ def check_pair(op: str, name: str, value: Any, minimum: int) -> Pair:
     return a, b
 
 
+def host_int(value: int | Array) -> int:
+    """An int, or the value of a one-element int64 counter array on the host (the CPU backend's
+    reading of an offset or cursor that the CUDA backend reads on the device)."""
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    return int(np.asarray(value).reshape(-1)[0])
+
+
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Spatial output size of a convolution or pooling window (floor mode)."""
     return (size + 2 * padding - kernel) // stride + 1
@@ -97,6 +105,28 @@ class Backend(ABC):
 
     def synchronize(self) -> None:  # noqa: B027 - a no-op on synchronous backends is the right default
         """Wait for all queued work (no-op on CPU)."""
+
+    def upload_(self, dst: Array, host: np.ndarray) -> Array:
+        """dst[...] = host, a host array of dst's shape, into an existing device buffer (which keeps
+        its address: a captured CUDA graph that reads it stays valid). Not inside a step."""
+        dst[...] = host
+        return dst
+
+    # ------------------------------------------------------------------ per-step counters
+    # The values that change from one training step to the next (RNG offset, batch cursor,
+    # schedule row) live in an int64 counter array on the device, passed to ops as one-element
+    # views (`offset=`, `start=`) and bumped by `advance_` at the end of each step, so the step
+    # can be captured once as a CUDA graph and replayed. On the CPU they are plain numpy ints.
+
+    def advance_(self, counters: Array, increments: Array) -> Array:
+        """counters += increments (int64 arrays of one length), in place, in one launch."""
+        counters += increments
+        return counters
+
+    def step_runner(self, mode: str, warn: Any = None) -> StepRunner:
+        """What runs the training and evaluation steps: `mode` is trainer.cuda_graph's
+        "on" / "off" / "auto". The CPU runs every step as it comes (there is no graph)."""
+        return StepRunner()
 
     # ------------------------------------------------------------------ dense algebra
     @abstractmethod
@@ -283,12 +313,14 @@ class Backend(ABC):
         x: Array,
         p: float,
         seed: int,
-        offset: int,
+        offset: int | Array,
         *,
         out: Array | None = None,
         mask: Array | None = None,
     ) -> tuple[Array, Array]:
         """Inverted dropout: keep element i with probability 1-p, scaled by 1/(1-p).
+        `offset` is an int or a one-element int64 device counter holding it (read when the op
+        runs, so a replayed graph draws new masks).
 
         The mask is a pure function of (seed, offset, flat index i) through the counter-based
         generator in `gpuml.backend.rng` (Philox-free: a 64-bit splitmix hash), so every backend
@@ -398,9 +430,13 @@ class Backend(ABC):
         std: float,
         out_x: Array | None = None,
         out_y: Array | None = None,
+        start: int | Array = 0,
+        count: int | None = None,
     ) -> tuple[Array, Array]:
-        """x = (images[indices] / 255 - mean) / std as self.dtype, y = labels[indices] as int32.
-        images uint8 (N, ...), labels (N,) integers, indices int64/int32 (B,)."""
+        """x = (images[idx] / 255 - mean) / std as self.dtype, y = labels[idx] as int32, where
+        idx = indices[start:start + count] (count defaults to all of indices past start).
+        images uint8 (N, ...), labels (N,) integers, indices int64/int32 (1-D). `start` is an int
+        or a one-element int64 device counter (read on the device; `count` is then required)."""
 
     @abstractmethod
     def augment_images(
@@ -408,7 +444,7 @@ class Backend(ABC):
         x: Array,
         *,
         seed: int,
-        offset: int,
+        offset: int | Array,
         max_shift: float,
         max_rotate: float,
         max_scale: float,
@@ -418,4 +454,27 @@ class Backend(ABC):
     ) -> Array:
         """Random affine transform of each image of x (N, C, H, W), bilinear, drawn from the
         counter-based generator; the exact contract is in gpuml/backend/augment.py. `out` must
-        not be x."""
+        not be x. `offset`: an int or a one-element int64 device counter, as for dropout_fwd."""
+
+
+class StepRunner:
+    """Runs the steps of a training run (Backend.step_runner): `run(key, fn)` calls `fn`, the
+    whole step, whose shapes `key` names. The CUDA backend's runner captures `fn` as a CUDA graph
+    per key after warm-up and replays it (gpuml/backend/cuda/graph.py); `fn` must then take every
+    per-step value from device counters. Host-side bookkeeping belongs outside `fn`."""
+
+    def run(self, key: Any, fn: Any) -> None:
+        fn()
+
+    def set_hyper_rows(self, record: Any, count: int) -> None:  # noqa: B027 - nothing to tabulate on CPU
+        """Tabulate the optimizer's per-step hyperparameters for the next `count` steps:
+        `record(i)` makes step i's optimizer call. The CPU reads them from each call."""
+
+    def stream(self) -> Any:
+        """A context in which the run's device work is queued (the CUDA runner's stream)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def drop(self) -> None:  # noqa: B027
+        """Forget the captured graphs (their buffers may go)."""

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from gpuml.backend import augment
-from gpuml.backend.base import ACTIVATIONS, Backend, Pair
+from gpuml.backend.base import ACTIVATIONS, Backend, Pair, host_int
 from gpuml.backend.cpu import conv as cpu_conv
 from gpuml.backend.cpu import loops
 from gpuml.backend.cpu.checks import Checks, fail
@@ -235,13 +235,14 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         x: np.ndarray,
         p: float,
         seed: int,
-        offset: int,
+        offset: int | np.ndarray,
         *,
         out: np.ndarray | None = None,
         mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         op = "dropout_fwd"
         x = self.float_in(op, "x", x)
+        offset = host_int(offset)
         scale = _dropout_scale(op, p)
         if not 0 <= offset < 2**64 - x.size:
             raise ValueError(f"dropout_fwd: offset must be in [0, 2**64 - x.size), got {offset}")
@@ -285,6 +286,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         std: float,
         out_x: np.ndarray | None = None,
         out_y: np.ndarray | None = None,
+        start: int | np.ndarray = 0,
+        count: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         op = "gather_batch"
         images = self.typed_in(op, "images", images, np.uint8)
@@ -295,6 +298,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         indices = self.int_in(op, "indices", indices)
         if indices.ndim != 1:
             fail(op, f"indices must be 1-D, got shape {indices.shape}")
+        first = host_int(start)
+        indices = indices[first:] if count is None else indices[first:first + count]
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             bad = indices[(indices < 0) | (indices >= n)][0]
             raise IndexError(f"gather_batch: index {bad} is outside the {n} samples")
@@ -311,7 +316,7 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         x: np.ndarray,
         *,
         seed: int,
-        offset: int,
+        offset: int | np.ndarray,
         max_shift: float,
         max_rotate: float,
         max_scale: float,
@@ -324,7 +329,7 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         out = self.out_buf(op, "out", out, x.shape)
         if np.shares_memory(out, x):
             fail(op, "out must not overlap x (every output pixel reads several inputs)")
-        params = augment.sample_params(seed, offset, x.shape[0], max_shift, max_rotate, max_scale, hflip)
+        params = augment.sample_params(seed, host_int(offset), x.shape[0], max_shift, max_rotate, max_scale, hflip)
         augment.affine_sample(x, params, float(fill), out)
         return out
 

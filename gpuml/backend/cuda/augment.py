@@ -17,7 +17,7 @@ class AugmentOps:
         x: Array,
         *,
         seed: int,
-        offset: int,
+        offset: Any,
         max_shift: float,
         max_rotate: float,
         max_scale: float,
@@ -29,10 +29,11 @@ class AugmentOps:
         x = self._dev_in(op, "x", x, ndim=4)
         out = self._dev_out(op, "out", out, x.shape, x=x)  # refused when it overlaps x
         n, c, h, w = x.shape
+        host_offset, offset_at = self._offset_args(op, "offset", offset, 5 * n)
         if x.size:
             self._launch("augment", "augment_affine", plan.grid_1d(n * h * w), (plan.THREADS, 1, 1), (
                 x, out, np.int32(n), np.int32(c), np.int32(h), np.int32(w),
-                np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(offset & 0xFFFFFFFFFFFFFFFF),
+                np.uint64(seed & 0xFFFFFFFFFFFFFFFF), host_offset, offset_at,
                 np.float64(max_shift), np.float64(max_rotate / 180.0), np.float64(max_scale),
                 np.int32(bool(hflip)), np.float32(fill)))  # fmt: skip
         return out

@@ -69,10 +69,52 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         return self.xp.array(x, dtype=dtype, order="C", copy=True)
 
     def to_numpy(self, x: Array) -> np.ndarray:
+        # The run's work may be queued on a non-blocking stream (graph.py), which the legacy
+        # stream asnumpy copies on does not wait for.
+        self.synchronize()
         return self.xp.asnumpy(x)
 
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
+
+    def upload_(self, dst: Array, host: np.ndarray) -> Array:
+        dst = self._dev_in("upload_", "dst", dst, dtype=dst.dtype)
+        host = np.ascontiguousarray(host, dtype=dst.dtype)
+        if host.shape != dst.shape:
+            fail("upload_", f"host {host.shape} does not fit dst {dst.shape}")
+        self.synchronize()  # the buffer may still be read by queued work
+        dst.set(host)
+        return dst
+
+    # ------------------------------------------------------------------ per-step counters
+    def advance_(self, counters: Array, increments: Array) -> Array:
+        op = "advance_"
+        counters = self._dev_in(op, "counters", counters, ndim=1, dtype=np.int64)
+        increments = self._dev_in(op, "increments", increments, shape=counters.shape, dtype=np.int64)
+        if counters.size:
+            self._launch("elementwise", "counters_advance", (1, 1, 1), (1, 1, 1),
+                         (counters, increments, np.int32(counters.size)))
+        return counters
+
+    def step_runner(self, mode: str, warn: Any = None) -> Any:
+        from gpuml.backend.cuda.graph import GraphRunner
+
+        return GraphRunner(self, mode, warn)
+
+    def _offset_args(self, op: str, name: str, offset: int | Array, span: int) -> tuple[np.uint64, Array]:
+        """(host part, device counter) of an `offset=` or `start=` argument: an int goes as the
+        scalar with a zero counter, a device counter (one int64) is read by the kernel."""
+        if isinstance(offset, self.xp.ndarray):
+            counter = self._dev_in(op, name, offset, dtype=np.int64)
+            if counter.size != 1:
+                fail(op, f"{name} counter must hold one int64, got shape {counter.shape}")
+            return np.uint64(0), counter
+        if not 0 <= offset < 2**64 - span:
+            raise ValueError(f"{op}: {name} must be in [0, 2**64 - {span}), got {offset}")
+        zero = self.__dict__.get("_zero_counter")
+        if zero is None:
+            zero = self._zero_counter = self.xp.zeros(1, dtype=np.int64)
+        return np.uint64(offset), zero
 
     # ------------------------------------------------------------------ dense algebra
     def matmul(
@@ -261,13 +303,13 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         return out
 
     def dropout_fwd(
-        self, x: Array, p: float, seed: int, offset: int, *, out: Array | None = None, mask: Array | None = None
+        self, x: Array, p: float, seed: int, offset: int | Array, *, out: Array | None = None,
+        mask: Array | None = None,
     ) -> tuple[Array, Array]:
         op = "dropout_fwd"
         x = self._dev_in(op, "x", x)
         scale = _dropout_scale(op, p)
-        if not 0 <= offset < 2**64 - x.size:
-            raise ValueError(f"{op}: offset must be in [0, 2**64 - x.size), got {offset}")
+        host_offset, offset_at = self._offset_args(op, "offset", offset, x.size)
         out = self._dev_out(op, "out", out, x.shape)
         mask = self._dev_out(op, "mask", mask, x.shape, np.uint8)
         self._out_may_alias(op, "out", out, "x", x)
@@ -277,7 +319,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         threshold = np.uint32(math.ceil(p * (1 << 24)))
         if x.size:
             self._launch("elementwise", "dropout_fwd", plan.grid_1d(x.size), BLOCK, (
-                x, out, mask, np.int64(x.size), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(offset),
+                x, out, mask, np.int64(x.size), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), host_offset, offset_at,
                 threshold, np.float32(scale)))  # fmt: skip
         return out, mask
 
@@ -332,8 +374,11 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         std: float,
         out_x: Array | None = None,
         out_y: Array | None = None,
+        start: int | Array = 0,
+        count: int | None = None,
     ) -> tuple[Array, Array]:
-        """As Backend.gather_batch; indices are not range-checked on the host (a sync)."""
+        """As Backend.gather_batch; indices are not range-checked on the host (a sync), nor is
+        a device `start` (the caller keeps start + count within indices)."""
         op = "gather_batch"
         images = self._dev_in(op, "images", images, dtype=np.uint8)
         if images.ndim < 1:
@@ -345,7 +390,19 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         if indices.dtype not in _INDEX_DTYPES or indices.ndim != 1:
             fail(op, f"indices must be 1-D int32 or int64, got {indices.dtype} {indices.shape}")
         indices = self._dev_in(op, "indices", indices, dtype=indices.dtype)
-        B = indices.shape[0]
+        if isinstance(start, self.xp.ndarray):
+            if count is None:
+                fail(op, "a device start needs count=")
+            _, start_at = self._offset_args(op, "start", start, 0)
+            B = int(count)
+        else:
+            if not 0 <= start <= indices.shape[0]:
+                fail(op, f"start {start} is outside indices {indices.shape}")
+            B = indices.shape[0] - start if count is None else int(count)
+            if not 0 <= B <= indices.shape[0] - start:
+                fail(op, f"{count} indices from {start} do not fit in indices {indices.shape}")
+            indices = indices[start:start + B]
+            _, start_at = self._offset_args(op, "start", 0, 0)
         D = int(np.prod(images.shape[1:], dtype=np.int64))
         if B > plan.INT32_MAX:
             fail(op, f"{B} indices are more than one launch covers")
@@ -355,7 +412,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
             return out_x, out_y
         scale, shift = 1.0 / (255.0 * std), -mean / std  # (v / 255 - mean) / std = v * scale + shift
         self._launch("elementwise", "gather_batch", plan.gather_grid(B, D), BLOCK, (
-            images, labels, indices, out_x, out_y, np.int32(B), np.int64(D),
+            images, labels, indices, start_at, out_x, out_y, np.int32(B), np.int64(D),
             np.int32(indices.dtype == np.int64), np.int32(_LABEL_KINDS[labels.dtype]),
             np.float32(scale), np.float32(shift)))  # fmt: skip
         return out_x, out_y
