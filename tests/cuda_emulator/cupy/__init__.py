@@ -35,10 +35,23 @@ class ndarray(np.ndarray):
         return _Pointer(self.__array_interface__["data"][0])
 
     def set(self, arr: Any, stream: Any = None) -> None:
-        np.copyto(self.view(np.ndarray), np.asarray(arr))
+        src = np.asarray(arr)
+        if cuda.capturing_stream() is not None:
+            # Inside a capture only a copy from pinned host memory becomes a graph node (read
+            # at each replay); a pageable copy would stage and synchronise: refused, as on a GPU.
+            if not cuda.is_pinned(src):
+                cuda.fail_if_capturing("host-to-device copy from pageable memory (ndarray.set)")
+            cuda.capturing_stream()._record(cuda.CopyNode(self, src))
+            return
+        np.copyto(self.view(np.ndarray), src)
 
     def get(self, stream: Any = None) -> np.ndarray:
         return asnumpy(self)
+
+    def fill(self, value: Any) -> None:
+        # A fill would be a memset node on a GPU; the emulator would run it at capture time.
+        cuda.fail_if_capturing("ndarray.fill (not recorded by the emulator: use a kernel)")
+        super().fill(value)
 
 
 GUARD = 256  # bytes; a multiple of 16, so the data keeps malloc's 16-byte alignment
@@ -57,13 +70,17 @@ _guarded: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictio
 
 
 def guards_intact(a: ndarray) -> bool:
-    buf = _allocation(a)
+    return buffer_guards_intact(_allocation(a))
+
+
+def buffer_guards_intact(buf: np.ndarray) -> bool:
     if _guarded.get(id(buf)) is not buf:
         return True
     return bool((buf[:GUARD] == 0xFF).all() and (buf[-GUARD:] == 0xFF).all())
 
 
 def _device(a: np.ndarray) -> ndarray:
+    cuda.fail_if_capturing("device memory allocation (cudaMalloc)")
     a = np.asarray(a)
     buf = np.full(a.nbytes + 2 * GUARD, 0xFF, dtype=np.uint8)
     _guarded[id(buf)] = buf
@@ -101,4 +118,5 @@ def asarray(obj: Any, dtype: Any = None, order: str = "C") -> ndarray:
 
 
 def asnumpy(a: Any, stream: Any = None) -> np.ndarray:
+    cuda.fail_if_capturing("device-to-host copy (asnumpy), which synchronises")
     return np.array(np.asarray(a), copy=True)

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,8 @@ class RawKernel:
         self.params = lib.emu_params(name.encode()).decode().split()
 
     def __call__(self, grid: object, block: object, args: tuple, shared_mem: int = 0, **_: object) -> None:
-        from . import guards_intact, ndarray
+        from . import _allocation, ndarray
+        from .cuda import get_current_stream
 
         grid, block = _dims(grid), _dims(block)
         threads = block[0] * block[1] * block[2]
@@ -165,11 +167,39 @@ class RawKernel:
         if len(args) != len(self.params):
             raise TypeError(f"{self.name}: {len(args)} arguments, the kernel takes {len(self.params)}")
         packed = [_pack(self.name, i, d, a, ndarray) for i, (d, a) in enumerate(zip(self.params, args))]
-        argv = (ctypes.c_void_p * max(1, len(packed)))(*[ctypes.addressof(v) for v in packed])
+        # A graph node holds the argument bytes (pointers), not the arrays, as on a GPU: the
+        # allocations are watched through weak references, so a replay after one was freed fails.
+        buffers = {i: weakref.ref(_allocation(a)) for i, a in enumerate(args) if isinstance(a, ndarray)}
+        node = KernelNode(self, grid, block, shared_mem, packed, buffers)
+        stream = get_current_stream()
+        if stream.is_capturing():
+            stream._record(node)
+        else:
+            node.run()
+
+
+class KernelNode:
+    """One launch with its arguments packed: run now, or recorded by a capture and run per replay."""
+
+    def __init__(self, kernel: RawKernel, grid: tuple, block: tuple, shared_mem: int, packed: list,
+                 buffers: dict[int, weakref.ref]) -> None:
+        self.kernel, self.grid, self.block, self.shared_mem = kernel, grid, block, shared_mem
+        self.packed, self.buffers = packed, buffers
+
+    def run(self) -> None:
+        from . import buffer_guards_intact
+
+        k, grid, block = self.kernel, self.grid, self.block
+        alive = {i: ref() for i, ref in self.buffers.items()}
+        for i, buf in alive.items():
+            if buf is None:
+                raise CUDADriverError(f"{k.name} grid {grid} block {block}: argument {i}'s buffer was freed "
+                                      "after the graph was captured (the graph does not keep it alive)")
+        argv = (ctypes.c_void_p * max(1, len(self.packed)))(*[ctypes.addressof(v) for v in self.packed])
         error = ctypes.create_string_buffer(1024)
-        launch_counts[self.name] += 1
-        if self.lib.emu_launch(self.name.encode(), *grid, *block, shared_mem, argv, error, len(error)):
-            raise CUDADriverError(f"{self.name} grid {grid} block {block}: {error.value.decode()}")
-        for i, a in enumerate(args):
-            if isinstance(a, ndarray) and not guards_intact(a):
-                raise CUDADriverError(f"{self.name} grid {grid} block {block}: wrote outside argument {i}'s buffer")
+        launch_counts[k.name] += 1
+        if k.lib.emu_launch(k.name.encode(), *grid, *block, self.shared_mem, argv, error, len(error)):
+            raise CUDADriverError(f"{k.name} grid {grid} block {block}: {error.value.decode()}")
+        for i, buf in alive.items():
+            if not buffer_guards_intact(buf):
+                raise CUDADriverError(f"{k.name} grid {grid} block {block}: wrote outside argument {i}'s buffer")
