@@ -48,12 +48,10 @@ def check_pair(op: str, name: str, value: Any, minimum: int) -> Pair:
     return a, b
 
 
-def host_int(value: int | Array) -> int:
-    """An int, or the value of a one-element int64 counter array on the host (the CPU backend's
-    reading of an offset or cursor that the CUDA backend reads on the device)."""
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    return int(np.asarray(value).reshape(-1)[0])
+def host_int(value: int, counter: Array | None = None) -> int:
+    """value + counter[0]: the CPU backend's reading of an offset or cursor whose `counter` part
+    (a one-element int64 array) the CUDA backend reads on the device."""
+    return int(value) + (0 if counter is None else int(np.asarray(counter).reshape(-1)[0]))
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -115,7 +113,7 @@ class Backend(ABC):
     # ------------------------------------------------------------------ per-step counters
     # The values that change from one training step to the next (RNG offset, batch cursor,
     # schedule row) live in an int64 counter array on the device, passed to ops as one-element
-    # views (`offset=`, `start=`) and bumped by `advance_` at the end of each step, so the step
+    # views (`offset_counter=`, `start_counter=`) and bumped by `advance_` at the end of each step, so the step
     # can be captured once as a CUDA graph and replayed. On the CPU they are plain numpy ints.
 
     def advance_(self, counters: Array, increments: Array) -> Array:
@@ -313,14 +311,15 @@ class Backend(ABC):
         x: Array,
         p: float,
         seed: int,
-        offset: int | Array,
+        offset: int,
         *,
+        offset_counter: Array | None = None,
         out: Array | None = None,
         mask: Array | None = None,
     ) -> tuple[Array, Array]:
         """Inverted dropout: keep element i with probability 1-p, scaled by 1/(1-p).
-        `offset` is an int or a one-element int64 device counter holding it (read when the op
-        runs, so a replayed graph draws new masks).
+        The generator offset is `offset` plus, when given, `offset_counter[0]` (a one-element
+        int64 device counter, read when the op runs, so a replayed graph draws new masks).
 
         The mask is a pure function of (seed, offset, flat index i) through the counter-based
         generator in `gpuml.backend.rng` (Philox-free: a 64-bit splitmix hash), so every backend
@@ -430,13 +429,14 @@ class Backend(ABC):
         std: float,
         out_x: Array | None = None,
         out_y: Array | None = None,
-        start: int | Array = 0,
+        start: int = 0,
+        start_counter: Array | None = None,
         count: int | None = None,
     ) -> tuple[Array, Array]:
         """x = (images[idx] / 255 - mean) / std as self.dtype, y = labels[idx] as int32, where
-        idx = indices[start:start + count] (count defaults to all of indices past start).
-        images uint8 (N, ...), labels (N,) integers, indices int64/int32 (1-D). `start` is an int
-        or a one-element int64 device counter (read on the device; `count` is then required)."""
+        idx = indices[s:s + count], s = start (+ start_counter[0], a one-element int64 device
+        counter read on the device; `count` is then required), count defaults to the rest.
+        images uint8 (N, ...), labels (N,) integers, indices int64/int32 (1-D)."""
 
     @abstractmethod
     def augment_images(
@@ -444,7 +444,8 @@ class Backend(ABC):
         x: Array,
         *,
         seed: int,
-        offset: int | Array,
+        offset: int,
+        offset_counter: Array | None = None,
         max_shift: float,
         max_rotate: float,
         max_scale: float,
@@ -454,7 +455,7 @@ class Backend(ABC):
     ) -> Array:
         """Random affine transform of each image of x (N, C, H, W), bilinear, drawn from the
         counter-based generator; the exact contract is in gpuml/backend/augment.py. `out` must
-        not be x. `offset`: an int or a one-element int64 device counter, as for dropout_fwd."""
+        not be x. `offset_counter` as for dropout_fwd."""
 
 
 class StepRunner:

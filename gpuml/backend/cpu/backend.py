@@ -235,14 +235,15 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         x: np.ndarray,
         p: float,
         seed: int,
-        offset: int | np.ndarray,
+        offset: int,
         *,
+        offset_counter: np.ndarray | None = None,
         out: np.ndarray | None = None,
         mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         op = "dropout_fwd"
         x = self.float_in(op, "x", x)
-        offset = host_int(offset)
+        offset = host_int(offset, offset_counter)
         scale = _dropout_scale(op, p)
         if not 0 <= offset < 2**64 - x.size:
             raise ValueError(f"dropout_fwd: offset must be in [0, 2**64 - x.size), got {offset}")
@@ -286,7 +287,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         std: float,
         out_x: np.ndarray | None = None,
         out_y: np.ndarray | None = None,
-        start: int | np.ndarray = 0,
+        start: int = 0,
+        start_counter: np.ndarray | None = None,
         count: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         op = "gather_batch"
@@ -298,7 +300,7 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         indices = self.int_in(op, "indices", indices)
         if indices.ndim != 1:
             fail(op, f"indices must be 1-D, got shape {indices.shape}")
-        first = host_int(start)
+        first = host_int(start, start_counter)
         indices = indices[first:] if count is None else indices[first:first + count]
         if indices.size and (indices.min() < 0 or indices.max() >= n):
             bad = indices[(indices < 0) | (indices >= n)][0]
@@ -316,7 +318,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         x: np.ndarray,
         *,
         seed: int,
-        offset: int | np.ndarray,
+        offset: int,
+        offset_counter: np.ndarray | None = None,
         max_shift: float,
         max_rotate: float,
         max_scale: float,
@@ -329,7 +332,7 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         out = self.out_buf(op, "out", out, x.shape)
         if np.shares_memory(out, x):
             fail(op, "out must not overlap x (every output pixel reads several inputs)")
-        params = augment.sample_params(seed, host_int(offset), x.shape[0], max_shift, max_rotate, max_scale, hflip)
+        params = augment.sample_params(seed, host_int(offset, offset_counter), x.shape[0], max_shift, max_rotate, max_scale, hflip)
         augment.affine_sample(x, params, float(fill), out)
         return out
 

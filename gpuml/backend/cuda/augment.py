@@ -17,7 +17,8 @@ class AugmentOps:
         x: Array,
         *,
         seed: int,
-        offset: Any,
+        offset: int,
+        offset_counter: Array | None = None,
         max_shift: float,
         max_rotate: float,
         max_scale: float,
@@ -29,7 +30,7 @@ class AugmentOps:
         x = self._dev_in(op, "x", x, ndim=4)
         out = self._dev_out(op, "out", out, x.shape, x=x)  # refused when it overlaps x
         n, c, h, w = x.shape
-        host_offset, offset_at = self._offset_args(op, "offset", offset, 5 * n)
+        host_offset, offset_at = self._offset_args(op, "offset", offset, offset_counter, 5 * n)
         if x.size:
             self._launch("augment", "augment_affine", plan.grid_1d(n * h * w), (plan.THREADS, 1, 1), (
                 x, out, np.int32(n), np.int32(c), np.int32(h), np.int32(w),

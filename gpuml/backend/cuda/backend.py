@@ -101,16 +101,17 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
 
         return GraphRunner(self, mode, warn)
 
-    def _offset_args(self, op: str, name: str, offset: int | Array, span: int) -> tuple[np.uint64, Array]:
-        """(host part, device counter) of an `offset=` or `start=` argument: an int goes as the
-        scalar with a zero counter, a device counter (one int64) is read by the kernel."""
-        if isinstance(offset, self.xp.ndarray):
-            counter = self._dev_in(op, name, offset, dtype=np.int64)
-            if counter.size != 1:
-                fail(op, f"{name} counter must hold one int64, got shape {counter.shape}")
-            return np.uint64(0), counter
+    def _offset_args(self, op: str, name: str, offset: int, counter: Array | None,
+                     span: int) -> tuple[np.uint64, Array]:
+        """(host part, device counter) of an offset or start: the kernel adds counter[0] (one
+        int64, read on the device) to the scalar; without a counter it reads a zero."""
         if not 0 <= offset < 2**64 - span:
             raise ValueError(f"{op}: {name} must be in [0, 2**64 - {span}), got {offset}")
+        if counter is not None:
+            counter = self._dev_in(op, f"{name}_counter", counter, dtype=np.int64)
+            if counter.size != 1:
+                fail(op, f"{name}_counter must hold one int64, got shape {counter.shape}")
+            return np.uint64(offset), counter
         zero = self.__dict__.get("_zero_counter")
         if zero is None:
             zero = self._zero_counter = self.xp.zeros(1, dtype=np.int64)
@@ -303,13 +304,13 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         return out
 
     def dropout_fwd(
-        self, x: Array, p: float, seed: int, offset: int | Array, *, out: Array | None = None,
-        mask: Array | None = None,
+        self, x: Array, p: float, seed: int, offset: int, *, offset_counter: Array | None = None,
+        out: Array | None = None, mask: Array | None = None,
     ) -> tuple[Array, Array]:
         op = "dropout_fwd"
         x = self._dev_in(op, "x", x)
         scale = _dropout_scale(op, p)
-        host_offset, offset_at = self._offset_args(op, "offset", offset, x.size)
+        host_offset, offset_at = self._offset_args(op, "offset", offset, offset_counter, x.size)
         out = self._dev_out(op, "out", out, x.shape)
         mask = self._dev_out(op, "mask", mask, x.shape, np.uint8)
         self._out_may_alias(op, "out", out, "x", x)
@@ -374,7 +375,8 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         std: float,
         out_x: Array | None = None,
         out_y: Array | None = None,
-        start: int | Array = 0,
+        start: int = 0,
+        start_counter: Array | None = None,
         count: int | None = None,
     ) -> tuple[Array, Array]:
         """As Backend.gather_batch; indices are not range-checked on the host (a sync), nor is
@@ -390,19 +392,15 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         if indices.dtype not in _INDEX_DTYPES or indices.ndim != 1:
             fail(op, f"indices must be 1-D int32 or int64, got {indices.dtype} {indices.shape}")
         indices = self._dev_in(op, "indices", indices, dtype=indices.dtype)
-        if isinstance(start, self.xp.ndarray):
-            if count is None:
-                fail(op, "a device start needs count=")
-            _, start_at = self._offset_args(op, "start", start, 0)
-            B = int(count)
-        else:
-            if not 0 <= start <= indices.shape[0]:
-                fail(op, f"start {start} is outside indices {indices.shape}")
-            B = indices.shape[0] - start if count is None else int(count)
-            if not 0 <= B <= indices.shape[0] - start:
-                fail(op, f"{count} indices from {start} do not fit in indices {indices.shape}")
-            indices = indices[start:start + B]
-            _, start_at = self._offset_args(op, "start", 0, 0)
+        if not 0 <= start <= indices.shape[0]:
+            fail(op, f"start {start} is outside indices {indices.shape}")
+        indices = indices[start:]  # a view: the kernel adds start_counter[0] (or 0) on the device
+        if start_counter is not None and count is None:
+            fail(op, "a start_counter needs count=")
+        B = indices.shape[0] if count is None else int(count)
+        if start_counter is None and not 0 <= B <= indices.shape[0]:
+            fail(op, f"{B} indices from {start} do not fit in indices {indices.shape}")
+        _, start_at = self._offset_args(op, "start", 0, start_counter, 0)
         D = int(np.prod(images.shape[1:], dtype=np.int64))
         if B > plan.INT32_MAX:
             fail(op, f"{B} indices are more than one launch covers")
