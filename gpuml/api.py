@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuml import distributed
 from gpuml.errors import ConfigError, DataError, GpumlError
 from gpuml.nn import model as _nn_model
 from gpuml.nn.layers import Layer, Shape
@@ -137,7 +138,10 @@ class Sequential(_nn_model.Sequential):
         train_opts = {"epochs": epochs, "batch_size": batch_size, "grad_clip_norm": grad_clip_norm,
                       **({"early_stopping": es} if es is not None else {}), **trainer}
         with tempfile.TemporaryDirectory(prefix="gpuml-fit-") as tmp:
-            folder = Path(run_dir) if run_dir is not None else Path(tmp) / "run"
+            # Data-parallel (under mpiexec): rank 0 keeps the run folder, the others work in
+            # their temporary one (each writes the data.npz its Trainer reads).
+            kept = run_dir is not None and distributed.world().is_root
+            folder = Path(run_dir) if kept else Path(tmp) / "run"
             _refuse_existing_run(folder)
             data_path = folder.resolve() / "data.npz"
             from gpuml.data.user import save_npz_dataset

@@ -113,11 +113,13 @@ def _default_run_dir(name: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gpuml.distributed import world
     from gpuml.train import checkpoint as ckpt
     from gpuml.train.config import command_line_source, load_config
     from gpuml.train.runlock import hold_run_lock
     from gpuml.train.trainer import Trainer, out_of_memory_message, write_config, write_run_info
 
+    dist = world()  # under mpiexec: MPI starts here (one process: nothing happens)
     if args.resume:
         run_dir = args.resume
         if not run_dir.is_dir():
@@ -127,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("gpuml train: give a CONFIG file, or --resume RUN_DIR")
         source = resolve_config(args.config)
         cfg = load_config(source, args.overrides)
-        run_dir = args.out or _default_run_dir(cfg["name"])
+        run_dir = dist.from_root(lambda: args.out or _default_run_dir(cfg["name"]))  # one name, by the clock of rank 0
     args.run_dir = run_dir  # main() gives errors about files in it the run folder's exit code
     # Locked before anything is read or written there: a second process stops here.
     with hold_run_lock(run_dir):
@@ -137,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise RunError(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
         try:
             trainer = Trainer(cfg, run_dir, source=command_line_source(source, args.overrides),
-                              resume=bool(args.resume))
+                              resume=bool(args.resume), allow_world_change=args.allow_config_change)
             resumed = args.resume and trainer.resume_latest()
             if not (resumed and trainer.finished_summary()):  # fit() says a finished run is; no writes
                 with ckpt.disk_full_keeps_last(run_dir):
@@ -369,11 +371,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise file_error(exc, args) from None
     except GpumlError as exc:
-        print(f"gpuml: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _exit(exc.exit_code, f"gpuml: error: {exc}", exc)
     except KeyboardInterrupt:
-        print("gpuml: aborted", file=sys.stderr)
-        return 130
+        return _exit(130, "gpuml: aborted")
+
+
+def _exit(code: int, message: str, exc: BaseException | None = None) -> int:
+    """Print `message` and return `code`; of data-parallel ranks, through the exit protocol
+    (gpuml.distributed.mpi: the same error on every rank is printed once, one rank's own
+    error names it and ends every rank)."""
+    from gpuml.distributed import launcher
+
+    dist = launcher.started()
+    if dist is not None:
+        return dist.exit_code(code, message)
+    if isinstance(exc, launcher.MpiMissing) and (launcher.launcher_rank() or 0) != 0:
+        return code  # every rank has it: rank 0 says it
+    print(message, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from gpuml.backend.base import Array, Backend
 from gpuml.data.datasets import FILE_KEYS, DatasetSpec, fetch_dataset, read_verified
 from gpuml.data.search import NPZ_TO_FILE_KEY, read_keras_npz
 from gpuml.data.user import IDX_KEYS, NPZ_KEYS, check_arrays, expand_user, read_idx_files, read_npz
+from gpuml.distributed.shard import shard_bounds
 from gpuml.errors import ConfigError, DataError
 
 
@@ -261,7 +262,11 @@ class BatchIterator:
         shuffle: bool = False,
         rng: np.random.Generator | None = None,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        """`shard` (rank, ranks): batch_size is the global batch, of which this iterator yields
+        rank's contiguous part (gpuml.distributed.shard_bounds); the permutation is the same on
+        every rank (same rng seed), so the ranks' parts tile each global batch."""
         n = len(split)
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -276,6 +281,9 @@ class BatchIterator:
         self.mean, self.std = float(mean), float(std)
         self.shuffle, self.drop_last, self.rng = shuffle, drop_last, rng
         self.num_samples = n
+        self.shard = shard
+        #: rows of the last global batch handed out, and where this rank's part of it starts
+        self.batch_rows, self.shard_start = 0, 0
         self.images = backend.asarray(np.ascontiguousarray(split.images), dtype=np.uint8)
         self.labels = backend.asarray(split.labels.astype(np.int32), dtype=np.int32)
         self._buffers: dict[int, tuple[Array, Array]] = {}
@@ -309,10 +317,12 @@ class BatchIterator:
         while self._cursor < len(self):
             start = self._cursor * self.batch_size
             stop = min(start + self.batch_size, self.num_samples)
+            lo, hi = shard_bounds(stop - start, *self.shard)
+            self.batch_rows, self.shard_start = stop - start, lo
             # Counted before the yield: a checkpoint taken while the caller holds batch k
             # resumes at batch k + 1.
             self._cursor += 1
-            yield self._gather(start, stop)
+            yield self._gather(start + lo, start + hi)
 
     def _start_epoch(self) -> None:
         if self.shuffle:

@@ -378,6 +378,10 @@ class Dropout(Layer):
             raise ShapeError(f"layer {self.name}: dropout rate must be in [0, 1), got {rate}")
         self.rate = rate
         self.seed = 0
+        #: index in the global batch of this input's first sample (a data-parallel rank's shard
+        #: starts past 0): the mask is keyed by the global element, so ranks draw what one
+        #: process draws for the same samples
+        self.sample_offset = 0
 
     def describe(self) -> str:
         return f"rate={self.rate}"
@@ -388,7 +392,7 @@ class Dropout(Layer):
         if not self._active:
             return x
         y, self._mask = self.backend.dropout_fwd(
-            x, self.rate, self.seed, step << 32,
+            x, self.rate, self.seed, (step << 32) + self.sample_offset * (x.size // x.shape[0]),
             out=self.buffer("y", x.shape), mask=self.buffer("mask", x.shape, np.uint8),
         )
         return y

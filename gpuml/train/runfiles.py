@@ -1,5 +1,6 @@
 """The run folder's description files: config.yaml (the resolved config) and run.json (what
-predict and export need without loading the dataset)."""
+predict and export need without loading the dataset). Of data-parallel ranks, rank 0 alone
+writes them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpuml.data.atomic import atomic_write
+from gpuml.distributed import world
 from gpuml.train.config import dump_config
 
 if TYPE_CHECKING:
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
 
 
 def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
+    if not world().is_root:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / "config.yaml") as f:
         f.write(dump_config(cfg).encode())
@@ -25,6 +29,8 @@ def write_run_info(run_dir: Path, trainer: Trainer) -> None:
     shape, class names)."""
     from gpuml import __version__
 
+    if not trainer.dist.is_root:
+        return
     normalize = trainer.cfg["data"]["normalize"]
     info = {
         "gpuml_version": __version__,
@@ -34,6 +40,7 @@ def write_run_info(run_dir: Path, trainer: Trainer) -> None:
         "input_shape": list(trainer.model.input_shape),
         "mean": trainer.data.mean if normalize else 0.0,
         "std": trainer.data.std if normalize else 1.0,
+        "world_size": trainer.dist.size,  # data-parallel ranks of the (latest) session
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / "run.json") as f:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from gpuml.distributed import world
 from gpuml.errors import RunError, RunLockedError
 
 try:
@@ -67,7 +68,7 @@ def hold_run_lock(run_dir: Path) -> Iterator[None]:
     A run folder this call created and that is still empty but for the lock is removed again,
     so a run that fails before writing anything leaves no trace."""
     run_dir = Path(run_dir)
-    if fcntl is None:
+    if fcntl is None or not world().is_root:  # of data-parallel ranks, rank 0 holds the folder
         yield
         return
     created = not run_dir.exists()

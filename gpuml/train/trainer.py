@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from gpuml import distributed
 from gpuml.backend import get_backend
+from gpuml.backend.augment import UNIFORMS_PER_SAMPLE
 from gpuml.backend.base import Array
 from gpuml.data.atomic import atomic_write, disk_full_as_error
 from gpuml.data.loader import BatchIterator, Dataset, load_dataset_config
@@ -48,34 +50,48 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
 class Trainer:
     def __init__(self, cfg: dict[str, Any], run_dir: Path, *, source: str = "config",
                  log: Log = _stderr, dataset: Dataset | None = None,
-                 model: Sequential | None = None, resume: bool = False) -> None:
+                 model: Sequential | None = None, resume: bool = False,
+                 allow_world_change: bool = False) -> None:
         """`dataset` replaces the one the config names, `model` the one its layers describe
         (the Python API passes the user's; it must match cfg["model"]). `resume`: find the
-        checkpoint resume_latest() restores (the run folder must be locked)."""
+        checkpoint resume_latest() restores (the run folder must be locked). Under an MPI
+        launcher every rank makes one (gpuml.distributed); `allow_world_change` lets a resume
+        use another number of ranks than the checkpoint's."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.source = source
+        self.dist = distributed.world()
+        if not self.dist.is_root:  # rank 0 speaks for the run; errors still name their rank
+            log = _quiet
         self.log = log
-        self.backend = get_backend(cfg["device"], dtype=cfg["dtype"])
-        self.log(f"gpuml: device {self.backend.describe()} (device: {cfg['device']})")
+        self.backend = get_backend(self.dist.device(cfg["device"]), dtype=cfg["dtype"])
+        self.log(f"gpuml: device {self.backend.describe()} (device: {cfg['device']}){self.dist.describe()}")
         d = cfg["data"]
-        self.data = dataset or load_dataset_config(d)
+        self.data = dataset or self.dist.root_first(lambda: load_dataset_config(d))
         mean, std = (self.data.mean, self.data.std) if d["normalize"] else (0.0, 1.0)
         t = cfg["trainer"]
+        self.dist.check_batches(len(self.data.train), t["batch_size"], t["drop_last"], source)
         self.train_iter = BatchIterator(self.backend, self.data.train, t["batch_size"], mean=mean,
                                         std=std, shuffle=True, rng=np.random.default_rng(cfg["seed"]),
-                                        drop_last=t["drop_last"])
+                                        drop_last=t["drop_last"], shard=(self.dist.rank, self.dist.size))
         self.eval_iters = {
-            name: BatchIterator(self.backend, split, t["eval_batch_size"], mean=mean, std=std)
+            name: BatchIterator(self.backend, self.dist.eval_part(split, name), t["eval_batch_size"],
+                                mean=mean, std=std)
             for name, split in (("val", self.data.val), ("test", self.data.test))
             if split is not None and len(split)  # fit() without validation data has no test split
         }
         input_shape = tuple(cfg["model"]["input_shape"] or self.data.train.images.shape[1:])
         # The checkpoint holds the weights: model.init_from (perhaps moved since) is not read.
-        self._resume_point = ckpt.resume_point(self.run_dir, log) if resume else None
+        self._resume_point = self.dist.resume_point(self.run_dir, log) if resume else None
+        if self._resume_point is not None:
+            distributed.check_resume_ranks(self._resume_point, self.dist.size, allow_world_change)
         if resume and self._resume_point is None:  # said first: it is why init_from is read
             log(f"{self.run_dir}: no checkpoint yet; starting from the beginning")
         self.model = build_model(cfg, self.backend, input_shape, source, model=model,
@@ -84,6 +100,12 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.backend, self.model)
         self.schedule = build_schedule(cfg, len(self.train_iter))
         self.grads = list(self.optimizer.grads)  # frozen layers' stay out of the clipping norm
+        #: run inside the step after backward, before clipping and the optimizer; capturable on
+        #: CUDA (the data-parallel gradient all-reduce is one)
+        self.grad_hooks: list[Callable[[], None]] = []
+        reduce = self.dist.gradient_hook(self.backend, self.grads, self.train_iter)
+        if reduce is not None:
+            self.grad_hooks.append(reduce)
         aug = cfg["data"]["augment"]
         self.augment = aug if (aug["shift"] or aug["rotate"] or aug["scale"] or aug["hflip"]) else None
         if self.augment and len(input_shape) != 3:
@@ -111,7 +133,7 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         #: called with each epoch's metrics row once it is logged and checkpointed (Python callbacks)
         self.epoch_end_hooks: list[Callable[[dict[str, Any]], None]] = []
-        self.tensorboard = TensorBoardLogger.from_config(cfg, self.run_dir)  # None unless trainer.tensorboard
+        self.tensorboard = TensorBoardLogger.from_config(cfg, self.run_dir) if self.dist.is_root else None
         if self.tensorboard is not None:
             self.epoch_end_hooks.append(lambda row: self.tensorboard.on_epoch_end(row, self.global_step))
         self.seconds_before = 0.0  # training time of earlier sessions, up to the checkpoint
@@ -141,7 +163,7 @@ class Trainer:
             "epoch": self.epoch, "global_step": self.global_step, "config": self.cfg,
             "history": self.history, "best": self.best, "es_wait": self.es_wait,
             "partial": partial, "data": self.train_iter.state_dict(),
-            "seconds_total": self.total_seconds(now),
+            "seconds_total": self.total_seconds(now), "world_size": self.dist.size,
         }
 
     def total_seconds(self, now: float | None = None) -> float:
@@ -154,6 +176,8 @@ class Trainer:
         """The rolling step checkpoint, and best.npz too when `best` (one host copy for both)."""
         folder = self.run_dir / "checkpoints"
         state = (self.model.state_dict(), self.optimizer.state_dict(), self._meta())
+        if not self.dist.is_root:
+            return ckpt.step_path(folder, self.global_step)
         path = ckpt.save(ckpt.step_path(folder, self.global_step), *state)
         if best:
             ckpt.save(folder / "best.npz", *state)
@@ -191,13 +215,15 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Mean loss and accuracy over a whole split, in eval mode (no dropout)."""
-        return evaluate_batches(self.model, self.loss_fn, self.eval_iters[split], self._buffers)
+        loss_sum, correct, n = self.dist.sum(evaluate_sums(self.model, self.loss_fn, self.eval_iters[split],
+                                                           self._buffers))
+        return {"loss": loss_sum / n, "accuracy": correct / n}
 
     # ------------------------------------------------------------------ training
     def fit(self, progress: bool | None = None) -> dict[str, Any]:
         """Train to the configured end (or early stop) and write the run's final files; a run
         already finished at the restored checkpoint is reported and left unchanged."""
-        done = self.finished_summary()
+        done = self.dist.from_root(self.finished_summary)
         if done is not None:
             self.log(f"{self.run_dir}: already finished ({plural(self.epoch, 'epoch')}); nothing to do")
             return done
@@ -213,22 +239,25 @@ class Trainer:
     def _fit(self, progress: bool | None) -> dict[str, Any]:
         t = self.cfg["trainer"]
         metrics = MetricsLog(self.run_dir)
-        metrics.rewrite(self.history)  # on resume: drop rows past the checkpoint, never duplicate
+        if self.dist.is_root:
+            metrics.rewrite(self.history)  # on resume: drop rows past the checkpoint, never duplicate
         self.log(self.model.summary())
-        show = t["progress"] if t["progress"] is not None else progress
+        show = (t["progress"] if t["progress"] is not None else progress) if self.dist.is_root else False
         self._session_t0 = self._last_save_t = time.perf_counter()
         stopped_early = False
         with self._stop.installed():
             try:
                 while self.epoch < t["epochs"] and not stopped_early:
                     if self._stop:
+                    self.dist.agree(self._stop, False)  # a signal any rank saw stops all here
                         raise StopRequested()
                     row = self._train_epoch(show)
                     self.history.append(row)
                     is_best, stopped_early = self._after_epoch(row)
                     self.save_checkpoint(best=is_best)
-                    with disk_full_as_error(f"{metrics.jsonl} (or metrics.csv)"):
-                        metrics.append(row)
+                    if self.dist.is_root:
+                        with disk_full_as_error(f"{metrics.jsonl} (or metrics.csv)"):
+                            metrics.append(row)
                     self.log(format_epoch(row, t["epochs"]))
                     for hook in self.epoch_end_hooks:
                         hook(row)
@@ -243,8 +272,10 @@ class Trainer:
             self.log(f"early stopping after epoch {self.epoch}: "
                      f"{t['early_stopping']['monitor']} did not improve for {plural(self.es_wait, 'epoch')}")
             best = self.run_dir / "checkpoints" / "best.npz"
-            if t["early_stopping"]["restore_best"] and best.exists():
-                model, _, meta = ckpt.load(best)
+            restore = t["early_stopping"]["restore_best"]
+            kept = self.dist.from_root(lambda: ckpt.load(best) if restore and best.exists() else None)
+            if kept is not None:
+                model, _, meta = kept
                 self.model.load_state_dict(model, source=str(best))
                 self.log(f"restored the best weights (epoch {meta['epoch']})")
         return self._finish(stopped_early)
@@ -272,11 +303,13 @@ class Trainer:
         try:
             for x, y in self.train_iter:
                 if self.augment:
+                if self.dist.size > 1:  # dropout keyed by each sample's index in the global batch
+                    distributed.offset_dropout(self.model, self.train_iter.shard_start)
                     x = self._augmented(x)
                 lr = self.schedule.lr(self.global_step)
                 self._step(x, y, lr)
                 self.global_step += 1
-                p["seen"] += int(x.shape[0])
+                p["seen"] += self.train_iter.batch_rows  # the global batch
                 steps_since_read += 1
                 if bar is None:
                     bar = tqdm(total=n_batches, initial=self.train_iter.cursor,
@@ -286,7 +319,7 @@ class Trainer:
                 else:
                     bar.update(1)
                 mid_epoch = self.train_iter.cursor < n_batches
-                save = mid_epoch and self._checkpoint_due()
+                save = self.dist.agree(self._stop, mid_epoch and self._checkpoint_due())
                 if steps_since_read >= read_every or not mid_epoch or self._stop or save:
                     self._read_back(steps_since_read)  # the checkpoint's partial sums need it
                     steps_since_read = 0
@@ -321,11 +354,13 @@ class Trainer:
         return row
 
     def _augmented(self, x: Array) -> Array:
-        """The batch under a random affine transform keyed by (run seed, step)."""
+        """The batch under a random affine transform keyed by (run seed, step, sample index in
+        the global batch)."""
         a = self.augment
         out = self._buffers.get("augmented", x.shape)
         return self.backend.augment_images(
-            x, seed=self._augment_seed, offset=self.global_step << 32, max_shift=a["shift"],
+        offset = (self.global_step << 32) + UNIFORMS_PER_SAMPLE * self.train_iter.shard_start
+            x, seed=self._augment_seed, offset=offset, max_shift=a["shift"],
             max_rotate=a["rotate"], max_scale=a["scale"], hflip=a["hflip"], fill=self._augment_fill, out=out)
 
     def _step(self, x: Array, y: Array, lr: float) -> None:
@@ -336,6 +371,8 @@ class Trainer:
         be.add_(self._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))  # a NaN loss stays NaN in the sum
         self.model.backward(dout)
         clip = self.cfg["trainer"]["grad_clip_norm"]
+        for hook in self.grad_hooks:
+            hook()
         if clip is not None:
             be.clip_grad_norm_(self.grads, clip)
         self.optimizer.step(lr)
@@ -344,7 +381,7 @@ class Trainer:
         """Move the device accumulators into `self.partial`; stop on a non-finite loss."""
         if steps == 0:
             return
-        loss_sum, correct = (float(v) for v in self.backend.to_numpy(self._acc))
+        loss_sum, correct = (float(v) for v in self.dist.sum(self.backend.to_numpy(self._acc)))
         self.backend.fill_(self._acc, 0.0)
         if not math.isfinite(loss_sum):
             good = ckpt.list_checkpoints(self.run_dir / "checkpoints")
@@ -367,15 +404,16 @@ class Trainer:
     def _finish(self, stopped_early: bool) -> dict[str, Any]:
         seconds = self.total_seconds()
         test = self.evaluate("test") if "test" in self.eval_iters else {"loss": None, "accuracy": None}
-        with atomic_write(self.run_dir / "weights.npz") as f:
-            np.savez(f, **self.model.state_dict())
         summary = {
             "name": self.cfg["name"], "test_loss": test["loss"], "test_accuracy": test["accuracy"],
             "epochs": self.epoch, "device": self.backend.describe(), "seconds": seconds,
             "stopped_early": stopped_early, "best": self.best,
         }
-        with atomic_write(self.run_dir / "summary.json") as f:
-            f.write(json.dumps(summary, indent=2).encode())
+        if self.dist.is_root:
+            with atomic_write(self.run_dir / "weights.npz") as f:
+                np.savez(f, **self.model.state_dict())
+            with atomic_write(self.run_dir / "summary.json") as f:
+                f.write(json.dumps(summary, indent=2).encode())
         n = self.test_label
         tested = "" if test["loss"] is None else f"{n}_loss {test['loss']:.4f}  {n}_accuracy {test['accuracy']:.4f}  "
         self.log(f"{tested}({plural(self.epoch, 'epoch')}, {seconds:.1f}s) -> {self.run_label}")
@@ -383,8 +421,15 @@ class Trainer:
 
 
 def evaluate_batches(model: Sequential, loss_fn: Loss, it: BatchIterator, buffers: Buffers) -> dict[str, float]:
-    """Mean loss and accuracy of `model` over every batch of `it` in eval mode, accumulated on
-    the device and read back once (the trainer's splits and the Python API's evaluate)."""
+    """Mean loss and accuracy of `model` over every batch of `it` in eval mode (the Python
+    API's evaluate)."""
+    loss_sum, n_correct, n = evaluate_sums(model, loss_fn, it, buffers)
+    return {"loss": loss_sum / n, "accuracy": n_correct / n}
+
+
+def evaluate_sums(model: Sequential, loss_fn: Loss, it: BatchIterator, buffers: Buffers) -> tuple[float, float, int]:
+    """(loss * samples, correct, samples) of `model` over every batch of `it` in eval mode,
+    accumulated on the device and read back once (sums add up over data-parallel ranks)."""
     be = buffers.backend
     acc, correct = buffers.get("eval_acc", (2,)), buffers.get("eval_correct", ())
     be.fill_(acc, 0.0)
@@ -394,8 +439,7 @@ def evaluate_batches(model: Sequential, loss_fn: Loss, it: BatchIterator, buffer
         be.add_(acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))
         be.add_(acc[1:2], be.count_correct(out, y, out=correct).reshape(1))
     loss_sum, n_correct = (float(v) for v in be.to_numpy(acc))
-    n = it.num_samples
-    return {"loss": loss_sum / n, "accuracy": n_correct / n}
+    return loss_sum, n_correct, it.num_samples
 
 
 def out_of_memory_message(exc: BaseException, batch_size: int | None) -> DeviceError | None:
