@@ -175,9 +175,9 @@ class Trainer:
     def save_checkpoint(self, best: bool = False) -> Path:
         """The rolling step checkpoint, and best.npz too when `best` (one host copy for both)."""
         folder = self.run_dir / "checkpoints"
-        state = (self.model.state_dict(), self.optimizer.state_dict(), self._meta())
         if not self.dist.is_root:
             return ckpt.step_path(folder, self.global_step)
+        state = (self.model.state_dict(), self.optimizer.state_dict(), self._meta())
         path = ckpt.save(ckpt.step_path(folder, self.global_step), *state)
         if best:
             ckpt.save(folder / "best.npz", *state)
@@ -248,8 +248,8 @@ class Trainer:
         with self._stop.installed():
             try:
                 while self.epoch < t["epochs"] and not stopped_early:
-                    if self._stop:
                     self.dist.agree(self._stop, False)  # a signal any rank saw stops all here
+                    if self._stop:
                         raise StopRequested()
                     row = self._train_epoch(show)
                     self.history.append(row)
@@ -302,9 +302,9 @@ class Trainer:
         steps_since_read = 0
         try:
             for x, y in self.train_iter:
-                if self.augment:
                 if self.dist.size > 1:  # dropout keyed by each sample's index in the global batch
                     distributed.offset_dropout(self.model, self.train_iter.shard_start)
+                if self.augment:
                     x = self._augmented(x)
                 lr = self.schedule.lr(self.global_step)
                 self._step(x, y, lr)
@@ -358,8 +358,8 @@ class Trainer:
         the global batch)."""
         a = self.augment
         out = self._buffers.get("augmented", x.shape)
-        return self.backend.augment_images(
         offset = (self.global_step << 32) + UNIFORMS_PER_SAMPLE * self.train_iter.shard_start
+        return self.backend.augment_images(
             x, seed=self._augment_seed, offset=offset, max_shift=a["shift"],
             max_rotate=a["rotate"], max_scale=a["scale"], hflip=a["hflip"], fill=self._augment_fill, out=out)
 
@@ -370,9 +370,9 @@ class Trainer:
         loss, dout = self.loss_fn(out, y)
         be.add_(self._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))  # a NaN loss stays NaN in the sum
         self.model.backward(dout)
-        clip = self.cfg["trainer"]["grad_clip_norm"]
         for hook in self.grad_hooks:
             hook()
+        clip = self.cfg["trainer"]["grad_clip_norm"]
         if clip is not None:
             be.clip_grad_norm_(self.grads, clip)
         self.optimizer.step(lr)
