@@ -192,7 +192,11 @@ def _run_config(run_dir: Path, device: str | None) -> tuple[dict[str, Any], Path
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise RunError(f"{run_dir}: not a run folder ({cfg_path} is missing)")
-    return load_config(cfg_path, options={"--device": f"device={device}"} if device else None), cfg_path
+    cfg = load_config(cfg_path, options={"--device": f"device={device}"} if device else None)
+    # The run has its own weights, which every caller loads: a fine-tune's source (perhaps gone
+    # since) is not read.
+    cfg["model"]["init_from"] = None
+    return cfg, cfg_path
 
 
 def _load_weights(run_dir: Path, checkpoint: str) -> dict[str, Any]:
@@ -251,7 +255,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.run_dir, source=str(cfg_path))
     trainer.model.load_state_dict(weights, source=args.checkpoint)
     if args.split not in trainer.eval_iters:
-        raise RunError(f"{args.run_dir}: this run has no {args.split} split (data.val_split is 0)")
+        why = "data.val_split is 0" if args.split == "val" else "its test set is empty"
+        raise RunError(f"{args.run_dir}: this run has no {args.split} split ({why})")
     result = trainer.evaluate(args.split)
     print(json.dumps({"split": args.split, "checkpoint": args.checkpoint,
                       f"{args.split}_loss": result["loss"], f"{args.split}_accuracy": result["accuracy"]}))
@@ -323,10 +328,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     lines = [f"gpuml {__version__}", f"python {platform.python_version()} ({sys.executable})",
              f"numpy {np.__version__}"]
-    for mod in ("numba", "yaml", "tqdm", "cupy", "torch", "matplotlib"):
+    for mod in ("numba", "yaml", "tqdm", "cupy", "torch", "matplotlib", "safetensors", "onnx", "onnxruntime",
+                "tensorboard", "jsonschema", "mpi4py"):
         try:
             m = __import__(mod)
-            lines.append(f"{mod} {getattr(m, '__version__', '?')}")
+            lines.append(f"{mod} {_dist_version(mod) or getattr(m, '__version__', '?')}")
         except Exception as exc:  # a broken optional install must not break `info`
             lines.append(f"{mod} not available ({type(exc).__name__})")
     ok, why = cuda_status()
@@ -358,6 +364,16 @@ def file_error(exc: OSError, args: argparse.Namespace) -> GpumlError:
     runs = [Path(d).resolve() for d in (getattr(args, "run_dir", None), *getattr(args, "run_dirs", ())) if d]
     in_run = any(path.resolve().is_relative_to(d) for d in runs)
     return (RunError if in_run else GpumlError)(f"{path}: {reason}")
+
+
+def _dist_version(module: str) -> str | None:
+    from importlib import metadata
+
+    name = {"yaml": "pyyaml"}.get(module, module)
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

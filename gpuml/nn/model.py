@@ -139,11 +139,13 @@ class Sequential:
         fresh initialisation (e.g. a new head). On a model not built yet the weights are loaded
         when it is built (the first fit or predict)."""
         # Absolute, so the config a run saves still finds it from another working directory.
-        self.init_from, self.init_skip = str(Path(path).expanduser().resolve()), list(skip)
+        from gpuml.data.user import expand_user
+
+        self.init_from, self.init_skip = str(expand_user(path, "load_weights").resolve()), list(skip)
         if self.built:
             from gpuml.weights import read_weights
 
-            self.load_matching(read_weights(Path(path)), self.init_skip, source=str(path))
+            self.load_matching(read_weights(Path(self.init_from)), self.init_skip, source=str(path))
 
     def load_matching(self, state: dict[str, np.ndarray], skip: Iterable[str] = (),
                       source: str = "weights") -> None:

@@ -172,3 +172,23 @@ def build_schedule(cfg: dict[str, Any], steps_per_epoch: int) -> Schedule:
         warmup_steps=int(math.ceil(s["warmup_epochs"] * steps_per_epoch)),
         warmup_start=s["warmup_start"],
     )
+
+
+def check_model_fits_data(model: Sequential, data_shape: tuple[int, ...], num_classes: int,
+                          source: str = "config") -> None:
+    """Before anything is trained or written: the model's input is the data's sample shape and
+    its output has a unit for every class (a narrower head would only fail at the first label
+    past it, possibly an epoch later)."""
+    if tuple(model.input_shape) != tuple(data_shape):
+        raise ConfigError(blame(source, "model.input_shape",
+                                f"{list(model.input_shape)} does not match the data's samples "
+                                f"{list(data_shape)}; remove it to use the data's shape"))
+    out = model.output_shape
+    last = model.layers[-1].name if model.layers else "the model"
+    if len(out) != 1:
+        raise ShapeError(f"{source}: the model's output {tuple(out)} (after layer {last}) must be flat "
+                         f"(one score per class); add a flatten and a dense layer")
+    if out[0] < num_classes:
+        key = f"model.layers.{len(model.layers) - 1}" + (".units" if isinstance(model.layers[-1], L.Dense) else "")
+        raise ConfigError(blame(source, key, f"layer {last} has {out[0]} outputs but the data has {num_classes} "
+                                f"classes (labels 0..{num_classes - 1}); give it {num_classes} units"))

@@ -32,7 +32,7 @@ from gpuml.nn.buffers import Buffers
 from gpuml.nn.losses import Loss
 from gpuml.nn.model import Sequential
 from gpuml.train import checkpoint as ckpt
-from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule
+from gpuml.train.build import build_loss, build_model, build_optimizer, build_schedule, check_model_fits_data
 from gpuml.train.config import blame
 from gpuml.train.metrics import MetricsLog, format_epoch, plural
 from gpuml.train.monitor import judge_epoch
@@ -111,6 +111,7 @@ class Trainer:
         if self.augment and len(input_shape) != 3:
             raise ConfigError(blame(source, "data.augment", "needs image input (channels, height, width), "
                                     f"the model input is {input_shape}"))
+        check_model_fits_data(self.model, self.data.train.images.shape[1:], self.data.num_classes, source)
         self._augment_seed = zlib.crc32(f"{cfg['seed']}:augment".encode())
         self._augment_fill = (0.0 - mean) / std  # a black pixel, normalised
         self._buffers = Buffers(self.backend)
