@@ -112,3 +112,22 @@ def test_info_lists_the_optional_modules(capsys) -> None:
     out = capsys.readouterr().out
     for mod in ("onnx", "onnxruntime", "tensorboard", "jsonschema", "mpi4py"):
         assert any(line.startswith(f"{mod} ") for line in out.splitlines()), mod
+
+
+def test_helper_threads_keep_the_callers_errstate(monkeypatch) -> None:
+    """The trainer silences NumPy's overflow warnings (its NaN check reports instead); the CPU
+    backend's helper threads ran without that errstate and printed them anyway."""
+    import warnings
+
+    from gpuml.backend.cpu import loops
+
+    monkeypatch.setattr(loops, "_WORKERS", 3)
+
+    def overflow(worker: int, i: int) -> None:
+        np.array([1e30], np.float32) * np.float32(1e30)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with np.errstate(all="ignore"):
+            loops.run_tasks(overflow, 6)
+    assert [str(w.message) for w in caught] == []

@@ -16,6 +16,7 @@ rows independently, so the split cannot change a result.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import itertools
@@ -55,7 +56,9 @@ def _run_calls(calls: list[tuple[Callable[..., object], Sequence[object]]]) -> N
         return
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="gpuml-cpu")
-    futures = [_pool.submit(fn, *a) for fn, a in calls[1:]]
+    # Each helper runs in a copy of the caller's context, so the caller's np.errstate (the
+    # trainer silences overflow warnings: its NaN check reports) holds there too.
+    futures = [_pool.submit(contextvars.copy_context().run, fn, *a) for fn, a in calls[1:]]
     try:
         calls[0][0](*calls[0][1])
     finally:
