@@ -7,6 +7,8 @@
 //   There is deliberately no max reduction: fmaxf drops NaN, and the kernels that need a max
 //   (softmax_xent's online merge, maxpool, count_correct) state their own NaN rule.
 // - the flat-index types and the multi-tensor walk (gpuml_tensor_of).
+// - gpuml_last_block: the ticket that lets ONE launch finish a multi-block reduction (the last
+//   block to arrive sums every block's partial in a fixed order; only the ticket is atomic).
 //
 // Precision: float32 data; double only inside the single-block final reductions.
 // Everything here is header-only device code; the file compiles under NVRTC and nvcc alike, so
@@ -95,4 +97,25 @@ __device__ __forceinline__ T gpuml_block_sum(T v, T* scratch) {
     total = gpuml_warp_sum(total);  // every warp reduces the same slots: all threads agree
     __syncthreads();
     return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Single-launch reductions: every block writes its partial result, then calls this (all threads
+// of the block, blockDim.y == blockDim.z == 1); it returns true in the one block that arrived
+// last among the `count` blocks sharing `counter`, which then reads the others' partials with
+// __ldcg (from L2: the fence made them visible there; L1 is not coherent) and combines them in
+// an order fixed by the shapes, never by arrival, so the result has the same bits every run.
+// The last block resets the counter to 0, ready for the next launch or graph replay; a counter
+// starts at 0 (the host zero-fills it once) and one launch at a time uses it (stream order).
+__device__ __forceinline__ bool gpuml_last_block(unsigned int* counter, unsigned int count) {
+    __shared__ int is_last;
+    __threadfence();  // this thread's partial writes, before the ticket
+    __syncthreads();  // every thread of the block has written and fenced
+    if (threadIdx.x == 0) {
+        const unsigned int ticket = atomicAdd(counter, 1u);
+        is_last = ticket == count - 1u;
+        if (is_last) *counter = 0u;
+    }
+    __syncthreads();
+    return is_last != 0;
 }

@@ -6,7 +6,13 @@
 //   C is (M, N) with leading dimension N; bias is (N,).
 // A Dense layer uses NN (y = x @ W), NT (dx = dy @ W^T) and TN (dW = x^T @ dy); TT exists too.
 // Epilogue `flags` (bitmask): GEMM_ACCUMULATE adds the old C, GEMM_BIAS adds bias[col], then
-// GEMM_RELU clamps at 0: v = relu(acc + C_old + bias[col]).
+// GEMM_RELU clamps at 0, then GEMM_RELU_MASK keeps v only where mask[row, col] > 0 (a select:
+// a NaN product under a closed mask gives 0), mask (M, N) row-major:
+//   v = relu(acc + C_old + bias[col]); v = mask[row, col] > 0 ? v : 0.
+// GEMM_RELU_MASK is the ReLU backward of the previous Dense layer fused into dx = dy @ W^T
+// (mask = that layer's output y). GEMM_COL_SUMS also writes col_sums[n] = sum_k op(B)[k, n]:
+// the bias gradient fused into dW = x^T @ dy. The blocks of block row 0 compute it for their
+// columns, each summing its k range in increasing k (a fixed order, no atomics).
 //
 // Entry points, <ab> in {nn, nt, tn, tt} (first letter op(A), second op(B); t = transposed):
 //   gemm_<ab>_tile128       128x128 block tile, K step 8, 256 threads, 8x8 outputs per thread
@@ -18,15 +24,18 @@
 //                           are 16-byte aligned: then a float4 never straddles a matrix edge.
 //   gemm_<ab>_tile32x64     32x64 block tile, K step 16, 128 threads, 4x4 outputs per thread
 //                           (rows ty+8i, cols tx+16j), for outputs too small to fill the GPU
-//                           with 128x128 tiles (batch-32 Dense layers). gridDim.z > 1 splits K:
-//                           slice z covers [z*k_per_split, (z+1)*k_per_split) and writes its
-//                           raw partial product to work + z*M*N; gemm_splitk_reduce then adds
+//                           with 128x128 tiles (batch-32 Dense layers). gridDim.z > 1 splits K
+//                           in the same launch: slice z covers [z*k_per_split, (z+1)*k_per_split)
+//                           and writes its raw partial product to work + z*M*N (and its column
+//                           sums to work + splits*M*N + z*N); the last of a tile's `splits`
+//                           blocks to finish (gpuml_last_block, counters[tile] a ticket) adds
 //                           the slices in the order z = 0, 1, ... and applies the epilogue.
-//                           Deterministic: no atomics.
+//                           Deterministic: the order depends on the shape only.
 // Launch: tile128: grid (ceil(N/128), ceil(M/128)), block 256, no dynamic shared memory.
 //         tile32x64: grid (ceil(N/64), ceil(M/32), splits), block 128; k_per_split is a
-//         multiple of 16 with splits * k_per_split >= K (splits = 1, k_per_split >= K: no split).
-//         gemm_splitk_reduce: 1-D grid-stride over M*N, any block size.
+//         multiple of 16 with splits * k_per_split >= K (splits = 1, k_per_split >= K: no split);
+//         with splits > 1, work holds splits * (M*N + N) floats and counters (unsigned,
+//         ceil(N/64) * ceil(M/32) of them, tile = blockIdx.y * gridDim.x + blockIdx.x) are 0.
 // Precision: FP32 FFMA, each output accumulated in increasing k order (no TF32).
 // Limits: M, N, K < 2^31; offsets are computed in 64 bits. K = 0 yields epilogue(0).
 #include "common.cuh"
@@ -34,13 +43,44 @@
 #define GEMM_ACCUMULATE 4
 #define GEMM_BIAS 1
 #define GEMM_RELU 2
+#define GEMM_RELU_MASK 8
+#define GEMM_COL_SUMS 16
 
-__device__ __forceinline__ float gemm_epilogue(float acc, const float* c_old, const float* bias, int col,
-                                               int flags) {
-    if (flags & GEMM_ACCUMULATE) acc += *c_old;
+// Output element idx = row * N + col.
+__device__ __forceinline__ float gemm_epilogue(float acc, const float* C, const float* bias, const float* mask,
+                                               gpuml_i64 idx, int col, int flags) {
+    if (flags & GEMM_ACCUMULATE) acc += C[idx];
     if (flags & GEMM_BIAS) acc += bias[col];
     if (flags & GEMM_RELU) acc = gpuml_relu(acc);
+    if (flags & GEMM_RELU_MASK) acc = mask[idx] > 0.0f ? acc : 0.0f;
     return acc;
+}
+
+// out[n] = sum over k in [k_begin, k_end) of op(B)[k, n] for the COLS columns n0 .. n0+COLS-1
+// (those < N). Thread t sums column t % COLS over k = k_begin + t / COLS, stepping by
+// THREADS / COLS, in increasing k; the parts are then added in part order: a fixed order. Runs
+// before the mainloop (no accumulator is live yet). `scratch` holds THREADS floats; every
+// thread of the block calls this.
+template <bool TRANS_B, int COLS, int THREADS>
+__device__ __forceinline__ void gemm_col_sums(const float* __restrict__ B, int N, int ldb, int n0, int k_begin,
+                                              int k_end, float* __restrict__ out, float* scratch) {
+    constexpr int PARTS = THREADS / COLS;
+    const int col = threadIdx.x % COLS;
+    const int n = n0 + col;
+    float s = 0.0f;
+    if (n < N) {
+        for (int k = k_begin + (int)threadIdx.x / COLS; k < k_end; k += PARTS)
+            s += TRANS_B ? B[(gpuml_i64)n * ldb + k] : B[(gpuml_i64)k * ldb + n];
+    }
+    scratch[threadIdx.x] = s;
+    __syncthreads();
+    if ((int)threadIdx.x < COLS && n < N) {
+        float total = scratch[col];
+#pragma unroll
+        for (int p = 1; p < PARTS; ++p) total += scratch[p * COLS + col];
+        out[n] = total;
+    }
+    __syncthreads();  // the scratch is reused by the caller
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,8 +196,9 @@ struct Tile128Loader {
 
 template <bool TRANS_A, bool TRANS_B, bool VEC4>
 __device__ __forceinline__ void gemm_tile128(const float* __restrict__ A, const float* __restrict__ B,
-                                             float* __restrict__ C, const float* __restrict__ bias, int M,
-                                             int N, int K, int flags) {
+                                             float* __restrict__ C, const float* __restrict__ bias,
+                                             const float* __restrict__ mask, float* __restrict__ col_sums,
+                                             int M, int N, int K, int flags) {
     __shared__ __align__(16) float As[2][T128_K][T128_LD];
     __shared__ __align__(16) float Bs[2][T128_K][T128_LD];
 
@@ -167,6 +208,9 @@ __device__ __forceinline__ void gemm_tile128(const float* __restrict__ A, const 
     const int n0 = blockIdx.x * T128_N;
     const int tx = threadIdx.x & 15;
     const int ty = threadIdx.x >> 4;
+
+    if ((flags & GEMM_COL_SUMS) && blockIdx.y == 0)  // As doubles as the scratch: not loaded yet
+        gemm_col_sums<TRANS_B, T128_N, T128_THREADS>(B, N, ldb, n0, 0, K, col_sums, &As[0][0][0]);
 
     Tile128Loader<TRANS_A, TRANS_B, VEC4> loader;
     loader.init(A, B, M, N, lda, ldb, m0, n0);
@@ -239,12 +283,18 @@ __device__ __forceinline__ void gemm_tile128(const float* __restrict__ A, const 
                 if (flags & GEMM_RELU) {
                     v.x = gpuml_relu(v.x); v.y = gpuml_relu(v.y); v.z = gpuml_relu(v.z); v.w = gpuml_relu(v.w);
                 }
+                if (flags & GEMM_RELU_MASK) {
+                    const float4 mv = *reinterpret_cast<const float4*>(mask + (gpuml_i64)row * N + col);
+                    v.x = mv.x > 0.0f ? v.x : 0.0f; v.y = mv.y > 0.0f ? v.y : 0.0f;
+                    v.z = mv.z > 0.0f ? v.z : 0.0f; v.w = mv.w > 0.0f ? v.w : 0.0f;
+                }
                 *reinterpret_cast<float4*>(c_row + col) = v;
             } else {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     if (col + j < N)
-                        c_row[col + j] = gemm_epilogue(acc[i][half * 4 + j], c_row + col + j, bias, col + j, flags);
+                        c_row[col + j] = gemm_epilogue(acc[i][half * 4 + j], C, bias, mask,
+                                                       (gpuml_i64)row * N + col + j, col + j, flags);
                 }
             }
         }
@@ -265,10 +315,12 @@ __device__ __forceinline__ void gemm_tile128(const float* __restrict__ A, const 
 template <bool TRANS_A, bool TRANS_B>
 __device__ __forceinline__ void gemm_tile32x64(const float* __restrict__ A, const float* __restrict__ B,
                                                float* __restrict__ C, const float* __restrict__ bias,
-                                               float* __restrict__ work, int M, int N, int K, int k_per_split,
-                                               int flags) {
+                                               const float* __restrict__ mask, float* __restrict__ col_sums,
+                                               float* __restrict__ work, unsigned int* __restrict__ counters,
+                                               int M, int N, int K, int k_per_split, int flags) {
     __shared__ float As[T32_K][T32_LDA];
     __shared__ float Bs[T32_K][T32_LDB];
+    __shared__ float col_scratch[T32_THREADS];
 
     const int lda = TRANS_A ? M : K;
     const int ldb = TRANS_B ? K : N;
@@ -279,6 +331,12 @@ __device__ __forceinline__ void gemm_tile32x64(const float* __restrict__ A, cons
     const int tid = threadIdx.x;
     const int tx = tid & 15;
     const int ty = tid >> 4;
+    const int splits = gridDim.z;
+    const gpuml_i64 MN = (gpuml_i64)M * N;
+    // With a split, column sums go to this slice's row of the workspace, added up at the end.
+    float* col_sums_out = splits > 1 ? work + splits * MN + (gpuml_i64)blockIdx.z * N : col_sums;
+    if ((flags & GEMM_COL_SUMS) && blockIdx.y == 0)
+        gemm_col_sums<TRANS_B, T32_N, T32_THREADS>(B, N, ldb, n0, k_begin, k_end, col_sums_out, col_scratch);
 
     float acc[4][4];
 #pragma unroll
@@ -327,8 +385,8 @@ __device__ __forceinline__ void gemm_tile32x64(const float* __restrict__ A, cons
         __syncthreads();  // the next iteration overwrites the tiles
     }
 
-    const bool split = gridDim.z > 1;
-    float* partial = work + (gpuml_i64)blockIdx.z * M * N;
+    const bool split = splits > 1;
+    float* partial = work + (gpuml_i64)blockIdx.z * MN;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int row = m0 + ty + 8 * i;
@@ -341,8 +399,32 @@ __device__ __forceinline__ void gemm_tile32x64(const float* __restrict__ A, cons
             if (split)
                 partial[idx] = acc[i][j];
             else
-                C[idx] = gemm_epilogue(acc[i][j], C + idx, bias, col, flags);
+                C[idx] = gemm_epilogue(acc[i][j], C, bias, mask, idx, col, flags);
         }
+    }
+    if (!split || !gpuml_last_block(counters + blockIdx.y * gridDim.x + blockIdx.x, (unsigned int)splits))
+        return;
+    // The tile's last block: C = epilogue(sum of the slices, z = 0, 1, ...), as many blocks
+    // would have done in any order; the same bits as a separate reduction pass.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = m0 + ty + 8 * i;
+        if (row >= M) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = n0 + tx + 16 * j;
+            if (col >= N) continue;
+            const gpuml_i64 idx = (gpuml_i64)row * N + col;
+            float v = 0.0f;
+            for (int z = 0; z < splits; ++z) v += __ldcg(work + z * MN + idx);
+            C[idx] = gemm_epilogue(v, C, bias, mask, idx, col, flags);
+        }
+    }
+    if ((flags & GEMM_COL_SUMS) && blockIdx.y == 0 && tid < T32_N && n0 + tid < N) {
+        const float* slices = work + splits * MN + n0 + tid;
+        float v = 0.0f;
+        for (int z = 0; z < splits; ++z) v += __ldcg(slices + (gpuml_i64)z * N);
+        col_sums[n0 + tid] = v;
     }
 }
 
@@ -351,36 +433,24 @@ __device__ __forceinline__ void gemm_tile32x64(const float* __restrict__ A, cons
 
 #define GEMM_ENTRY_POINTS(AB, TRANS_A, TRANS_B)                                                       \
     extern "C" __global__ void __launch_bounds__(T128_THREADS, 2)                                    \
-        gemm_##AB##_tile128(const float* A, const float* B, float* C, const float* bias, int M, int N, \
-                            int K, int flags) {                                                        \
-        gemm_tile128<TRANS_A, TRANS_B, false>(A, B, C, bias, M, N, K, flags);                          \
+        gemm_##AB##_tile128(const float* A, const float* B, float* C, const float* bias, const float* mask, \
+                            float* col_sums, int M, int N, int K, int flags) {                         \
+        gemm_tile128<TRANS_A, TRANS_B, false>(A, B, C, bias, mask, col_sums, M, N, K, flags);          \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(T128_THREADS, 2)                                    \
-        gemm_##AB##_tile128_vec4(const float* A, const float* B, float* C, const float* bias, int M,   \
-                                 int N, int K, int flags) {                                            \
-        gemm_tile128<TRANS_A, TRANS_B, true>(A, B, C, bias, M, N, K, flags);                           \
+        gemm_##AB##_tile128_vec4(const float* A, const float* B, float* C, const float* bias,          \
+                                 const float* mask, float* col_sums, int M, int N, int K, int flags) { \
+        gemm_tile128<TRANS_A, TRANS_B, true>(A, B, C, bias, mask, col_sums, M, N, K, flags);           \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(T32_THREADS)                                        \
-        gemm_##AB##_tile32x64(const float* A, const float* B, float* C, const float* bias, float* work, \
-                              int M, int N, int K, int k_per_split, int flags) {                       \
-        gemm_tile32x64<TRANS_A, TRANS_B>(A, B, C, bias, work, M, N, K, k_per_split, flags);            \
+        gemm_##AB##_tile32x64(const float* A, const float* B, float* C, const float* bias, const float* mask, \
+                              float* col_sums, float* work, unsigned int* counters, int M, int N, int K, \
+                              int k_per_split, int flags) {                                            \
+        gemm_tile32x64<TRANS_A, TRANS_B>(A, B, C, bias, mask, col_sums, work, counters, M, N, K,       \
+                                         k_per_split, flags);                                          \
     }
 
 GEMM_ENTRY_POINTS(nn, false, false)
 GEMM_ENTRY_POINTS(nt, false, true)
 GEMM_ENTRY_POINTS(tn, true, false)
 GEMM_ENTRY_POINTS(tt, true, true)
-
-// C = epilogue(sum over z of work[z]), work (splits, M, N); the sum runs z = 0, 1, ... for a
-// result independent of launch order.
-extern "C" __global__ void gemm_splitk_reduce(const float* __restrict__ work, float* __restrict__ C,
-                                              const float* __restrict__ bias, int M, int N, int splits,
-                                              int flags) {
-    const gpuml_i64 total = (gpuml_i64)M * N;
-    for (gpuml_i64 idx = (gpuml_i64)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-         idx += (gpuml_i64)gridDim.x * blockDim.x) {
-        float v = 0.f;
-        for (int z = 0; z < splits; ++z) v += work[z * total + idx];
-        C[idx] = gemm_epilogue(v, C + idx, bias, (int)(idx % N), flags);
-    }
-}

@@ -138,6 +138,8 @@ class Backend(ABC):
         bias: Array | None = None,
         activation: str | None = None,
         accumulate: bool = False,
+        relu_mask: Array | None = None,
+        col_sums: Array | None = None,
         out: Array | None = None,
     ) -> Array:
         """out = act(op(a) @ op(b) + bias), op(x) = x.T when trans_x.
@@ -145,6 +147,11 @@ class Backend(ABC):
         a, b 2-D; bias (N,) broadcast over rows; activation None or "relu".
         accumulate=True adds the product into `out` (which must be given): out += op(a) @ op(b);
         bias and activation are then not allowed.
+        Fused epilogues (one launch on CUDA, the same semantics everywhere):
+        relu_mask (M, N): then out = where(relu_mask > 0, out, 0), the select of
+        activation_bwd("relu", relu_mask, out) (a Dense dx through the previous layer's ReLU,
+        relu_mask being that layer's output). col_sums (N,): also written with op(b) summed
+        over its rows, bias_grad(op(b)) (a Dense layer's bias gradient next to dW = x.T @ dy).
         """
 
     @abstractmethod
@@ -467,9 +474,10 @@ class StepRunner:
     def run(self, key: Any, fn: Any) -> None:
         fn()
 
-    def set_hyper_rows(self, record: Any, count: int) -> None:  # noqa: B027 - nothing to tabulate on CPU
+    def set_hyper_rows(self, record: Any, count: int, row_counter: Any = None) -> None:  # noqa: B027
         """Tabulate the optimizer's per-step hyperparameters for the next `count` steps:
-        `record(i)` makes step i's optimizer call. The CPU reads them from each call."""
+        `record(i)` makes step i's optimizer call; inside a step the optimizer then reads row
+        `row_counter[0]` (a device counter) of that table. The CPU reads them from each call."""
 
     def stream(self) -> Any:
         """A context in which the run's device work is queued (the CUDA runner's stream)."""

@@ -62,6 +62,8 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         bias: np.ndarray | None = None,
         activation: str | None = None,
         accumulate: bool = False,
+        relu_mask: np.ndarray | None = None,
+        col_sums: np.ndarray | None = None,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
         op = "matmul"
@@ -76,6 +78,10 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         relu = self.epilogue_act(op, activation)
         if bias is not None:
             bias = self.float_in(op, "bias", bias, shape=(shape[1],))
+        if relu_mask is not None:
+            relu_mask = self.float_in(op, "relu_mask", relu_mask, shape=shape)
+        if col_sums is not None:  # first: `out` may not alias b, but the sums read b only
+            self.bias_grad(np.ascontiguousarray(opb), out=self.out_buf(op, "col_sums", col_sums, (shape[1],)))
         if accumulate:
             if out is None or bias is not None or relu:
                 raise ValueError("matmul: accumulate=True needs out= and allows no bias or activation")
@@ -83,12 +89,14 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
             part = self._ws.scratch("matmul_part", shape, self.dtype)
             np.matmul(opa, opb, out=part)
             np.add(out, part, out=out)
-            return out
-        out = self.out_buf(op, "out", out, shape)
-        np.matmul(opa, opb, out=out)
-        if bias is not None or relu:
-            b_arr = bias if bias is not None else out[0]
-            loops.bias_act_rows(out, b_arr, bias is not None, relu)
+        else:
+            out = self.out_buf(op, "out", out, shape)
+            np.matmul(opa, opb, out=out)
+            if bias is not None or relu:
+                b_arr = bias if bias is not None else out[0]
+                loops.bias_act_rows(out, b_arr, bias is not None, relu)
+        if relu_mask is not None:  # the ReLU backward, as activation_bwd's select
+            self.activation_bwd("relu", relu_mask, out, out=out)
         return out
 
     def bias_grad(self, dy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -128,6 +128,8 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         bias: Array | None = None,
         activation: str | None = None,
         accumulate: bool = False,
+        relu_mask: Array | None = None,
+        col_sums: Array | None = None,
         out: Array | None = None,
     ) -> Array:
         op = "matmul"
@@ -144,36 +146,47 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
             bias = self._dev_in(op, "bias", bias, shape=(N,))
         if accumulate and (out is None or bias is not None or activation is not None):
             raise ValueError("matmul: accumulate=True needs out= and allows no bias or activation")
+        if relu_mask is not None:
+            relu_mask = self._dev_in(op, "relu_mask", relu_mask, shape=(M, N))
+        if col_sums is not None:
+            col_sums = self._dev_out(op, "col_sums", col_sums, (N,), a=a, b=b, bias=bias, relu_mask=relu_mask)
         out = self._dev_out(op, "out", out, (M, N))
-        self._no_alias(op, "out", out, a=a, b=b, bias=bias)
-        if M == 0 or N == 0:
+        self._no_alias(op, "out", out, a=a, b=b, bias=bias, relu_mask=relu_mask, col_sums=col_sums)
+        if N == 0:
+            return out
+        if M == 0 and col_sums is None:
             return out
         flags = (
             (plan.EPILOGUE_BIAS if bias is not None else 0)
             | (plan.EPILOGUE_RELU if activation == "relu" else 0)
             | (plan.EPILOGUE_ACCUMULATE if accumulate else 0)
+            | (plan.EPILOGUE_RELU_MASK if relu_mask is not None else 0)
+            | (plan.EPILOGUE_COL_SUMS if col_sums is not None else 0)
         )
         lda, ldb = a.shape[1], b.shape[1]
-        vec4 = lda % 4 == 0 and ldb % 4 == 0 and N % 4 == 0 and aligned16(a, b, out, bias)
+        vec4 = lda % 4 == 0 and ldb % 4 == 0 and N % 4 == 0 and aligned16(a, b, out, bias, relu_mask)
         key = (M, N, K, bool(trans_a), bool(trans_b), vec4)
         gp = self._gemm_plans.get(key)
         if gp is None:
             gp = self._gemm_plans[key] = plan.gemm_plan(M, N, K, trans_a, trans_b, vec4)
-        bias_arg = out if bias is None else bias  # never read without GEMM_BIAS
+        # Pointers the flags say are never read are passed as `out` (a valid device pointer).
+        epilogue = (out if bias is None else bias, out if relu_mask is None else relu_mask,
+                    out if col_sums is None else col_sums)
         dims = (np.int32(M), np.int32(N), np.int32(K))
+        if M == 0:  # only the column sums: one 32-row tile
+            gp = plan.gemm_plan(1, N, K, trans_a, trans_b, False)
         if not gp.small:
-            self._launch("gemm", gp.kernel, gp.grid, gp.block, (a, b, out, bias_arg, *dims, np.int32(flags)))
+            self._launch("gemm", gp.kernel, gp.grid, gp.block, (a, b, out, *epilogue, *dims, np.int32(flags)))
             return out
-        work = self._scratch("gemm_splitk", gp.workspace_elems) if gp.splits > 1 else out
+        if gp.splits > 1:  # one launch: the last block of each tile adds the K slices (gemm.cu)
+            work = self._scratch("gemm_splitk", gp.workspace_elems + gp.splits * N)
+            tickets = self._tickets(gp.tiles)
+        else:
+            work, tickets = out, self._tickets(1)
         self._launch(
             "gemm", gp.kernel, gp.grid, gp.block,
-            (a, b, out, bias_arg, work, *dims, np.int32(gp.k_per_split), np.int32(flags)),
+            (a, b, out, *epilogue, work, tickets, *dims, np.int32(gp.k_per_split), np.int32(flags)),
         )  # fmt: skip
-        if gp.splits > 1:
-            self._launch(
-                "gemm", "gemm_splitk_reduce", gp.reduce_grid, BLOCK,
-                (work, out, bias_arg, np.int32(M), np.int32(N), np.int32(gp.splits), np.int32(flags)),
-            )  # fmt: skip
         return out
 
     def bias_grad(self, dy: Array, out: Array | None = None) -> Array:

@@ -59,16 +59,22 @@ class DevicePlumbing:
         fn(grid, block, args, shared_mem=shared_mem)
         self.launch_count += 1
 
-    def _scratch(self, name: str, elems: int, dtype: Any = np.float32) -> Array:
+    def _scratch(self, name: str, elems: int, dtype: Any = np.float32, *, zeroed: bool = False) -> Array:
         """A per-backend scratch vector, allocated on the first call for its size and reused
         (launches are stream-ordered, so consecutive ops never use one concurrently); a training
-        step then allocates nothing after its first run."""
+        step then allocates nothing after its first run. `zeroed`: filled with zeros when it is
+        allocated (the single-launch reductions' ticket counters, which their kernels reset)."""
         buffers = self.__dict__.setdefault("_scratch_buffers", {})
         key = (name, int(elems), np.dtype(dtype))
         buf = buffers.get(key)
         if buf is None:
-            buf = buffers[key] = self.xp.empty(max(1, int(elems)), dtype=dtype)
+            alloc = self.xp.zeros if zeroed else self.xp.empty
+            buf = buffers[key] = alloc(max(1, int(elems)), dtype=dtype)
         return buf
+
+    def _tickets(self, count: int) -> Array:
+        """`count` zeroed uint32 ticket counters for gpuml_last_block (kernels/common.cuh)."""
+        return self._scratch("tickets", count, np.uint32, zeroed=True)
 
     def _dev_in(self, op: str, name: str, a: Any, *, shape: Sequence[int] | None = None,
                 ndim: int | None = None, dtype: Any = None) -> Array:

