@@ -82,20 +82,30 @@ class _BusyMeter:
 
 # ------------------------------------------------------------------------------------- gpuml
 def step_launches(trainer: Any) -> int | None:
-    """Kernel launches of one training step (batch gather included) as the trainer issues them
-    eagerly, after a first step has compiled kernels and built launch plans; None on a backend
-    that launches no kernels (CPU). Trains two steps of `trainer`: use a throwaway one."""
+    """Kernel launches of one training step (batch gather included), issued eagerly, after a
+    first step has compiled kernels and built launch plans; None on a backend that launches no
+    kernels (CPU). Trains two steps of `trainer`, which must run with trainer.cuda_graph off (a
+    replayed graph launches nothing through the backend): use a throwaway one."""
     be = trainer.backend
     if not hasattr(be, "launch_count"):
         return None
-    batches = iter(trainer.train_iter)
     counts = []
-    for _ in range(2):
-        before = be.launch_count
-        x, y = next(batches)
-        trainer._step(x, y, trainer.schedule.lr(trainer.global_step))
-        trainer.global_step += 1
-        counts.append(be.launch_count - before)
+    steps = getattr(trainer, "steps", None)
+    if steps is not None:  # the step function of gpuml/train/step.py
+        for rows in steps.begin_epoch()[:2]:
+            before = be.launch_count
+            trainer.train_iter.advance()
+            steps.run(rows, trainer.schedule.lr(trainer.global_step))
+            trainer.global_step += 1
+            counts.append(be.launch_count - before)
+    else:
+        batches = iter(trainer.train_iter)
+        for _ in range(2):
+            before = be.launch_count
+            x, y = next(batches)
+            trainer._step(x, y, trainer.schedule.lr(trainer.global_step))
+            trainer.global_step += 1
+            counts.append(be.launch_count - before)
     be.synchronize()
     return counts[-1]
 
@@ -111,7 +121,8 @@ def run_gpuml(cfg: dict[str, Any], data: Dataset, warmup_steps: int, log: Log) -
     warm_data = dataclasses.replace(data, train=Split(data.train.images[:n_warm], data.train.labels[:n_warm]))
     with tempfile.TemporaryDirectory() as tmp:
         Trainer(cfg, Path(tmp) / "warmup", log=quiet, dataset=warm_data)._train_epoch(False)
-        launches = step_launches(Trainer(cfg, Path(tmp) / "launches", log=quiet, dataset=warm_data))
+        eager = {**cfg, "trainer": {**cfg["trainer"], "cuda_graph": "off"}}
+        launches = step_launches(Trainer(eager, Path(tmp) / "launches", log=quiet, dataset=warm_data))
         trainer = Trainer(cfg, Path(tmp) / "run", log=quiet, dataset=data)
         meter = _BusyMeter()
         meter.start()
