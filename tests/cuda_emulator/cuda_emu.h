@@ -182,6 +182,12 @@ inline unsigned char* dynamic_shared = nullptr;
 extern "C" unsigned char __start_emu_shared[] __attribute__((weak));  // bounds the linker gives
 extern "C" unsigned char __stop_emu_shared[] __attribute__((weak));   // the section, if any
 
+}  // namespace emu
+
+#include "mma_emu.h"  // mma.sync, ldmatrix, cp.async: the warp-level instructions of kernels/mma.cuh
+
+namespace emu {
+
 struct Kernel {
     void (*call)(void*, void**);
     void* fn;
@@ -303,6 +309,7 @@ inline void run_block(size_t shared_bytes) {
     std::fill(dynamic_shared_storage.begin(), dynamic_shared_storage.begin() + shared_bytes, 0xff);
     if (__start_emu_shared) std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
     const unsigned n = L.fibers.size();
+    warp_ops_reset(n);
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = L.fibers[t];
         f.idx = {t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 HEADER = Path(__file__).resolve().parent.parent / "cuda_emu.h"
+#: every header of the emulator (cuda_emu.h includes the others): all of them key the build cache
+HEADERS = sorted(HEADER.parent.glob("*.h"))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpuml-emu"
 # GPUML_EMU_ASAN=1 builds the kernels with AddressSanitizer: an out-of-bounds access becomes a
 # report and an abort. The Python process must then start with libasan preloaded (README.md).
@@ -56,7 +58,8 @@ class CUDADriverError(Exception):
 
 def preprocess(code: str, options: tuple[str, ...] = ()) -> str:
     # The macros NVRTC predefines, for the architecture cupy.cuda.Device reports.
-    passed = ["-D__CUDACC__", "-D__CUDACC_RTC__", "-D__CUDA_ARCH__=900"]
+    # GPUML_CUDA_EMULATOR: kernels/mma.cuh leaves its instructions to the model in mma_emu.h.
+    passed = ["-D__CUDACC__", "-D__CUDACC_RTC__", "-D__CUDA_ARCH__=900", "-DGPUML_CUDA_EMULATOR"]
     passed += [o for o in options if o.startswith(("-I", "-D", "-U", "-std="))]
     r = subprocess.run(["g++", "-E", "-x", "c++", *passed, "-"], input=code, capture_output=True, text=True)
     if r.returncode:
@@ -84,7 +87,8 @@ def _build(code: str, options: tuple[str, ...]) -> ctypes.CDLL:
     std = [o for o in options if o.startswith("-std=")][-1:] or ["-std=c++17"]
     flags = [*std, *CXXFLAGS, "-include", str(HEADER)]
     compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    key = hashlib.sha256("\0".join([source, HEADER.read_text(), " ".join(flags), compiler]).encode()).hexdigest()
+    headers = [h.read_text() for h in HEADERS]
+    key = hashlib.sha256("\0".join([source, *headers, " ".join(flags), compiler]).encode()).hexdigest()
     lib_path = CACHE / f"{key[:32]}.so"
     if not lib_path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
