@@ -19,7 +19,7 @@ from gpuml.backend import augment
 from gpuml.backend.base import ACTIVATIONS, Backend, Pair, host_int
 from gpuml.backend.cpu import conv as cpu_conv
 from gpuml.backend.cpu import loops
-from gpuml.backend.cpu.checks import Checks, fail
+from gpuml.backend.cpu.checks import Checks, fail, first_outside
 from gpuml.backend.cpu.optim import OptimizerSteps
 from gpuml.backend.cpu.pool import PoolingOps
 
@@ -66,31 +66,33 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         col_sums: np.ndarray | None = None,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "matmul"
-        a = self.float_in(op, "a", a, ndim=2)
-        b = self.float_in(op, "b", b, ndim=2)
+        c = self.checks("matmul", a, b, trans_a, trans_b, bias, activation, accumulate, relu_mask, col_sums, out)
+        a = c.float_in("a", a, ndim=2)
+        b = c.float_in("b", b, ndim=2)
         opa = a.T if trans_a else a
         opb = b.T if trans_b else b
         if opa.shape[1] != opb.shape[0]:
             na, nb = "a.T" if trans_a else "a", "b.T" if trans_b else "b"
-            fail(op, f"{na} {opa.shape} and {nb} {opb.shape} do not fit ({opa.shape[1]} != {opb.shape[0]})")
+            c.fail(f"{na} {opa.shape} and {nb} {opb.shape} do not fit ({opa.shape[1]} != {opb.shape[0]})")
         shape = (opa.shape[0], opb.shape[1])
-        relu = self.epilogue_act(op, activation)
+        relu = c.epilogue_act(activation)
         if bias is not None:
-            bias = self.float_in(op, "bias", bias, shape=(shape[1],))
+            bias = c.float_in("bias", bias, shape=(shape[1],))
         if relu_mask is not None:
-            relu_mask = self.float_in(op, "relu_mask", relu_mask, shape=shape)
+            relu_mask = c.float_in("relu_mask", relu_mask, shape=shape)
+        if col_sums is not None:
+            col_sums = c.out_buf("col_sums", col_sums, (shape[1],))
+        if accumulate and (out is None or bias is not None or relu):
+            raise ValueError("matmul: accumulate=True needs out= and allows no bias or activation")
+        out = c.out_buf("out", out, shape)
+        c.done()
         if col_sums is not None:  # first: `out` may not alias b, but the sums read b only
-            self.bias_grad(np.ascontiguousarray(opb), out=self.out_buf(op, "col_sums", col_sums, (shape[1],)))
+            self.bias_grad(np.ascontiguousarray(opb), out=col_sums)
         if accumulate:
-            if out is None or bias is not None or relu:
-                raise ValueError("matmul: accumulate=True needs out= and allows no bias or activation")
-            out = self.out_buf(op, "out", out, shape)
             part = self._ws.scratch("matmul_part", shape, self.dtype)
             np.matmul(opa, opb, out=part)
             np.add(out, part, out=out)
         else:
-            out = self.out_buf(op, "out", out, shape)
             np.matmul(opa, opb, out=out)
             if bias is not None or relu:
                 b_arr = bias if bias is not None else out[0]
@@ -100,10 +102,12 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         return out
 
     def bias_grad(self, dy: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        dy = self.float_in("bias_grad", "dy", dy)
+        c = self.checks("bias_grad", dy, out)
+        dy = c.float_in("dy", dy)
         if dy.ndim < 2:
-            fail("bias_grad", f"dy {dy.shape} needs a batch axis and a channel axis")
-        out = self.out_buf("bias_grad", "out", out, (dy.shape[1],))
+            c.fail(f"dy {dy.shape} needs a batch axis and a channel axis")
+        out = c.out_buf("out", out, (dy.shape[1],))
+        c.done()
         dy3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
         loops.run_ranges(loops.channel_sums, (dy3, out, loops.SUM_LANES), dy3.shape[1], dy3.size)
         return out
@@ -120,14 +124,15 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         activation: str | None = None,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "conv2d_fwd"
-        x = self.float_in(op, "x", x, ndim=4)
-        w = self.float_in(op, "w", w, ndim=4)
-        relu = self.epilogue_act(op, activation)
-        geom, y_shape = self.conv_geometry(op, x.shape, w.shape, stride, padding)
+        c = self.checks("conv2d_fwd", x, w, bias, stride, padding, activation, out)
+        x = c.float_in("x", x, ndim=4)
+        w = c.float_in("w", w, ndim=4)
+        relu = c.epilogue_act(activation)
+        geom, y_shape = c.conv_geometry(x.shape, w.shape, stride, padding)
         if bias is not None:
-            bias = self.float_in(op, "bias", bias, shape=(w.shape[0],))
-        out = self.out_buf(op, "out", out, y_shape)
+            bias = c.float_in("bias", bias, shape=(w.shape[0],))
+        out = c.out_buf("out", out, y_shape)
+        c.done()
         cpu_conv.conv2d_fwd(self._ws, x, w, bias, geom, relu, out)
         return out
 
@@ -141,12 +146,13 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         *,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "conv2d_bwd_data"
-        w = self.float_in(op, "w", w, ndim=4)
-        x_shape = self.shape4(op, "x_shape", x_shape)
-        geom, y_shape = self.conv_geometry(op, x_shape, w.shape, stride, padding)
-        dy = self.float_in(op, "dy", dy, shape=y_shape)
-        out = self.out_buf(op, "out", out, x_shape)
+        c = self.checks("conv2d_bwd_data", dy, w, x_shape, stride, padding, out)
+        w = c.float_in("w", w, ndim=4)
+        x_shape = c.shape4("x_shape", x_shape)
+        geom, y_shape = c.conv_geometry(x_shape, w.shape, stride, padding)
+        dy = c.float_in("dy", dy, shape=y_shape)
+        out = c.out_buf("out", out, x_shape)
+        c.done()
         cpu_conv.conv2d_bwd_data(self._ws, dy, w, geom, out)
         return out
 
@@ -160,12 +166,13 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         *,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "conv2d_bwd_weight"
-        x = self.float_in(op, "x", x, ndim=4)
-        w_shape = self.shape4(op, "w_shape", w_shape)
-        geom, y_shape = self.conv_geometry(op, x.shape, w_shape, stride, padding)
-        dy = self.float_in(op, "dy", dy, shape=y_shape)
-        out = self.out_buf(op, "out", out, w_shape)
+        c = self.checks("conv2d_bwd_weight", x, dy, w_shape, stride, padding, out)
+        x = c.float_in("x", x, ndim=4)
+        w_shape = c.shape4("w_shape", w_shape)
+        geom, y_shape = c.conv_geometry(x.shape, w_shape, stride, padding)
+        dy = c.float_in("dy", dy, shape=y_shape)
+        out = c.out_buf("out", out, w_shape)
+        c.done()
         cpu_conv.conv2d_bwd_weight(self._ws, x, dy, geom, out)
         return out
 
@@ -178,18 +185,28 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         label_smoothing: float = 0.0,
         loss: np.ndarray | None = None,
         dlogits: np.ndarray | None = None,
+        accumulate: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         op = "softmax_xent"
-        logits = self.float_in(op, "logits", logits, ndim=2)
+        c = self.checks(op, logits, labels, label_smoothing, loss, dlogits, accumulate)
+        logits = c.float_in("logits", logits, ndim=2)
         B, K = logits.shape
-        labels = self.typed_in(op, "labels", labels, np.int32, (B,))
-        self.labels_in_range(op, labels, K)
+        labels = c.typed_in("labels", labels, np.int32, (B,))
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"softmax_xent: label_smoothing must be in [0, 1), got {label_smoothing}")
-        loss = self.out_buf(op, "loss", loss, ())
-        dlogits = self.out_buf(op, "dlogits", dlogits, (B, K))
+        loss = c.out_buf("loss", loss, ())
+        dlogits = c.out_buf("dlogits", dlogits, (B, K))
+        if accumulate is not None:
+            accumulate = c.out_buf("accumulate", accumulate, (2,))
+        c.done()
+        self.labels_in_range(op, labels, K)
+        if accumulate is not None:  # counted first: dlogits may overwrite the logits
+            correct = self.count_correct(logits, labels, out=self._ws.scratch("xent_correct", (), self.dtype))
         tiny = float(loops.smallest_normal(self.dtype))
         loss[()] = loops.softmax_xent_rows(logits, labels, float(label_smoothing), dlogits, tiny)
+        if accumulate is not None:
+            self.add_(accumulate[0:1], loss.reshape(1), alpha=float(B))  # a NaN loss stays NaN
+            self.add_(accumulate[1:2], correct.reshape(1))
         return loss, dlogits
 
     def mse(
@@ -200,26 +217,31 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         loss: np.ndarray | None = None,
         dpred: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        pred = self.float_in("mse", "pred", pred)
-        target = self.float_in("mse", "target", target, shape=pred.shape)
-        loss = self.out_buf("mse", "loss", loss, ())
-        dpred = self.out_buf("mse", "dpred", dpred, pred.shape)
+        c = self.checks("mse", pred, target, loss, dpred)
+        pred = c.float_in("pred", pred)
+        target = c.float_in("target", target, shape=pred.shape)
+        loss = c.out_buf("loss", loss, ())
+        dpred = c.out_buf("dpred", dpred, pred.shape)
+        c.done()
         loss[()] = loops.mse_flat(pred.reshape(-1), target.reshape(-1), dpred.reshape(-1))
         return loss, dpred
 
     def count_correct(self, logits: np.ndarray, labels: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        logits = self.float_in("count_correct", "logits", logits, ndim=2)
-        labels = self.int_in("count_correct", "labels", labels, (logits.shape[0],))
-        out = self.out_buf("count_correct", "out", out, ())
+        c = self.checks("count_correct", logits, labels, out)
+        logits = c.float_in("logits", logits, ndim=2)
+        labels = c.int_in("labels", labels, (logits.shape[0],))
+        out = c.out_buf("out", out, ())
+        c.done()
         out[()] = np.count_nonzero(np.argmax(logits, axis=1) == labels)
         return out
 
     # ------------------------------------------------------------------ elementwise
     def activation_fwd(self, kind: str, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        op = "activation_fwd"
-        _check_kind(op, kind)
-        x = self.float_in(op, "x", x)
-        out = self.out_buf(op, "out", out, x.shape)
+        c = self.checks("activation_fwd", kind, x, out)
+        _check_kind("activation_fwd", kind)
+        x = c.float_in("x", x)
+        out = c.out_buf("out", out, x.shape)
+        c.done()
         if kind == "relu":
             np.maximum(x, 0, out=out)
         elif kind == "tanh":
@@ -230,11 +252,12 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         return out
 
     def activation_bwd(self, kind: str, y: np.ndarray, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        op = "activation_bwd"
-        _check_kind(op, kind)
-        y = self.float_in(op, "y", y)
-        dy = self.float_in(op, "dy", dy, shape=y.shape)
-        out = self.out_buf(op, "out", out, y.shape)
+        c = self.checks("activation_bwd", kind, y, dy, out)
+        _check_kind("activation_bwd", kind)
+        y = c.float_in("y", y)
+        dy = c.float_in("dy", dy, shape=y.shape)
+        out = c.out_buf("out", out, y.shape)
+        c.done()
         loops.run_parts(_ACT_BWD[kind], (y.reshape(-1), dy.reshape(-1), out.reshape(-1)), (0, 1, 2), y.size)
         return out
 
@@ -250,13 +273,15 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         op = "dropout_fwd"
-        x = self.float_in(op, "x", x)
+        c = self.checks(op, x, out, mask)
+        x = c.float_in("x", x)
+        out = c.out_buf("out", out, x.shape)
+        mask = c.out_buf("mask", mask, x.shape, np.uint8)
+        c.done()
         offset = host_int(offset, offset_counter)
         scale = _dropout_scale(op, p)
         if not 0 <= offset < 2**64 - x.size:
             raise ValueError(f"dropout_fwd: offset must be in [0, 2**64 - x.size), got {offset}")
-        out = self.out_buf(op, "out", out, x.shape)
-        mask = self.out_buf(op, "mask", mask, x.shape, np.uint8)
         loops.dropout_fwd(
             x.reshape(-1), float(p), np.uint64(seed & 0xFFFFFFFFFFFFFFFF), np.uint64(offset),
             self.dtype.type(scale), out.reshape(-1), mask.reshape(-1),
@@ -264,23 +289,28 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         return out, mask
 
     def dropout_bwd(self, dy: np.ndarray, mask: np.ndarray, p: float, *, out: np.ndarray | None = None) -> np.ndarray:
-        op = "dropout_bwd"
-        dy = self.float_in(op, "dy", dy)
-        mask = self.typed_in(op, "mask", mask, np.uint8, dy.shape)
-        scale = _dropout_scale(op, p)
-        out = self.out_buf(op, "out", out, dy.shape)
+        c = self.checks("dropout_bwd", dy, mask, out)
+        dy = c.float_in("dy", dy)
+        mask = c.typed_in("mask", mask, np.uint8, dy.shape)
+        out = c.out_buf("out", out, dy.shape)
+        c.done()
+        scale = _dropout_scale("dropout_bwd", p)
         args = (dy.reshape(-1), mask.reshape(-1), self.dtype.type(scale), out.reshape(-1))
         loops.run_parts(loops.mask_scale, args, (0, 1, 3), dy.size)
         return out
 
     def add_(self, dst: np.ndarray, src: np.ndarray, alpha: float = 1.0) -> np.ndarray:
-        dst = self.inplace("add_", "dst", dst)
-        src = self.float_in("add_", "src", src, shape=dst.shape)
+        c = self.checks("add_", dst, src)
+        dst = c.inplace("dst", dst)
+        src = c.float_in("src", src, shape=dst.shape)
+        c.done()
         loops.run_parts(loops.axpy, (dst.reshape(-1), src.reshape(-1), self.dtype.type(alpha)), (0, 1), dst.size)
         return dst
 
     def scale_(self, dst: np.ndarray, factor: float | np.ndarray) -> np.ndarray:
-        dst = self.inplace("scale_", "dst", dst)
+        c = self.checks("scale_", dst)
+        dst = c.inplace("dst", dst)
+        c.done()
         np.multiply(dst, np.asarray(factor, dtype=self.dtype), out=dst)
         return dst
 
@@ -299,23 +329,22 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         start_counter: np.ndarray | None = None,
         count: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        op = "gather_batch"
-        images = self.typed_in(op, "images", images, np.uint8)
-        if images.ndim < 1:
-            fail(op, f"images {images.shape} needs a sample axis")
-        n = images.shape[0]
-        labels = self.int_in(op, "labels", labels, (n,))
-        indices = self.int_in(op, "indices", indices)
-        if indices.ndim != 1:
-            fail(op, f"indices must be 1-D, got shape {indices.shape}")
         first = host_int(start, start_counter)
+        c = self.checks("gather_batch", images, labels, indices, first, count, out_x, out_y)
+        images = c.typed_in("images", images, np.uint8)
+        if images.ndim < 1:
+            c.fail(f"images {images.shape} needs a sample axis")
+        n = images.shape[0]
+        labels = c.int_in("labels", labels, (n,))
+        indices = c.int_in("indices", indices, ndim=1)
         indices = indices[first:] if count is None else indices[first:first + count]
-        if indices.size and (indices.min() < 0 or indices.max() >= n):
-            bad = indices[(indices < 0) | (indices >= n)][0]
-            raise IndexError(f"gather_batch: index {bad} is outside the {n} samples")
         B = indices.shape[0]
-        out_x = self.out_buf(op, "out_x", out_x, (B, *images.shape[1:]))
-        out_y = self.out_buf(op, "out_y", out_y, (B,), np.int32)
+        out_x = c.out_buf("out_x", out_x, (B, *images.shape[1:]))
+        out_y = c.out_buf("out_y", out_y, (B,), np.int32)
+        c.done()
+        bad = first_outside(indices, n)  # a value check: on every call
+        if bad >= 0:
+            raise IndexError(f"gather_batch: index {indices[bad]} is outside the {n} samples")
         rows = images.reshape(n, -1)
         loops.gather_rows_lut(rows, indices.astype(np.int64), self._lut(mean, std), out_x.reshape(B, -1))
         np.copyto(out_y, labels[indices], casting="unsafe")
@@ -335,12 +364,14 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         fill: float,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "augment_images"
-        x = self.float_in(op, "x", x, ndim=4)
-        out = self.out_buf(op, "out", out, x.shape)
-        if np.shares_memory(out, x):
-            fail(op, "out must not overlap x (every output pixel reads several inputs)")
-        params = augment.sample_params(seed, host_int(offset, offset_counter), x.shape[0], max_shift, max_rotate, max_scale, hflip)
+        c = self.checks("augment_images", x, out)
+        x = c.float_in("x", x, ndim=4)
+        out = c.out_buf("out", out, x.shape)
+        c.done()
+        if np.shares_memory(out, x):  # depends on where the arrays are, not on their signature
+            fail("augment_images", "out must not overlap x (every output pixel reads several inputs)")
+        params = augment.sample_params(seed, host_int(offset, offset_counter), x.shape[0], max_shift, max_rotate,
+                                       max_scale, hflip)
         augment.affine_sample(x, params, float(fill), out)
         return out
 

@@ -320,6 +320,16 @@ def axpy(dst, src, alpha):
 
 
 @njit(cache=True, nogil=True)
+def first_outside_range(values, limit):
+    """The index of the first of `values` (flat, integer) outside [0, limit), or -1."""
+    for i in range(values.size):
+        v = values[i]
+        if v < 0 or v >= limit:
+            return i
+    return -1
+
+
+@njit(cache=True, nogil=True)
 def gather_rows_lut(images, indices, lut, out):
     """out[b, j] = lut[images[indices[b], j]]: uint8 pixels through a 256-entry table."""
     B, D = out.shape

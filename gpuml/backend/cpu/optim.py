@@ -117,11 +117,18 @@ def _update(loop: Callable[..., None], flats: tuple[np.ndarray, ...], *scalars: 
 class OptimizerSteps(Checks):
     """The Backend's optimizer methods on the loops above, mixed into CpuBackend."""
 
+    def _groups(self, op: str, params: list, *others: list) -> list[tuple[np.ndarray, ...]]:
+        """(p, g, state...) flat views per parameter, checked once per signature of the lists."""
+        c = self.checks(op, params, *others)
+        groups = c.param_groups(params, *others)
+        c.done()
+        return groups
+
     def sgd_step(
         self, params: list[np.ndarray], grads: list[np.ndarray], *, lr: float, weight_decay: float = 0.0
     ) -> None:
         t = self.dtype.type
-        for flats in self.param_groups("sgd_step", params, grads):
+        for flats in self._groups("sgd_step", params, grads):
             _update(sgd_update, flats, t(lr), t(weight_decay))
 
     def momentum_step(
@@ -136,7 +143,7 @@ class OptimizerSteps(Checks):
         weight_decay: float = 0.0,
     ) -> None:
         t = self.dtype.type
-        for flats in self.param_groups("momentum_step", params, grads, velocities):
+        for flats in self._groups("momentum_step", params, grads, velocities):
             _update(momentum_update, flats, t(lr), t(momentum), t(weight_decay), bool(nesterov))
 
     def adam_step(
@@ -161,7 +168,7 @@ class OptimizerSteps(Checks):
         inv_sqrt_bc2 = t(1.0 / np.sqrt(1.0 - beta2**step))
         l2 = t(0.0 if decoupled else weight_decay)
         decay = t(1.0 - lr * weight_decay if decoupled else 1.0)
-        for flats in self.param_groups("adam_step", params, grads, m, v):
+        for flats in self._groups("adam_step", params, grads, m, v):
             _update(
                 adam_update, flats, lr_t, t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
                 inv_sqrt_bc2, t(eps), l2, decay,
@@ -179,11 +186,13 @@ class OptimizerSteps(Checks):
         weight_decay: float = 0.0,
     ) -> None:
         t = self.dtype.type
-        for flats in self.param_groups("rmsprop_step", params, grads, sq):
+        for flats in self._groups("rmsprop_step", params, grads, sq):
             _update(rmsprop_update, flats, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay))
 
     def global_norm(self, arrays: list[np.ndarray]) -> np.ndarray:
         total = 0.0
         for i, a in enumerate(arrays):
-            total += sum_squares(self.float_in("global_norm", f"arrays[{i}]", a).reshape(-1))
+            c = self.checks("global_norm", a)
+            total += sum_squares(c.float_in(f"arrays[{i}]", a).reshape(-1))
+            c.done()
         return np.array(np.sqrt(total), dtype=self.dtype)

@@ -195,11 +195,12 @@ class PoolingOps(Checks):
         out: np.ndarray | None = None,
         argmax: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        op = "maxpool2d_fwd"
-        x = self.float_in(op, "x", x, ndim=4)
-        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
-        out = self.out_buf(op, "out", out, y_shape)
-        argmax = self.out_buf(op, "argmax", argmax, y_shape, np.int32)
+        c = self.checks("maxpool2d_fwd", x, kernel, stride, padding, out, argmax)
+        x = c.float_in("x", x, ndim=4)
+        geom, y_shape = c.pool_geometry(x.shape, kernel, stride, padding)
+        out = c.out_buf("out", out, y_shape)
+        argmax = c.out_buf("argmax", argmax, y_shape, np.int32)
+        c.done()
         if geom == (2, 2, 2, 2, 0, 0):
             run_parts(maxpool_fwd_2x2, (_planes(x), _planes(out), _planes(argmax)), (0, 1, 2), x.size)
         else:
@@ -217,12 +218,13 @@ class PoolingOps(Checks):
         *,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "maxpool2d_bwd"
-        x_shape = self.shape4(op, "x_shape", x_shape)
-        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
-        dy = self.float_in(op, "dy", dy, shape=y_shape)
-        argmax = self.typed_in(op, "argmax", argmax, np.int32, y_shape)
-        out = self.out_buf(op, "out", out, x_shape)
+        c = self.checks("maxpool2d_bwd", dy, argmax, x_shape, kernel, stride, padding, out)
+        x_shape = c.shape4("x_shape", x_shape)
+        geom, y_shape = c.pool_geometry(x_shape, kernel, stride, padding)
+        dy = c.float_in("dy", dy, shape=y_shape)
+        argmax = c.typed_in("argmax", argmax, np.int32, y_shape)
+        out = c.out_buf("out", out, x_shape)
+        c.done()
         kh, kw, sh, sw, ph, pw = geom
         if (sh, sw) == (kh, kw) and ph == pw == 0:
             run_parts(maxpool_bwd_tiled, (_planes(dy), _planes(argmax), _planes(out)), (0, 1, 2), out.size)
@@ -239,10 +241,11 @@ class PoolingOps(Checks):
         *,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "avgpool2d_fwd"
-        x = self.float_in(op, "x", x, ndim=4)
-        geom, y_shape = self.pool_geometry(op, x.shape, kernel, stride, padding)
-        out = self.out_buf(op, "out", out, y_shape)
+        c = self.checks("avgpool2d_fwd", x, kernel, stride, padding, out)
+        x = c.float_in("x", x, ndim=4)
+        geom, y_shape = c.pool_geometry(x.shape, kernel, stride, padding)
+        out = c.out_buf("out", out, y_shape)
+        c.done()
         run_parts(avgpool_fwd, (_planes(x), *geom, _planes(out)), (0, 7), x.size)
         return out
 
@@ -256,10 +259,11 @@ class PoolingOps(Checks):
         *,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        op = "avgpool2d_bwd"
-        x_shape = self.shape4(op, "x_shape", x_shape)
-        geom, y_shape = self.pool_geometry(op, x_shape, kernel, stride, padding)
-        dy = self.float_in(op, "dy", dy, shape=y_shape)
-        out = self.out_buf(op, "out", out, x_shape)
+        c = self.checks("avgpool2d_bwd", dy, x_shape, kernel, stride, padding, out)
+        x_shape = c.shape4("x_shape", x_shape)
+        geom, y_shape = c.pool_geometry(x_shape, kernel, stride, padding)
+        dy = c.float_in("dy", dy, shape=y_shape)
+        out = c.out_buf("out", out, x_shape)
+        c.done()
         run_parts(avgpool_bwd, (_planes(dy), *geom, _planes(out)), (0, 7), out.size)
         return out
