@@ -23,8 +23,8 @@ def install(step: int, action: str) -> None:
     original = Trainer._step
     kind, _, arg = action.partition(":")
 
-    def _step(self: Trainer, x, y, lr) -> None:
-        original(self, x, y, lr)
+    def _step(self: Trainer, *args) -> None:
+        original(self, *args)
         if self.global_step + 1 != step:  # the loop counts the step after _step returns
             return
         if kind == "signal":

@@ -135,10 +135,10 @@ def test_progress_bar_eta_leaves_out_the_first_step(tmp_path: Path, fashion_root
 
     real_step = Trainer._step
 
-    def slow_first_step(self, x, y, lr):
+    def slow_first_step(self, *args):
         if self.global_step == 0:
             time.sleep(3.0)
-        real_step(self, x, y, lr)
+        real_step(self, *args)
 
     monkeypatch.setattr(Trainer, "_step", slow_first_step)
     assert main(["train", str(tiny_config(tmp_path, fashion_root, trainer__epochs=1)), "--out",

@@ -38,8 +38,16 @@ class FakeBackend:
         self.allocations += 1
         return np.empty(shape, dtype=self.dtype if dtype is None else dtype)
 
-    def gather_batch(self, images, labels, indices, *, mean, std, out_x=None, out_y=None):
+    def upload_(self, dst, host):
+        dst[...] = host
+        self.transfers.append((dst.dtype, dst.shape))
+        return dst
+
+    def gather_batch(self, images, labels, indices, *, mean, std, out_x=None, out_y=None, start=0,
+                     start_counter=None, count=None):
         assert out_x is not None and out_y is not None, "the iterator must pass its buffers"
+        start += 0 if start_counter is None else int(start_counter[0])
+        indices = indices[start:] if count is None else indices[start:start + count]
         out_x[...] = (images[indices] / 255.0 - mean) / std
         out_y[...] = labels[indices]
         return out_x, out_y

@@ -90,20 +90,11 @@ def step_launches(trainer: Any) -> int | None:
     if not hasattr(be, "launch_count"):
         return None
     counts = []
-    steps = getattr(trainer, "steps", None)
-    if steps is not None:  # the step function of gpuml/train/step.py
-        for rows in steps.begin_epoch()[:2]:
+    with trainer.steps.runner.stream():  # the step function of gpuml/train/step.py
+        for rows in trainer.steps.begin_epoch()[:2]:
             before = be.launch_count
             trainer.train_iter.advance()
-            steps.run(rows, trainer.schedule.lr(trainer.global_step))
-            trainer.global_step += 1
-            counts.append(be.launch_count - before)
-    else:
-        batches = iter(trainer.train_iter)
-        for _ in range(2):
-            before = be.launch_count
-            x, y = next(batches)
-            trainer._step(x, y, trainer.schedule.lr(trainer.global_step))
+            trainer._step(rows, trainer.schedule.lr(trainer.global_step))
             trainer.global_step += 1
             counts.append(be.launch_count - before)
     be.synchronize()

@@ -328,22 +328,58 @@ class BatchIterator:
         if self.shuffle:
             assert self.rng is not None
             self._epoch_rng_state = self.rng.bit_generator.state
-            perm = self.rng.permutation(self.num_samples)
-            self._order = self.backend.asarray(perm, dtype=np.int64)
+            self._set_order(self.rng.permutation(self.num_samples))
         self._epoch += 1
         self._cursor = 0
 
-    def _gather(self, start: int, stop: int) -> tuple[Array, Array]:
-        size = stop - start
+    def _set_order(self, perm: np.ndarray) -> None:
+        # One device buffer for every epoch's permutation: a captured training step reads it by
+        # its address, so later epochs are uploaded into it.
+        if self._order is None:
+            self._order = self.backend.asarray(perm, dtype=np.int64)
+        else:
+            self.backend.upload_(self._order, perm)
+
+    def _batch_buffers(self, size: int) -> tuple[Array, Array]:
         if size not in self._buffers:
             self._buffers[size] = (
                 self.backend.empty((size, *self._sample_shape)),
                 self.backend.empty((size,), dtype=np.int32),
             )
-        out_x, out_y = self._buffers[size]
+        return self._buffers[size]
+
+    def _gather(self, start: int, stop: int) -> tuple[Array, Array]:
+        out_x, out_y = self._batch_buffers(stop - start)
         return self.backend.gather_batch(
-            self.images, self.labels, self._order[start:stop],
+            self.images, self.labels, self._order, start=start, count=stop - start,
             mean=self.mean, std=self.std, out_x=out_x, out_y=out_y,
+        )
+
+    # The training step's path (gpuml/train/step.py): the step gathers its own batch from a
+    # device cursor, so that a captured CUDA graph of it walks the permutation by itself.
+    def batch_sizes(self, *, rest_of_epoch: bool = True) -> list[int]:
+        """Sizes of the batches left in the current epoch (the next epoch's when it is complete;
+        its permutation is then drawn and uploaded), or of every batch when not `rest_of_epoch`."""
+        first = 0
+        if rest_of_epoch:
+            if self._epoch == 0 or self._cursor >= len(self):
+                self._start_epoch()
+            first = self._cursor
+        b = self.batch_size
+        return [min(b, self.num_samples - k * b) for k in range(first, len(self))]
+
+    def advance(self) -> None:
+        """Count one batch of batch_sizes() as handed out (before its step: a checkpoint taken
+        during it resumes at the next)."""
+        self._cursor += 1
+
+    def gather_at(self, start_counter: Array, size: int, start: int = 0) -> tuple[Array, Array]:
+        """The batch of `size` rows at permutation position start + start_counter[0] (a device
+        counter, read on the device), in the buffers kept for that size."""
+        out_x, out_y = self._batch_buffers(size)
+        return self.backend.gather_batch(
+            self.images, self.labels, self._order, start=start, start_counter=start_counter,
+            count=size, mean=self.mean, std=self.std, out_x=out_x, out_y=out_y,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -376,4 +412,4 @@ class BatchIterator:
             # Redrawing the permutation also leaves the generator where the original run had it.
             self.rng.bit_generator.state = state["rng_state"]
             self._epoch_rng_state = state["rng_state"]
-            self._order = self.backend.asarray(self.rng.permutation(self.num_samples), dtype=np.int64)
+            self._set_order(self.rng.permutation(self.num_samples))

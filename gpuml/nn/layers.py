@@ -386,13 +386,16 @@ class Dropout(Layer):
     def describe(self) -> str:
         return f"rate={self.rate}"
 
-    def forward(self, x: Array, training: bool, step: int = 0) -> Array:
+    def forward(self, x: Array, training: bool, step: int | Array = 0) -> Array:
         self.check_input(x)
         self._active = training and self.rate > 0
         if not self._active:
             return x
+        # `step` is the training step, or (a captured step) a device counter holding step << 32
+        counter = None if isinstance(step, (int, np.integer)) else step
+        offset = (0 if counter is not None else int(step) << 32) + self.sample_offset * (x.size // x.shape[0])
         y, self._mask = self.backend.dropout_fwd(
-            x, self.rate, self.seed, (step << 32) + self.sample_offset * (x.size // x.shape[0]),
+            x, self.rate, self.seed, offset, offset_counter=counter,
             out=self.buffer("y", x.shape), mask=self.buffer("mask", x.shape, np.uint8),
         )
         return y

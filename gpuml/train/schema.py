@@ -157,6 +157,9 @@ TRAINER: dict[str, Any] = {
                      "steps and each epoch"),
     "progress": F("bool|null", None, doc="progress bar; default: when stderr is a terminal"),
     "grad_clip_norm": F("float|null", None, minimum=0, exclusive_min=True),
+    "cuda_graph": F("str|bool", "auto", choices=("auto", "on", "off", True, False),
+                    doc="capture the CUDA training and evaluation steps as CUDA graphs and replay them "
+                        "(auto: on with a CUDA device; on: required, an error where it cannot be; off: eager)"),
     "keep_checkpoints": F("int", 2, minimum=1, doc="how many last step checkpoints to keep"),
     "checkpoint_every": CHECKPOINT_EVERY,
     "monitor": F("str", "auto", doc="metric for the best checkpoint (auto: val_accuracy, else train_accuracy)"),

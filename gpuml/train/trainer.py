@@ -23,8 +23,6 @@ import numpy as np
 
 from gpuml import distributed
 from gpuml.backend import get_backend
-from gpuml.backend.augment import UNIFORMS_PER_SAMPLE
-from gpuml.backend.base import Array
 from gpuml.data.atomic import atomic_write, disk_full_as_error
 from gpuml.data.loader import BatchIterator, Dataset, load_dataset_config
 from gpuml.errors import ConfigError, DeviceError, Interrupted, TrainingDiverged
@@ -38,6 +36,7 @@ from gpuml.train.metrics import MetricsLog, format_epoch, plural
 from gpuml.train.monitor import judge_epoch
 from gpuml.train.runfiles import write_config, write_run_info
 from gpuml.train.runlock import hold_run_lock
+from gpuml.train.step import TrainStep, evaluate_sums, graph_mode
 from gpuml.train.stopping import StopFlag, StopRequested
 from gpuml.train.tensorboard import TensorBoardLogger
 
@@ -72,6 +71,7 @@ class Trainer:
             log = _quiet
         self.log = log
         self.backend = get_backend(self.dist.device(cfg["device"]), dtype=cfg["dtype"])
+        graph = graph_mode(cfg, self.backend.name, source)
         self.log(f"gpuml: device {self.backend.describe()} (device: {cfg['device']}){self.dist.describe()}")
         d = cfg["data"]
         self.data = dataset or self.dist.root_first(lambda: load_dataset_config(d))
@@ -125,6 +125,7 @@ class Trainer:
         # Device accumulators: loss sum (weighted by batch size), correct count.
         self._acc = self.backend.zeros((2,))
         self._correct = self.backend.zeros(())
+        self.steps = TrainStep(self, graph)  # the step function and what runs it (CUDA graphs)
         # Progress state (restored on resume)
         self.epoch = 0            # completed epochs
         self.global_step = 0
@@ -216,8 +217,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "test") -> dict[str, float]:
         """Mean loss and accuracy over a whole split, in eval mode (no dropout)."""
-        loss_sum, correct, n = self.dist.sum(evaluate_sums(self.model, self.loss_fn, self.eval_iters[split],
-                                                           self._buffers))
+        with self.steps.runner.stream():
+            sums = evaluate_sums(self.model, self.loss_fn, self.eval_iters[split], self._buffers, self.steps.runner)
+        loss_sum, correct, n = self.dist.sum(sums)
         return {"loss": loss_sum / n, "accuracy": correct / n}
 
     # ------------------------------------------------------------------ training
@@ -291,6 +293,10 @@ class Trainer:
         return minutes is not None and time.perf_counter() - self._last_save_t >= 60.0 * minutes
 
     def _train_epoch(self, show: bool | None) -> dict[str, Any]:
+        with self.steps.runner.stream():  # the CUDA steps' non-blocking stream
+            return self._run_epoch(show)
+
+    def _run_epoch(self, show: bool | None) -> dict[str, Any]:
         from tqdm import tqdm
 
         be, t = self.backend, self.cfg["trainer"]
@@ -302,15 +308,12 @@ class Trainer:
         bar = None  # made after the first step, whose JIT compile would inflate the bar's ETA
         steps_since_read = 0
         try:
-            for x, y in self.train_iter:
-                if self.dist.size > 1:  # dropout keyed by each sample's index in the global batch
-                    distributed.offset_dropout(self.model, self.train_iter.shard_start)
-                if self.augment:
-                    x = self._augmented(x)
+            for rows in self.steps.begin_epoch():
                 lr = self.schedule.lr(self.global_step)
-                self._step(x, y, lr)
+                self.train_iter.advance()  # before the step: a checkpoint during it resumes past it
+                self._step(rows, lr)
                 self.global_step += 1
-                p["seen"] += self.train_iter.batch_rows  # the global batch
+                p["seen"] += rows  # the global batch
                 steps_since_read += 1
                 if bar is None:
                     bar = tqdm(total=n_batches, initial=self.train_iter.cursor,
@@ -354,29 +357,9 @@ class Trainer:
         self.partial = {"loss_sum": 0.0, "correct": 0.0, "seen": 0, "seconds": 0.0}
         return row
 
-    def _augmented(self, x: Array) -> Array:
-        """The batch under a random affine transform keyed by (run seed, step, sample index in
-        the global batch)."""
-        a = self.augment
-        out = self._buffers.get("augmented", x.shape)
-        offset = (self.global_step << 32) + UNIFORMS_PER_SAMPLE * self.train_iter.shard_start
-        return self.backend.augment_images(
-            x, seed=self._augment_seed, offset=offset, max_shift=a["shift"],
-            max_rotate=a["rotate"], max_scale=a["scale"], hflip=a["hflip"], fill=self._augment_fill, out=out)
-
-    def _step(self, x: Array, y: Array, lr: float) -> None:
-        be = self.backend
-        out = self.model.forward_buffered(x, training=True, step=self.global_step)
-        be.add_(self._acc[1:2], be.count_correct(out, y, out=self._correct).reshape(1))
-        loss, dout = self.loss_fn(out, y)
-        be.add_(self._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))  # a NaN loss stays NaN in the sum
-        self.model.backward(dout)
-        for hook in self.grad_hooks:
-            hook()
-        clip = self.cfg["trainer"]["grad_clip_norm"]
-        if clip is not None:
-            be.clip_grad_norm_(self.grads, clip)
-        self.optimizer.step(lr)
+    def _step(self, rows: int, lr: float) -> None:
+        """One training step on the next batch of `rows` (gpuml/train/step.py)."""
+        self.steps.run(rows, lr)
 
     def _read_back(self, steps: int) -> None:
         """Move the device accumulators into `self.partial`; stop on a non-finite loss."""
@@ -426,21 +409,6 @@ def evaluate_batches(model: Sequential, loss_fn: Loss, it: BatchIterator, buffer
     API's evaluate)."""
     loss_sum, n_correct, n = evaluate_sums(model, loss_fn, it, buffers)
     return {"loss": loss_sum / n, "accuracy": n_correct / n}
-
-
-def evaluate_sums(model: Sequential, loss_fn: Loss, it: BatchIterator, buffers: Buffers) -> tuple[float, float, int]:
-    """(loss * samples, correct, samples) of `model` over every batch of `it` in eval mode,
-    accumulated on the device and read back once (sums add up over data-parallel ranks)."""
-    be = buffers.backend
-    acc, correct = buffers.get("eval_acc", (2,)), buffers.get("eval_correct", ())
-    be.fill_(acc, 0.0)
-    for x, y in it:
-        out = model.forward_buffered(x, training=False)
-        loss, _ = loss_fn(out, y)
-        be.add_(acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))
-        be.add_(acc[1:2], be.count_correct(out, y, out=correct).reshape(1))
-    loss_sum, n_correct = (float(v) for v in be.to_numpy(acc))
-    return loss_sum, n_correct, it.num_samples
 
 
 def out_of_memory_message(exc: BaseException, batch_size: int | None) -> DeviceError | None:

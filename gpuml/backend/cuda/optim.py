@@ -4,8 +4,11 @@ for a whole list of tensors (kernels/optim.cu, kernels/elementwise.cu sum_square
 A list of tensors becomes a device "tensor table" (slot-major float pointers + int64 prefix
 offsets, see kernels/optim.cu), built on the first call for that list of buffers and cached:
 later steps on the same buffers upload nothing but the 36-byte hyperparameter vector, which an
-async host-to-device copy refreshes before the launch (the kernel reads lr, bias corrections...
-from device memory, so a captured CUDA graph stays valid as they change).
+async copy from a pinned staging ring refreshes before the launch (the kernel reads lr, bias
+corrections... from device memory). Inside a training step run by graph.GraphRunner the vector
+comes instead from a device table of every step's hyperparameters (`_hyper_source`), so a
+captured CUDA graph stays valid as they change. A table a live graph points to is pinned: the
+LRU never drops it.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ HYPER_BIAS_CORRECTION1, HYPER_BIAS_CORRECTION2 = 5, 6
 #: them from the float32 betas (1 - 0.999f is 1.3e-5 relatively off 1e-3)
 HYPER_ONE_MINUS_BETA1 = HYPER_ONE_MINUS_ALPHA = 7
 HYPER_ONE_MINUS_BETA2 = 8
-#: tensor tables kept per backend (oldest dropped first)
+#: tensor tables kept per backend (oldest unpinned dropped first)
 MAX_TABLES = 64
+#: pinned staging slots per table: set_hyper waits only for the copy made this many calls ago
+STAGING_SLOTS = 4
 
 
 def hyper_vector(**values: float) -> np.ndarray:
@@ -63,12 +68,31 @@ class TensorTable:
         self.offsets = xp.asarray(offsets)
         self.hyper = xp.zeros(HYPER_SIZE, dtype=np.float32)
         self._xp = xp
+        #: live CUDA graphs using this table (graph.py): the LRU keeps it while > 0
+        self.pins = 0
+        self._staging: list[tuple[np.ndarray, Any]] = []
+        self._next_slot = 0
 
     def set_hyper(self, values: np.ndarray) -> None:
-        """Queue the copy of `values` into the hyper buffer on the current stream (no sync; a
-        fresh host array per call, so nothing can overwrite it while the copy is pending)."""
-        host = np.array(values, dtype=np.float32)
-        self.hyper.set(host, stream=self._xp.cuda.get_current_stream())
+        """Queue the copy of `values` into the hyper buffer on the current stream. The source is
+        a slot of a pinned ring (a copy from pageable memory may synchronise); each slot's event
+        says when its last copy has read it, so the host waits only when it runs STAGING_SLOTS
+        steps ahead of the device."""
+        xp = self._xp
+        if len(self._staging) < STAGING_SLOTS:
+            mem = xp.cuda.alloc_pinned_memory(HYPER_SIZE * 4)
+            slot = (np.frombuffer(mem, np.float32, HYPER_SIZE), xp.cuda.Event(disable_timing=True))
+            self._staging.append(slot)
+            self._pinned_memory = [*getattr(self, "_pinned_memory", []), mem]  # the array's owner
+        else:
+            slot = self._staging[self._next_slot]
+            slot[1].synchronize()
+        self._next_slot = (self._next_slot + 1) % STAGING_SLOTS
+        host, copied = slot
+        host[...] = values
+        stream = xp.cuda.get_current_stream()
+        self.hyper.set(host, stream=stream)
+        copied.record(stream)
 
 
 class MultiTensorOps:
@@ -101,13 +125,20 @@ class MultiTensorOps:
                 self._dev_in(op, f"{names[min(j, 3)]}[{i}]", a, shape=p.shape)
         table = tables[key] = TensorTable(self.xp, slots)
         if len(tables) > MAX_TABLES:
-            tables.popitem(last=False)
+            oldest = next((k for k, t in tables.items() if not t.pins), None)
+            if oldest is not None:
+                del tables[oldest]
         return table
 
     def _optimizer_launch(self, name: str, table: TensorTable, hyper: np.ndarray, *extra: Any) -> None:
         if table.total == 0:
             return
-        table.set_hyper(hyper)
+        source = self.__dict__.get("_hyper_source")  # set by graph.GraphRunner around a step
+        if source is not None:
+            if not source(table, hyper):
+                return  # tabulating the schedule: nothing runs
+        else:
+            table.set_hyper(hyper)
         self._launch(
             "optim", name, grid_1d(table.total), (THREADS, 1, 1),
             (table.table, table.offsets, table.num_tensors, table.hyper, *extra),

@@ -1,0 +1,195 @@
+"""trainer.cuda_graph (issue 9): the training and evaluation steps captured as CUDA graphs and
+replayed give the same bits as the eager steps, and a capture that cannot work is reported.
+
+Each test trains a tiny model for a few steps twice, graph on and off, from the same seed, and
+compares the weights, optimizer state and metrics bit for bit. Under --cuda-emulator the capture
+is the emulator's (tests/cuda_emulator): a capture that allocates, synchronises or copies from
+pageable memory fails there as on a GPU, and a replay after a buffer was freed fails too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.gpu_util import GPU
+
+pytestmark = GPU
+
+N_TRAIN, N_TEST = 44, 12  # batch 8: five full batches and a partial one of 4
+
+
+def _dataset(n: int = N_TRAIN, seed: int = 0) -> Any:
+    from gpuml.data.datasets import DatasetSpec
+    from gpuml.data.loader import Dataset, Split, pixel_stats
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n + N_TEST, 1, 6, 6), dtype=np.uint8)
+    labels = rng.integers(0, 3, n + N_TEST)
+    train, test = Split(images[:n], labels[:n]), Split(images[n:], labels[n:])
+    val = Split(images[n - 10:n], labels[n - 10:n])
+    spec = DatasetSpec("random", {}, (), ("a", "b", "c"), (1, 6, 6))
+    return Dataset(spec, Path("."), train, val, test, *pixel_stats(train.images))
+
+
+def _config(graph: str, **trainer: Any) -> dict[str, Any]:
+    from gpuml.train.config import validate
+
+    raw = {
+        "device": "cuda", "seed": 3,
+        "model": {"input_shape": [1, 6, 6], "layers": [
+            {"type": "flatten"}, {"type": "dense", "units": 8, "activation": "relu"},
+            {"type": "dropout", "rate": 0.25}, {"type": "dense", "units": 3}]},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "trainer": {"epochs": 3, "batch_size": 8, "eval_batch_size": 8, "cuda_graph": graph,
+                    "checkpoint_every": {"minutes": None}, "progress": False, **trainer},
+    }  # fmt: skip
+    for key in list(trainer):
+        if "__" in key:  # section__key: a nested override
+            section, sub = key.split("__")
+            raw["trainer"].pop(key)
+            raw.setdefault(section, {})[sub] = trainer[key]
+    return validate(raw)
+
+
+def _train(tmp_path: Path, graph: str, name: str, data: Any = None, **trainer: Any) -> tuple[Any, dict]:
+    from gpuml.train.trainer import Trainer
+
+    logs: list[str] = []
+    t = Trainer(_config(graph, **trainer), tmp_path / name, log=logs.append, dataset=data or _dataset())
+    summary = t.fit(progress=False)
+    return t, {"summary": summary, "history": t.history, "logs": logs}
+
+
+def _state(t: Any) -> dict[str, np.ndarray]:
+    out = {f"model.{k}": np.asarray(v) for k, v in t.model.state_dict().items()}
+    out.update({f"optim.{k}": np.asarray(v) for k, v in t.optimizer.state_dict().items()})
+    return out
+
+
+def _same(a: Any, b: Any) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert np.array_equal(sa[k], sb[k]), k
+
+
+def _metrics(run: dict) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_second")} for row in run["history"]]
+
+
+def test_graph_on_matches_eager_bit_for_bit_with_partial_batch_dropout_and_eval(tmp_path: Path) -> None:
+    on, run_on = _train(tmp_path, "on", "on")
+    off, run_off = _train(tmp_path, "off", "off")
+    # batch 8 of 44 samples: full batches, a partial one of 4, the val split (10: 8 + 2) and test
+    assert on.steps.runner.captures >= 4
+    assert off.steps.runner.captures == 0
+    _same(on, off)
+    assert _metrics(run_on) == _metrics(run_off)
+    assert run_on["summary"]["test_loss"] == run_off["summary"]["test_loss"]
+    assert run_on["summary"]["test_accuracy"] == run_off["summary"]["test_accuracy"]
+    assert not any("warning" in line for line in run_on["logs"])
+
+
+def test_graph_with_augmentation_clipping_and_schedule(tmp_path: Path) -> None:
+    extra = {"grad_clip_norm": 0.05, "data__augment": {"shift": 1, "rotate": 10.0, "hflip": True},
+             "schedule__name": "cosine", "drop_last": False}
+    on, run_on = _train(tmp_path, "on", "on", **extra)
+    off, run_off = _train(tmp_path, "off", "off", **extra)
+    _same(on, off)
+    assert _metrics(run_on) == _metrics(run_off)
+    lrs = [row["lr"] for row in run_on["history"]]
+    assert len(set(lrs)) == len(lrs)  # the schedule moved, and the graph followed it
+
+
+def test_graph_recaptures_on_a_new_batch_size(tmp_path: Path) -> None:
+    from gpuml.backend import get_backend
+    from gpuml.backend.cuda.graph import GraphRunner
+
+    be = get_backend("cuda")
+    runner = GraphRunner(be, "on")
+    out = be.zeros((4,))
+    ones = {n: be.asarray(np.ones(n, np.float32)) for n in (4, 2)}
+
+    def step(n: int) -> None:
+        be.add_(out[:n], ones[n])
+
+    with runner.stream():
+        for n in (4, 4, 4, 2, 2, 2, 4):
+            runner.run(("add", n), lambda n=n: step(n))
+        assert runner.captures == 2  # one graph per batch shape, each after one eager run
+        got = be.to_numpy(out)
+    assert got.tolist() == [7.0, 7.0, 4.0, 4.0]
+
+
+def test_graph_keeps_its_buffers_and_pins_the_optimizer_table(tmp_path: Path) -> None:
+    """A replay must never write through a pointer whose buffer was freed: the graph holds every
+    array it launched with, and the tensor-table LRU skips a table a live graph points to."""
+    import gc
+
+    from gpuml.backend.cuda import optim
+
+    on, _ = _train(tmp_path, "on", "on", epochs=1)
+    be = on.backend
+    tables = be._tensor_tables
+    pinned = [t for t in tables.values() if t.pins]
+    assert pinned, "the captured step's optimizer table is pinned"
+    for i in range(optim.MAX_TABLES + 2):  # more than the LRU holds: unpinned tables go
+        be.global_norm([be.zeros((i + 1,))])
+    gc.collect()
+    assert all(t in tables.values() for t in pinned)
+    before = _state(on)
+    on.cfg["trainer"]["epochs"] = 2
+    on.fit(progress=False)  # replays the graphs captured in the first epoch
+    assert any(not np.array_equal(before[k], v) for k, v in _state(on).items())
+
+
+def test_graph_resume_from_a_checkpoint_taken_in_graph_mode(tmp_path: Path) -> None:
+    from gpuml.train.trainer import Trainer
+
+    full, run_full = _train(tmp_path, "on", "full")
+    # the same run stopped after epoch 1 (its checkpoint written in graph mode), then resumed
+    first, _ = _train(tmp_path, "on", "resumed", epochs=1)
+    del first
+    resumed = Trainer(_config("on"), tmp_path / "resumed", log=lambda m: None, dataset=_dataset(), resume=True)
+    resumed.resume_latest()
+    resumed.fit(progress=False)
+    _same(resumed, full)
+    assert _metrics({"history": resumed.history}) == _metrics(run_full)
+
+
+def _allocating_one_hot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MSE's targets made by an op that allocates its output inside the step."""
+    from gpuml.backend.cuda.backend import CudaBackend
+
+    real = CudaBackend.one_hot
+
+    def one_hot(self, labels, num_classes, *, out=None):
+        return real(self, labels, num_classes)  # no out=: a fresh array every call
+
+    monkeypatch.setattr(CudaBackend, "one_hot", one_hot)
+
+
+def test_graph_auto_falls_back_to_eager_with_one_warning_naming_the_op(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    off, run_off = _train(tmp_path, "off", "off", epochs=2, loss__name="mse")
+    _allocating_one_hot(monkeypatch)
+    auto, run_auto = _train(tmp_path, "auto", "auto", epochs=2, loss__name="mse")
+    warnings = [line for line in run_auto["logs"] if "warning" in line]
+    assert len(warnings) == 1, run_auto["logs"]
+    assert "could not be captured" in warnings[0] and "one_hot" in warnings[0], warnings[0]
+    assert "\n" not in warnings[0]
+    _same(auto, off)
+    assert _metrics(run_auto) == _metrics(run_off)
+
+
+def test_graph_on_is_an_error_naming_the_op_that_cannot_be_captured(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuml.errors import DeviceError
+
+    _allocating_one_hot(monkeypatch)
+    with pytest.raises(DeviceError, match=r"trainer.cuda_graph is on but .*one_hot.*allocation") as info:
+        _train(tmp_path, "on", "on", epochs=2, loss__name="mse")
+    assert "\n" not in str(info.value)
