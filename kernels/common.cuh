@@ -107,15 +107,16 @@ __device__ __forceinline__ T gpuml_block_sum(T v, T* scratch) {
 // an order fixed by the shapes, never by arrival, so the result has the same bits every run.
 // The last block resets the counter to 0, ready for the next launch or graph replay; a counter
 // starts at 0 (the host zero-fills it once) and one launch at a time uses it (stream order).
-__device__ __forceinline__ bool gpuml_last_block(unsigned int* counter, unsigned int count) {
-    __shared__ int is_last;
+// `is_last` is a __shared__ int of the caller (shared memory stays out of header functions:
+// the CPU emulator gives static locals of inline functions a section of their own).
+__device__ __forceinline__ bool gpuml_last_block(unsigned int* counter, unsigned int count, int* is_last) {
     __threadfence();  // this thread's partial writes, before the ticket
     __syncthreads();  // every thread of the block has written and fenced
     if (threadIdx.x == 0) {
         const unsigned int ticket = atomicAdd(counter, 1u);
-        is_last = ticket == count - 1u;
-        if (is_last) *counter = 0u;
+        *is_last = ticket == count - 1u;
+        if (*is_last) *counter = 0u;
     }
     __syncthreads();
-    return is_last != 0;
+    return *is_last != 0;
 }

@@ -38,50 +38,7 @@
 //         ceil(N/64) * ceil(M/32) of them, tile = blockIdx.y * gridDim.x + blockIdx.x) are 0.
 // Precision: FP32 FFMA, each output accumulated in increasing k order (no TF32).
 // Limits: M, N, K < 2^31; offsets are computed in 64 bits. K = 0 yields epilogue(0).
-#include "common.cuh"
-
-#define GEMM_ACCUMULATE 4
-#define GEMM_BIAS 1
-#define GEMM_RELU 2
-#define GEMM_RELU_MASK 8
-#define GEMM_COL_SUMS 16
-
-// Output element idx = row * N + col.
-__device__ __forceinline__ float gemm_epilogue(float acc, const float* C, const float* bias, const float* mask,
-                                               gpuml_i64 idx, int col, int flags) {
-    if (flags & GEMM_ACCUMULATE) acc += C[idx];
-    if (flags & GEMM_BIAS) acc += bias[col];
-    if (flags & GEMM_RELU) acc = gpuml_relu(acc);
-    if (flags & GEMM_RELU_MASK) acc = mask[idx] > 0.0f ? acc : 0.0f;
-    return acc;
-}
-
-// out[n] = sum over k in [k_begin, k_end) of op(B)[k, n] for the COLS columns n0 .. n0+COLS-1
-// (those < N). Thread t sums column t % COLS over k = k_begin + t / COLS, stepping by
-// THREADS / COLS, in increasing k; the parts are then added in part order: a fixed order. Runs
-// before the mainloop (no accumulator is live yet). `scratch` holds THREADS floats; every
-// thread of the block calls this.
-template <bool TRANS_B, int COLS, int THREADS>
-__device__ __forceinline__ void gemm_col_sums(const float* __restrict__ B, int N, int ldb, int n0, int k_begin,
-                                              int k_end, float* __restrict__ out, float* scratch) {
-    constexpr int PARTS = THREADS / COLS;
-    const int col = threadIdx.x % COLS;
-    const int n = n0 + col;
-    float s = 0.0f;
-    if (n < N) {
-        for (int k = k_begin + (int)threadIdx.x / COLS; k < k_end; k += PARTS)
-            s += TRANS_B ? B[(gpuml_i64)n * ldb + k] : B[(gpuml_i64)k * ldb + n];
-    }
-    scratch[threadIdx.x] = s;
-    __syncthreads();
-    if ((int)threadIdx.x < COLS && n < N) {
-        float total = scratch[col];
-#pragma unroll
-        for (int p = 1; p < PARTS; ++p) total += scratch[p * COLS + col];
-        out[n] = total;
-    }
-    __syncthreads();  // the scratch is reused by the caller
-}
+#include "gemm_epilogue.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // 128x128 tile kernel.
@@ -321,6 +278,7 @@ __device__ __forceinline__ void gemm_tile32x64(const float* __restrict__ A, cons
     __shared__ float As[T32_K][T32_LDA];
     __shared__ float Bs[T32_K][T32_LDB];
     __shared__ float col_scratch[T32_THREADS];
+    __shared__ int last_flag;
 
     const int lda = TRANS_A ? M : K;
     const int ldb = TRANS_B ? K : N;
@@ -402,7 +360,7 @@ __device__ __forceinline__ void gemm_tile32x64(const float* __restrict__ A, cons
                 C[idx] = gemm_epilogue(acc[i][j], C, bias, mask, idx, col, flags);
         }
     }
-    if (!split || !gpuml_last_block(counters + blockIdx.y * gridDim.x + blockIdx.x, (unsigned int)splits))
+    if (!split || !gpuml_last_block(counters + blockIdx.y * gridDim.x + blockIdx.x, (unsigned int)splits, &last_flag))
         return;
     // The tile's last block: C = epilogue(sum of the slices, z = 0, 1, ...), as many blocks
     // would have done in any order; the same bits as a separate reduction pass.

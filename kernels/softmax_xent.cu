@@ -1,5 +1,6 @@
-// softmax_xent.cu: fused softmax + cross-entropy (loss and dlogits in one kernel), the mean of
-// the per-row losses, and the count of correct predictions.
+// softmax_xent.cu: fused softmax + cross-entropy in ONE launch: dlogits, the batch-mean loss
+// and, for the trainer's metrics, the count of correct predictions and the running sums
+// acc[0] += B * loss, acc[1] += correct; and a standalone count of correct predictions.
 //
 // Layout: logits (B, K) float32 row-major, labels int32 (B,) in [0, K), row_loss float32 (B,).
 // Target t = (1 - eps) * onehot(label) + eps / K (label smoothing eps).
@@ -16,14 +17,20 @@
 // only after the max and the sum were reduced over the whole row.
 // A label outside [0, K) gives a NaN row loss (visible, never silently wrong).
 //
+// The first pass also finds each row's first argmax (count_correct's rule) and stores
+// row_correct[b] = (argmax == label). The last block to finish (gpuml_last_block, one ticket)
+// then writes loss[0] = inv_batch * sum(row_loss), summed in double in a fixed order
+// (deterministic, no float atomics), and with `accumulate` adds batch * loss and the correct
+// count to acc[0], acc[1] (float32, as add_ did: acc[0] + batch * loss).
+//
 // Entry points and launch:
 //   softmax_xent_fwd_bwd_warp   one warp per row, 256 threads (8 rows) per block,
 //                               grid ceil(B / 8). For small K (classifier heads, K = 10).
 //   softmax_xent_fwd_bwd_block  one block of 256 threads per row, grid B. For large K
 //                               (K = 32000); vec4 != 0 reads and writes float4, allowed when
 //                               K % 4 == 0 and logits, dlogits are 16-byte aligned.
-//   softmax_xent_mean_loss      one block of 256 threads: loss[0] = inv_batch * sum(row_loss),
-//                               summed in double in a fixed order (deterministic, no atomics).
+//   Both take row_loss float (B,), row_correct int (B,) scratch, loss (1,), acc (2,) (read
+//   only with accumulate != 0) and a zeroed unsigned ticket counter.
 //   count_correct_rows          8 warps per block, warp per row, rows grid-strided; writes one
 //                               int per block (rows whose first argmax equals the label).
 //   count_correct_final         one block of 256 threads: out[0] = (float) sum of block counts.
@@ -67,15 +74,77 @@ __device__ __forceinline__ OnlineSoftmax warp_merge(OnlineSoftmax v) {
     return v;
 }
 
+// First argmax of a row: a thread keeps its first maximum (strict >, the first element always
+// taken), partners merge by (larger value, then smaller index). count_correct_rows' rule.
+struct ArgMax {
+    float best;
+    int k;  // K (larger than any index) while the thread has seen nothing
+};
+
+__device__ __forceinline__ void argmax_add(ArgMax& a, float v, int k, int K) {
+    if (v > a.best || a.k == K) {
+        a.best = v;
+        a.k = k;
+    }
+}
+
+__device__ __forceinline__ void argmax_merge(ArgMax& a, float other, int other_k) {
+    if (other > a.best || (other == a.best && other_k < a.k)) {
+        a.best = other;
+        a.k = other_k;
+    }
+}
+
+__device__ __forceinline__ ArgMax argmax_warp(ArgMax a) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const float other = __shfl_xor_sync(GPUML_FULL_MASK, a.best, offset);
+        const int other_k = __shfl_xor_sync(GPUML_FULL_MASK, a.k, offset);
+        argmax_merge(a, other, other_k);
+    }
+    return a;
+}
+
 // Per-row statistics gathered by the first pass.
 struct RowStats {
     OnlineSoftmax softmax;
     float x_label;  // the label's logit (0 on every thread but its owner until reduced)
+    ArgMax argmax;
 };
 
-__device__ __forceinline__ void stats_add(RowStats& st, float x, int k, int label) {
+__device__ __forceinline__ void stats_add(RowStats& st, float x, int k, int label, int K) {
     online_add(st.softmax, x);
     if (k == label) st.x_label = x;
+    argmax_add(st.argmax, x, k, K);
+}
+
+// The last block's work: loss[0] = inv_batch * sum of row_loss (double, fixed order) and, with
+// accumulate, acc[0] += batch * loss, acc[1] += sum of row_correct. All threads call it;
+// the scratch arrays are the kernel's (XENT_THREADS / 32 slots each).
+struct FinishScratch {
+    double dsum[XENT_THREADS / 32];
+    int isum[XENT_THREADS / 32];
+    int last;
+};
+
+__device__ __forceinline__ void xent_finish(const float* row_loss, const int* row_correct, int B, float* loss,
+                                            float* acc, float inv_batch, int accumulate, FinishScratch& sh) {
+    double sum = 0.0;
+    int correct = 0;
+    for (int b = threadIdx.x; b < B; b += XENT_THREADS) {
+        sum += (double)__ldcg(row_loss + b);
+        correct += __ldcg(row_correct + b);
+    }
+    sum = gpuml_block_sum(sum, sh.dsum);
+    correct = gpuml_block_sum(correct, sh.isum);
+    if (threadIdx.x == 0) {
+        const float mean = (float)(sum * (double)inv_batch);
+        loss[0] = mean;
+        if (accumulate) {
+            acc[0] += (float)B * mean;  // a NaN loss stays NaN in the sum
+            acc[1] += (float)correct;
+        }
+    }
 }
 
 // sum_shifted = sum_k (x_k - m) over the whole row (the second pass).
@@ -96,20 +165,19 @@ __device__ __forceinline__ float dlogit(float x, int k, int label, float row_max
 // ---------------------------------------------------------------------------------------------
 // Small K: one warp per row.
 
-extern "C" __global__ void __launch_bounds__(XENT_THREADS)
-    softmax_xent_fwd_bwd_warp(const float* logits, const int* __restrict__ labels, float* dlogits,
-                              float* __restrict__ row_loss, int B, int K, float eps, float inv_batch) {
+__device__ __forceinline__ void xent_row_warp(const float* logits, const int* __restrict__ labels, float* dlogits,
+                                              float* __restrict__ row_loss, int* __restrict__ row_correct, int row,
+                                              int K, float eps, float inv_batch) {
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (XENT_THREADS / 32) + (threadIdx.x >> 5);
-    if (row >= B) return;  // whole warps exit together: the shuffles below stay full-warp
     const float* x = logits + (gpuml_i64)row * K;
     float* d = dlogits + (gpuml_i64)row * K;
     const int label = labels[row];
 
-    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f};
-    for (int k = lane; k < K; k += 32) stats_add(st, x[k], k, label);
+    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f, {GPUML_NEG_INF, K}};
+    for (int k = lane; k < K; k += 32) stats_add(st, x[k], k, label, K);
     st.softmax = warp_merge(st.softmax);
     st.x_label = gpuml_warp_sum(st.x_label);  // one non-zero term: exact
+    st.argmax = argmax_warp(st.argmax);
 
     const float m = st.softmax.max;
     const float inv_sum = 1.0f / st.softmax.sum;
@@ -121,7 +189,23 @@ extern "C" __global__ void __launch_bounds__(XENT_THREADS)
         d[k] = dlogit(v, k, label, m, inv_sum, eps, eps_over_k, inv_batch);
     }
     sum_shifted = gpuml_warp_sum(sum_shifted);
-    if (lane == 0) row_loss[row] = row_loss_from(st, sum_shifted, label, K, eps);
+    if (lane == 0) {
+        row_loss[row] = row_loss_from(st, sum_shifted, label, K, eps);
+        row_correct[row] = st.argmax.k == label;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(XENT_THREADS)
+    softmax_xent_fwd_bwd_warp(const float* logits, const int* __restrict__ labels, float* dlogits,
+                              float* __restrict__ row_loss, int* __restrict__ row_correct, float* __restrict__ loss,
+                              float* __restrict__ acc, unsigned int* __restrict__ ticket, int B, int K, float eps,
+                              float inv_batch, int accumulate) {
+    __shared__ FinishScratch finish;
+    const int row = blockIdx.x * (XENT_THREADS / 32) + (threadIdx.x >> 5);
+    // Whole warps skip together (the shuffles stay full-warp); every thread reaches the ticket.
+    if (row < B) xent_row_warp(logits, labels, dlogits, row_loss, row_correct, row, K, eps, inv_batch);
+    if (gpuml_last_block(ticket, gridDim.x, &finish.last))
+        xent_finish(row_loss, row_correct, B, loss, acc, inv_batch, accumulate, finish);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -129,37 +213,44 @@ extern "C" __global__ void __launch_bounds__(XENT_THREADS)
 
 extern "C" __global__ void __launch_bounds__(XENT_THREADS)
     softmax_xent_fwd_bwd_block(const float* logits, const int* __restrict__ labels, float* dlogits,
-                               float* __restrict__ row_loss, int B, int K, float eps, float inv_batch,
-                               int vec4) {
+                               float* __restrict__ row_loss, int* __restrict__ row_correct,
+                               float* __restrict__ loss, float* __restrict__ acc, unsigned int* __restrict__ ticket,
+                               int B, int K, float eps, float inv_batch, int accumulate, int vec4) {
     __shared__ float max_slots[XENT_THREADS / 32];
     __shared__ float sum_slots[XENT_THREADS / 32];
     __shared__ float scratch[XENT_THREADS / 32];
+    __shared__ float best_slots[XENT_THREADS / 32];
+    __shared__ int best_k_slots[XENT_THREADS / 32];
+    __shared__ FinishScratch finish;
     const int row = blockIdx.x;
     const float* x = logits + (gpuml_i64)row * K;
     float* d = dlogits + (gpuml_i64)row * K;
     const int label = labels[row];
     const int tid = threadIdx.x;
 
-    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f};
+    RowStats st = {{GPUML_NEG_INF, 0.0f}, 0.0f, {GPUML_NEG_INF, K}};
     if (vec4) {
         const float4* x4 = reinterpret_cast<const float4*>(x);
         for (int q = tid; q < K / 4; q += XENT_THREADS) {
             const float4 v = x4[q];
-            stats_add(st, v.x, 4 * q, label);
-            stats_add(st, v.y, 4 * q + 1, label);
-            stats_add(st, v.z, 4 * q + 2, label);
-            stats_add(st, v.w, 4 * q + 3, label);
+            stats_add(st, v.x, 4 * q, label, K);
+            stats_add(st, v.y, 4 * q + 1, label, K);
+            stats_add(st, v.z, 4 * q + 2, label, K);
+            stats_add(st, v.w, 4 * q + 3, label, K);
         }
     } else {
-        for (int k = tid; k < K; k += XENT_THREADS) stats_add(st, x[k], k, label);
+        for (int k = tid; k < K; k += XENT_THREADS) stats_add(st, x[k], k, label, K);
     }
 
     // Block merge: warps merge by butterfly, then every warp merges the per-warp slots in the
     // same order, so all threads hold identical row statistics.
     st.softmax = warp_merge(st.softmax);
+    st.argmax = argmax_warp(st.argmax);
     if ((tid & 31) == 0) {
         max_slots[tid >> 5] = st.softmax.max;
         sum_slots[tid >> 5] = st.softmax.sum;
+        best_slots[tid >> 5] = st.argmax.best;
+        best_k_slots[tid >> 5] = st.argmax.k;
     }
     __syncthreads();
     OnlineSoftmax total = {GPUML_NEG_INF, 0.0f};
@@ -191,20 +282,14 @@ extern "C" __global__ void __launch_bounds__(XENT_THREADS)
         }
     }
     sum_shifted = gpuml_block_sum(sum_shifted, scratch);
-    if (tid == 0) row_loss[row] = row_loss_from(st, sum_shifted, label, K, eps);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Deterministic batch mean of the row losses.
-
-extern "C" __global__ void __launch_bounds__(XENT_THREADS)
-    softmax_xent_mean_loss(const float* __restrict__ row_loss, int B, float* __restrict__ loss,
-                           float inv_batch) {
-    __shared__ double scratch[XENT_THREADS / 32];
-    double acc = 0.0;
-    for (int b = threadIdx.x; b < B; b += XENT_THREADS) acc += (double)row_loss[b];
-    acc = gpuml_block_sum(acc, scratch);
-    if (threadIdx.x == 0) loss[0] = (float)(acc * (double)inv_batch);
+    if (tid == 0) {
+        ArgMax best = {best_slots[0], best_k_slots[0]};  // the warps' winners, in warp order
+        for (int w = 1; w < XENT_THREADS / 32; ++w) argmax_merge(best, best_slots[w], best_k_slots[w]);
+        row_loss[row] = row_loss_from(st, sum_shifted, label, K, eps);
+        row_correct[row] = best.k == label;
+    }
+    if (gpuml_last_block(ticket, gridDim.x, &finish.last))
+        xent_finish(row_loss, row_correct, B, loss, acc, inv_batch, accumulate, finish);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -79,3 +79,40 @@ def test_split_k_in_one_launch_is_deterministic(M: int, N: int, K: int) -> None:
     again = cuda.to_numpy(cuda.matmul(a_d, b_d, bias=bias_d, activation="relu", out=nan_filled(cuda, (M, N))))
     np.testing.assert_array_equal(first, again)
     assert rel_err(first, cpu.matmul(a_c, b_c, bias=bias_c, activation="relu")) <= gemm_tol(K)
+
+
+# ----------------------------------------------------------------------------- softmax_xent
+@pytest.mark.parametrize("B,K", [(1, 10), (33, 10), (1000, 10), (7, 1023), (7, 32000), (3, 32001)])
+@pytest.mark.parametrize("alias", [False, True])
+def test_softmax_xent_accumulates_loss_sum_and_correct_count(B: int, K: int, alias: bool) -> None:
+    """One launch: dlogits, the mean loss, acc[0] += B * loss and acc[1] += correct, with ties
+    (first max wins) and rows whose label is the argmax; equal to the CPU backend's fused op
+    and to the separate count_correct / add_ it replaces."""
+    cuda, cpu = backends()
+    gen = np.random.default_rng(B + K)
+    logits = _rand(gen, B, K, scale=3.0)
+    labels = gen.integers(0, K, B).astype(np.int32)
+    logits[: B // 2, 0] = logits[: B // 2].max(axis=1) + 1.0  # some rows predict class 0 ...
+    labels[: B // 3] = 0  # ... and some of those are labelled 0
+    if K > 2:
+        logits[-1, 1] = logits[-1, 2] = logits[-1].max() + 1.0  # a tie: class 1 wins
+        labels[-1] = 1
+    acc0 = np.array([2.5, 7.0], np.float32)
+    want_acc = acc0.astype(np.float64)
+    want_loss, want_d = cpu.softmax_xent(logits.astype(np.float64), labels, label_smoothing=0.1,
+                                         accumulate=want_acc)
+    correct = int(np.count_nonzero(np.argmax(logits, axis=1) == labels))
+    assert want_acc[1] == acc0[1] + correct
+    np.testing.assert_allclose(want_acc[0], float(acc0[0]) + B * float(want_loss), rtol=1e-12)
+
+    x, acc = cuda.asarray(logits), cuda.asarray(acc0)
+    d_out = x if alias else nan_filled(cuda, (B, K))
+    before = cuda.launch_count
+    loss, d = cuda.softmax_xent(x, cuda.asarray(labels), label_smoothing=0.1, loss=nan_filled(cuda, ()),
+                                dlogits=d_out, accumulate=acc)
+    assert cuda.launch_count - before == 1
+    got_acc = cuda.to_numpy(acc)
+    assert got_acc[1] == want_acc[1]
+    assert rel_err(cuda.to_numpy(loss), want_loss) <= 1e-5
+    assert rel_err(got_acc[0], want_acc[0]) <= 1e-5
+    assert rel_err(cuda.to_numpy(d), want_d) <= gemm_tol(K)

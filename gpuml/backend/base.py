@@ -266,6 +266,7 @@ class Backend(ABC):
         label_smoothing: float = 0.0,
         loss: Array | None = None,
         dlogits: Array | None = None,
+        accumulate: Array | None = None,
     ) -> tuple[Array, Array]:
         """Fused softmax + cross-entropy in one pass.
 
@@ -273,6 +274,9 @@ class Backend(ABC):
         the mean over the batch of -sum_k t_k log softmax(logits)_k with target
         t = (1 - eps) * onehot + eps / K; dlogits (B, K) = (softmax - t) / B.
         `dlogits` may be the `logits` array itself (overwritten in place, as llm.c does).
+        accumulate (2,) of self.dtype: also the trainer's metric sums, in the same pass (one
+        launch on CUDA): accumulate[0] += B * loss, accumulate[1] += count_correct(logits,
+        labels) (rows whose first argmax is the label, counted before dlogits is written).
         """
 
     @abstractmethod

@@ -15,9 +15,16 @@ class Loss:
         self.backend = backend
         self._buf = Buffers(backend).get
 
-    def __call__(self, outputs: Array, labels: Array) -> tuple[Array, Array]:
-        """(loss, doutputs)."""
+    def __call__(self, outputs: Array, labels: Array, accumulate: Array | None = None) -> tuple[Array, Array]:
+        """(loss, doutputs). `accumulate` (2,): also add batch * loss and the number of rows
+        whose argmax is the label to accumulate[0], accumulate[1] (the trainer's metric sums)."""
         raise NotImplementedError
+
+    def _accumulate(self, acc: Array, outputs: Array, labels: Array, loss: Array) -> None:
+        """The metric sums of __call__ by separate ops, for losses without a fused form."""
+        be = self.backend
+        be.add_(acc[0:1], loss.reshape(1), alpha=float(outputs.shape[0]))  # a NaN loss stays NaN
+        be.add_(acc[1:2], be.count_correct(outputs, labels, out=self._buf("correct", ())).reshape(1))
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -31,7 +38,7 @@ class SoftmaxCrossEntropy(Loss):
             raise ShapeError(f"loss: label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
-    def __call__(self, outputs: Array, labels: Array) -> tuple[Array, Array]:
+    def __call__(self, outputs: Array, labels: Array, accumulate: Array | None = None) -> tuple[Array, Array]:
         if outputs.ndim != 2:
             raise ShapeError(
                 f"loss {self.name}: expects logits (batch, classes), got {tuple(outputs.shape)}; "
@@ -39,7 +46,7 @@ class SoftmaxCrossEntropy(Loss):
             )
         return self.backend.softmax_xent(
             outputs, labels, label_smoothing=self.label_smoothing,
-            loss=self._buf("loss", ()), dlogits=self._buf("dlogits", outputs.shape),
+            loss=self._buf("loss", ()), dlogits=self._buf("dlogits", outputs.shape), accumulate=accumulate,
         )
 
 
@@ -48,7 +55,7 @@ class MSE(Loss):
 
     name = "mse"
 
-    def __call__(self, outputs: Array, labels: Array) -> tuple[Array, Array]:
+    def __call__(self, outputs: Array, labels: Array, accumulate: Array | None = None) -> tuple[Array, Array]:
         target = labels
         if labels.ndim == 1:
             if outputs.ndim != 2:
@@ -56,8 +63,11 @@ class MSE(Loss):
             target = self.backend.one_hot(labels, outputs.shape[1], out=self._buf("target", outputs.shape))
         if tuple(target.shape) != tuple(outputs.shape):
             raise ShapeError(f"loss mse: outputs {tuple(outputs.shape)} and targets {tuple(target.shape)} differ")
-        return self.backend.mse(outputs, target, loss=self._buf("loss", ()),
-                                dpred=self._buf("dpred", outputs.shape))
+        loss, dpred = self.backend.mse(outputs, target, loss=self._buf("loss", ()),
+                                       dpred=self._buf("dpred", outputs.shape))
+        if accumulate is not None:
+            self._accumulate(accumulate, outputs, labels, loss)
+        return loss, dpred
 
 
 LOSSES = {"softmax_cross_entropy": SoftmaxCrossEntropy, "mse": MSE}

@@ -219,9 +219,11 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         label_smoothing: float = 0.0,
         loss: Array | None = None,
         dlogits: Array | None = None,
+        accumulate: Array | None = None,
     ) -> tuple[Array, Array]:
-        """As Backend.softmax_xent; labels are not range-checked on the host (that would sync):
-        a label outside [0, K) makes the loss NaN."""
+        """As Backend.softmax_xent, in one launch (argmax, mean and accumulation included);
+        labels are not range-checked on the host (that would sync): a label outside [0, K)
+        makes the loss NaN."""
         op = "softmax_xent"
         logits = self._dev_in(op, "logits", logits, ndim=2)
         B, K = logits.shape
@@ -232,15 +234,18 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         dlogits = self._dev_out(op, "dlogits", dlogits, (B, K))
         self._out_may_alias(op, "dlogits", dlogits, "logits", logits)
         self._no_alias(op, "loss", loss, logits=logits, dlogits=dlogits)
+        if accumulate is not None:
+            accumulate = self._dev_in(op, "accumulate", accumulate, shape=(2,))
+            self._no_alias(op, "accumulate", accumulate, logits=logits, dlogits=dlogits, loss=loss)
         xp_plan = plan.softmax_xent_plan(B, K, aligned16(logits, dlogits))
         row_loss = self._scratch("xent_row_loss", B)
-        args = (logits, labels, dlogits, row_loss, np.int32(B), np.int32(K),
-                np.float32(label_smoothing), np.float32(1.0 / B))
+        row_correct = self._scratch("xent_row_correct", B, np.int32)
+        args = (logits, labels, dlogits, row_loss, row_correct, loss,
+                loss if accumulate is None else accumulate, self._tickets(1), np.int32(B), np.int32(K),
+                np.float32(label_smoothing), np.float32(1.0 / B), np.int32(accumulate is not None))
         if xp_plan.kernel == "softmax_xent_fwd_bwd_block":
             args = (*args, np.int32(xp_plan.vec4))
         self._launch("softmax_xent", xp_plan.kernel, xp_plan.grid, BLOCK, args)
-        self._launch("softmax_xent", "softmax_xent_mean_loss", (1, 1, 1), BLOCK,
-                     (row_loss, np.int32(B), loss, np.float32(1.0 / B)))
         return loss, dlogits
 
     def mse(
