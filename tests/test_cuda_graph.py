@@ -16,7 +16,11 @@ import pytest
 
 from tests.gpu_util import GPU
 
-pytestmark = GPU
+
+def gpu(test: Any) -> Any:
+    for mark in GPU:
+        test = mark(test)
+    return test
 
 N_TRAIN, N_TEST = 44, 12  # batch 8: five full batches and a partial one of 4
 
@@ -34,11 +38,11 @@ def _dataset(n: int = N_TRAIN, seed: int = 0) -> Any:
     return Dataset(spec, Path("."), train, val, test, *pixel_stats(train.images))
 
 
-def _config(graph: str, **trainer: Any) -> dict[str, Any]:
+def _config(graph: str, device: str = "cuda", **trainer: Any) -> dict[str, Any]:
     from gpuml.train.config import validate
 
     raw = {
-        "device": "cuda", "seed": 3,
+        "device": device, "seed": 3,
         "model": {"input_shape": [1, 6, 6], "layers": [
             {"type": "flatten"}, {"type": "dense", "units": 8, "activation": "relu"},
             {"type": "dropout", "rate": 0.25}, {"type": "dense", "units": 3}]},
@@ -80,6 +84,7 @@ def _metrics(run: dict) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in ("seconds", "samples_per_second")} for row in run["history"]]
 
 
+@gpu
 def test_graph_on_matches_eager_bit_for_bit_with_partial_batch_dropout_and_eval(tmp_path: Path) -> None:
     on, run_on = _train(tmp_path, "on", "on")
     off, run_off = _train(tmp_path, "off", "off")
@@ -93,6 +98,7 @@ def test_graph_on_matches_eager_bit_for_bit_with_partial_batch_dropout_and_eval(
     assert not any("warning" in line for line in run_on["logs"])
 
 
+@gpu
 def test_graph_with_augmentation_clipping_and_schedule(tmp_path: Path) -> None:
     extra = {"grad_clip_norm": 0.05, "data__augment": {"shift": 1, "rotate": 10.0, "hflip": True},
              "schedule__name": "cosine", "drop_last": False}
@@ -104,6 +110,7 @@ def test_graph_with_augmentation_clipping_and_schedule(tmp_path: Path) -> None:
     assert len(set(lrs)) == len(lrs)  # the schedule moved, and the graph followed it
 
 
+@gpu
 def test_graph_recaptures_on_a_new_batch_size(tmp_path: Path) -> None:
     from gpuml.backend import get_backend
     from gpuml.backend.cuda.graph import GraphRunner
@@ -124,6 +131,7 @@ def test_graph_recaptures_on_a_new_batch_size(tmp_path: Path) -> None:
     assert got.tolist() == [7.0, 7.0, 4.0, 4.0]
 
 
+@gpu
 def test_graph_keeps_its_buffers_and_pins_the_optimizer_table(tmp_path: Path) -> None:
     """A replay must never write through a pointer whose buffer was freed: the graph holds every
     array it launched with, and the tensor-table LRU skips a table a live graph points to."""
@@ -146,6 +154,7 @@ def test_graph_keeps_its_buffers_and_pins_the_optimizer_table(tmp_path: Path) ->
     assert any(not np.array_equal(before[k], v) for k, v in _state(on).items())
 
 
+@gpu
 def test_graph_resume_from_a_checkpoint_taken_in_graph_mode(tmp_path: Path) -> None:
     from gpuml.train.trainer import Trainer
 
@@ -172,6 +181,7 @@ def _allocating_one_hot(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CudaBackend, "one_hot", one_hot)
 
 
+@gpu
 def test_graph_auto_falls_back_to_eager_with_one_warning_naming_the_op(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     off, run_off = _train(tmp_path, "off", "off", epochs=2, loss__name="mse")
@@ -185,6 +195,7 @@ def test_graph_auto_falls_back_to_eager_with_one_warning_naming_the_op(tmp_path:
     assert _metrics(run_auto) == _metrics(run_off)
 
 
+@gpu
 def test_graph_on_is_an_error_naming_the_op_that_cannot_be_captured(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from gpuml.errors import DeviceError
@@ -193,3 +204,99 @@ def test_graph_on_is_an_error_naming_the_op_that_cannot_be_captured(tmp_path: Pa
     with pytest.raises(DeviceError, match=r"trainer.cuda_graph is on but .*one_hot.*allocation") as info:
         _train(tmp_path, "on", "on", epochs=2, loss__name="mse")
     assert "\n" not in str(info.value)
+
+
+@gpu
+def test_graph_with_mse_loss_captures_its_one_hot_targets(tmp_path: Path) -> None:
+    """MSE on integer labels builds one-hot targets inside the step: allocation-free (a cached
+    buffer), so the step captures and matches eager."""
+    on, run_on = _train(tmp_path, "on", "on", epochs=2, loss__name="mse")
+    off, run_off = _train(tmp_path, "off", "off", epochs=2, loss__name="mse")
+    assert on.steps.runner.captures >= 2
+    _same(on, off)
+    assert _metrics(run_on) == _metrics(run_off)
+
+
+def test_cuda_graph_on_with_the_cpu_backend_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    from gpuml.errors import ConfigError
+    from gpuml.train.trainer import Trainer
+
+    for value in ("on", True):  # YAML reads a bare `on` as true
+        with pytest.raises(ConfigError, match=r"trainer\.cuda_graph: on needs the CUDA backend") as info:
+            Trainer(_config(value, device="cpu"), tmp_path / "run", log=lambda m: None, dataset=_dataset())
+        assert "\n" not in str(info.value)
+    for value in ("auto", "off", False):  # auto on a CPU is eager, as off
+        Trainer(_config(value, device="cpu"), tmp_path / str(value), log=lambda m: None, dataset=_dataset())
+
+
+# ----------------------------------------------------------------- the emulator's capture
+def _emulator() -> Any:
+    import cupy
+
+    if "emulator" not in cupy.__version__:
+        pytest.skip("checks the CPU emulator's capture (tests/cuda_emulator), not a GPU")
+    return cupy
+
+
+@gpu
+def test_graph_emulator_records_and_replays_launches_and_pinned_copies() -> None:
+    from gpuml.backend import get_backend
+
+    cupy = _emulator()
+    be = get_backend("cuda")
+    dst, src = be.zeros((3,)), be.asarray(np.ones(3, np.float32))
+    pinned = np.frombuffer(cupy.cuda.alloc_pinned_memory(12), np.float32, 3)
+    hyper = be.zeros((3,))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        be.add_(dst, src, alpha=2.0)
+        hyper.set(pinned)
+        graph = stream.end_capture()
+    assert be.to_numpy(dst).tolist() == [0.0] * 3  # nothing runs at capture time
+    for value in (5.0, 7.0):
+        pinned[...] = value  # the replay reads the pinned buffer as it is then
+        graph.launch(stream)
+        assert be.to_numpy(hyper).tolist() == [value] * 3
+    assert be.to_numpy(dst).tolist() == [4.0] * 3
+
+
+@gpu
+@pytest.mark.parametrize("what", ["allocate", "synchronize", "pageable copy", "read back"])
+def test_graph_emulator_capture_fails_on_what_a_gpu_refuses(what: str) -> None:
+    from gpuml.backend import get_backend
+
+    cupy = _emulator()
+    be = get_backend("cuda")
+    dst = be.zeros((3,))
+    ops = {"allocate": lambda: be.zeros((3,)), "synchronize": be.synchronize,
+           "pageable copy": lambda: dst.set(np.ones(3, np.float32)), "read back": lambda: be.to_numpy(dst)}
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        with pytest.raises(cupy.cuda.runtime.CUDARuntimeError, match="not permitted when stream is capturing"):
+            ops[what]()
+        with pytest.raises(cupy.cuda.runtime.CUDARuntimeError, match="Invalidated"):
+            stream.end_capture()
+    assert not stream.is_capturing()
+
+
+@gpu
+def test_graph_emulator_replay_after_a_buffer_was_freed_fails() -> None:
+    import gc
+
+    from gpuml.backend import get_backend
+
+    cupy = _emulator()
+    be = get_backend("cuda")
+    dst, src = be.zeros((3,)), be.asarray(np.ones(3, np.float32))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        be.add_(dst, src)
+        graph = stream.end_capture()
+    graph.launch(stream)
+    del src
+    gc.collect()
+    with pytest.raises(cupy.cuda.driver.CUDADriverError, match="freed after the graph was captured"):
+        graph.launch(stream)
