@@ -31,11 +31,12 @@ MAX_SIGNATURES = 4096
 
 def signature(value: Any) -> Any:
     """What an op's checks depend on: an array's type, shape, strides, dtype and writeability;
-    a list or tuple element by element; anything else as it is (it must be hashable)."""
+    a list (of arrays: an optimizer's) element by element; anything else as it is (a tuple of
+    arrays is unhashable, so such a call is checked every time)."""
     if type(value) is np.ndarray:
         return (value.shape, value.strides, value.dtype, value.flags.writeable)
-    if type(value) in (list, tuple):
-        return tuple(signature(v) for v in value)
+    if type(value) is list:
+        return tuple(map(signature, value))
     return value
 
 

@@ -22,6 +22,8 @@ arrive validated (shapes, dtype, C-contiguous) from CpuBackend; these functions 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from gpuml.backend.cpu.conv_loops import (
@@ -55,7 +57,7 @@ class Workspace:
     def scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A C-contiguous array of `shape` carved from the named buffer (contents left over from
         its last use; NaN when new, so a loop that skips an element shows up in its result)."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         buf = self._scratch.get((name, dtype))
         if buf is None or buf.size < size:
             buf = np.full(size, np.nan, dtype=dtype)
