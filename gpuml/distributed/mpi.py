@@ -15,6 +15,8 @@ No hang when a rank fails:
 
 from __future__ import annotations
 
+import atexit
+import faulthandler
 import os
 import socket
 import sys
@@ -24,11 +26,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import mpi4py
 import numpy as np
-from mpi4py import MPI
 
 from gpuml.distributed.world import World
 from gpuml.errors import ConfigError, DeviceError
+
+# No MPI_Finalize at exit: it waits for every rank, so a rank leaving on its own (sys.exit, an
+# error outside the exit protocol) would hang in it while the others wait in a collective.
+# Without it, the launcher sees a rank exit and ends the job; exits that every rank agrees on go
+# through a barrier first (MpiWorld._at_exit).
+mpi4py.rc.finalize = False
+# MPI_Init waits (holding the GIL, so no Python thread can watch it) for every rank to start; a
+# rank that failed before it would leave the others there for ever. faulthandler's C watchdog
+# prints where it waited and exits, which makes the launcher end the job.
+INIT_TIMEOUT_S = 60
+faulthandler.dump_traceback_later(INIT_TIMEOUT_S, exit=True)
+from mpi4py import MPI  # noqa: E402  (MPI_Init)
+
+faulthandler.cancel_dump_traceback_later()
 
 if TYPE_CHECKING:
     from gpuml.backend.base import Array, Backend
@@ -66,12 +82,14 @@ class MpiWorld(World):
         threading.Thread(target=self._watchdog, name="gpuml-mpi-watchdog", daemon=True).start()
         self._previous_hook = sys.excepthook
         sys.excepthook = self._excepthook
+        atexit.register(self._at_exit)
         # Who is who: the launcher names a killed rank by its pid.
-        self.members = self.comm.allgather((os.getpid(), socket.gethostname()))
+        with self.waiting("start-up"):
+            self.members = self.comm.allgather((os.getpid(), socket.gethostname()))
 
     def describe(self) -> str:
         who = ", ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(self.members))
-        lib = MPI.Get_library_version().splitlines()[0].strip()
+        lib = " ".join(MPI.Get_library_version().split()[:3])  # "MPICH Version: 5.0.2", "Open MPI v5.0.11, ..."
         return f"; {self.size} ranks ({who}; {lib})"
 
     # -------------------------------------------------------------- primitives
@@ -146,7 +164,7 @@ class MpiWorld(World):
         """Every rank failing alike leaves together (rank 0 prints each distinct message once);
         a rank failing alone prints its message and ends every rank with MPI_Abort."""
         req = self._exit_comm.Ibarrier()
-        deadline = time.monotonic() + EXIT_WAIT_S
+        deadline = time.monotonic() + min(EXIT_WAIT_S, self.timeout / 2)  # before a peer's watchdog fires
         while not req.Test():
             if time.monotonic() > deadline:
                 self.abort(code, message, f"rank {self.rank} of {self.size} failed; stopping every rank")
@@ -176,6 +194,13 @@ class MpiWorld(World):
         self._previous_hook(kind, exc, tb)  # the traceback first
         if not self._aborting:
             self.exit_code(1, f"gpuml: error: {kind.__name__} (a bug; traceback above)")
+
+    def _at_exit(self) -> None:
+        """Leave together: the launcher ends the job when the first rank exits, which must not
+        cut rank 0 short while it writes the run's last files."""
+        if not self._aborting:
+            with self.waiting("the final barrier"):
+                self._exit_comm.Barrier()
 
     def _watchdog(self) -> None:
         while True:

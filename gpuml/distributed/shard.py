@@ -21,20 +21,22 @@ def shard_bounds(rows: int, rank: int, size: int) -> tuple[int, int]:
     return lo, lo + q + (1 if rank < extra else 0)
 
 
-def check_batches(samples: int, batch_size: int, drop_last: bool, size: int, source: str) -> None:
+def check_batches(samples: int, batch_size: int, drop_last: bool, size: int, source: Any) -> None:
     """Every global batch of an epoch must give each of `size` ranks at least one sample: the
-    full batches and, without drop_last, the short last one."""
+    full batches and, without drop_last, the short last one. `source`: the config's (for blame)."""
+    from gpuml.train.config import blame
+
     if size == 1:
         return
     if batch_size < size:
-        raise ConfigError(f"{source}: trainer.batch_size {batch_size} is the global batch, smaller than "
-                          f"the {size} ranks: every rank needs at least one sample (use at most "
-                          f"{batch_size} ranks or a larger batch)")
+        raise ConfigError(blame(source, "trainer.batch_size", f"{batch_size} is the global batch, smaller "
+                                f"than the {size} ranks: every rank needs at least one sample (start at "
+                                f"most {batch_size} rank{'s' if batch_size != 1 else ''}, or use a larger batch)"))
     last = samples % batch_size
     if last and not drop_last and last < size:
-        raise ConfigError(f"{source}: the last batch of each epoch holds {last} of the {samples} training "
-                          f"samples, fewer than the {size} ranks; set trainer.drop_last: true or change "
-                          f"trainer.batch_size or data.limit")
+        raise ConfigError(blame(source, "trainer.batch_size", f"the last batch of each epoch holds {last} of "
+                                f"the {samples} training samples, fewer than the {size} ranks; set "
+                                f"trainer.drop_last: true, or change trainer.batch_size or data.limit"))
 
 
 def eval_part(split: Split, name: str, rank: int, size: int) -> Split:
