@@ -470,7 +470,7 @@ def xent_ref(logits, labels, eps):
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("bk", [(1, 2), (7, 10), (33, 5)])
+@pytest.mark.parametrize("bk", [(1, 2), (7, 10), (33, 5), (5, 300), (3, 1001)])  # the last two: wide path
 def test_softmax_xent(be, dt, eps, bk):
     rng = np.random.default_rng(10)
     logits = randn(rng, bk, dt) * 3
@@ -494,6 +494,26 @@ def test_softmax_xent_is_stable(be, dt):
     loss, grad = be.softmax_xent(logits, labels)
     assert np.isfinite(loss) and np.isfinite(grad).all()
     assert abs(float(loss) - (2e4 + (1 + math.log(1 + 2 * math.exp(-1)))) / 2) < 1e-3
+
+
+def test_softmax_xent_wide_is_stable_and_the_same_in_any_blocks_and_parts(be, dt, monkeypatch):
+    """The wide path (NumPy exp on blocks of rows over the helper threads): a row trailing its
+    max by 1e4 has softmax 0, not NaN; blocks of one row on 3 threads change no bit."""
+    from gpuml.backend.cpu import losses as cpu_losses
+
+    rng = np.random.default_rng(21)
+    logits = randn(rng, (6, cpu_losses.WIDE_CLASSES + 3), dt) * 3
+    logits[2, 7] = 1e4
+    labels = rng.integers(0, logits.shape[1], 6).astype(np.int32)
+    labels[2] = 5
+    loss_ref, grad_ref = xent_ref(logits, labels, 0.1)
+    loss, grad = be.softmax_xent(logits, labels, label_smoothing=0.1)
+    assert abs(float(loss) - loss_ref) <= TOL[dt] * abs(loss_ref) and rel_err(grad, grad_ref) < TOL[dt]
+    monkeypatch.setattr(cpu_losses, "WIDE_BLOCK", 1)
+    monkeypatch.setattr(cpu_loops, "MIN_PART", 5)
+    monkeypatch.setattr(cpu_loops, "_WORKERS", 3)
+    loss2, grad2 = be.softmax_xent(logits, labels, label_smoothing=0.1)
+    assert float(loss2) == float(loss) and np.array_equal(grad2, grad)
 
 
 def test_softmax_xent_errors(be, dt):

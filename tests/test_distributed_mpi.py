@@ -45,8 +45,9 @@ def one_process(*args: str) -> subprocess.CompletedProcess:
 def config(tmp_path: Path, fashion_root: Path, dtype: str, **over) -> Path:
     # 500 training samples in global batches of 33: the last batch (5) splits 3 + 2, the others
     # 17 + 16, so uneven shards are checked; dropout and augmentation draw per sample.
+    over = {"trainer__epochs": 2, **over}
     return tiny_config(tmp_path, fashion_root, dtype=dtype, data__limit=600, data__val_split=100,
-                       data__augment={"shift": 1, "rotate": 10}, trainer__batch_size=33, trainer__epochs=2, **over)
+                       data__augment={"shift": 1, "rotate": 10}, trainer__batch_size=33, **over)
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,7 +132,6 @@ def test_the_same_error_on_every_rank_is_printed_once(tmp_path: Path, fashion_ro
     assert proc.stderr.count("gpuml: error:") == 1
 
 
-@pytest.mark.slow
 def test_sigterm_on_one_rank_stops_all_and_resume_equals_uninterrupted(tmp_path: Path, fashion_root: Path) -> None:
     cfg = config(tmp_path, fashion_root, "float64")
     full, _ = mpirun(2, "train", cfg, "--out", tmp_path / "full", "--no-progress")
@@ -154,15 +154,13 @@ def test_sigterm_on_one_rank_stops_all_and_resume_equals_uninterrupted(tmp_path:
         assert np.array_equal(wa[k], wb[k]), k
 
 
-@pytest.mark.slow
 def test_python_api_fit_under_mpiexec(tmp_path: Path) -> None:
     script = tmp_path / "fit.py"
     script.write_text(
-        "import sys\nimport numpy as np\nimport gpuml\n"
+        "import sys\nimport numpy as np\nimport gpuml\nfrom gpuml import layers as L\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.integers(0, 256, size=(90, 1, 6, 6), dtype=np.uint8); y = rng.integers(0, 3, size=90)\n"
-        "m = gpuml.Sequential([gpuml.Flatten(), gpuml.Dense(8, activation='relu'), gpuml.Dropout(0.3),\n"
-        "                      gpuml.Dense(3)])\n"
+        "m = gpuml.Sequential([L.Flatten(), L.Dense(8, activation='relu'), L.Dropout(0.3), L.Dense(3)])\n"
         "m.compile(optimizer='adam')\n"
         "m.fit(x, y, epochs=2, batch_size=25, device='cpu', dtype='float64', verbose=0, run_dir=sys.argv[1],\n"
         "      validation_split=0.2)\n")

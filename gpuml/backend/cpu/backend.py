@@ -20,13 +20,14 @@ from gpuml.backend.base import ACTIVATIONS, Backend, Pair, host_int
 from gpuml.backend.cpu import conv as cpu_conv
 from gpuml.backend.cpu import loops
 from gpuml.backend.cpu.checks import Checks, fail, first_outside
+from gpuml.backend.cpu.losses import LossOps
 from gpuml.backend.cpu.optim import OptimizerSteps
 from gpuml.backend.cpu.pool import PoolingOps
 
 _ACT_BWD = {"relu": loops.relu_bwd, "tanh": loops.tanh_bwd, "sigmoid": loops.sigmoid_bwd}
 
 
-class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
+class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
     """NumPy + numba, float32 or float64 (`CpuBackend(dtype="float64")` for gradient checks)."""
 
     name = "cpu"
@@ -174,65 +175,6 @@ class CpuBackend(PoolingOps, OptimizerSteps, Checks, Backend):
         out = c.out_buf("out", out, w_shape)
         c.done()
         cpu_conv.conv2d_bwd_weight(self._ws, x, dy, geom, out)
-        return out
-
-    # ------------------------------------------------------------------ losses
-    def softmax_xent(
-        self,
-        logits: np.ndarray,
-        labels: np.ndarray,
-        *,
-        label_smoothing: float = 0.0,
-        loss: np.ndarray | None = None,
-        dlogits: np.ndarray | None = None,
-        accumulate: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        op = "softmax_xent"
-        c = self.checks(op, logits, labels, label_smoothing, loss, dlogits, accumulate)
-        logits = c.float_in("logits", logits, ndim=2)
-        B, K = logits.shape
-        labels = c.typed_in("labels", labels, np.int32, (B,))
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"softmax_xent: label_smoothing must be in [0, 1), got {label_smoothing}")
-        loss = c.out_buf("loss", loss, ())
-        dlogits = c.out_buf("dlogits", dlogits, (B, K))
-        if accumulate is not None:
-            accumulate = c.out_buf("accumulate", accumulate, (2,))
-        c.done()
-        self.labels_in_range(op, labels, K)
-        if accumulate is not None:  # counted first: dlogits may overwrite the logits
-            correct = self.count_correct(logits, labels, out=self._ws.scratch("xent_correct", (), self.dtype))
-        tiny = float(loops.smallest_normal(self.dtype))
-        loss[()] = loops.softmax_xent_rows(logits, labels, float(label_smoothing), dlogits, tiny)
-        if accumulate is not None:
-            self.add_(accumulate[0:1], loss.reshape(1), alpha=float(B))  # a NaN loss stays NaN
-            self.add_(accumulate[1:2], correct.reshape(1))
-        return loss, dlogits
-
-    def mse(
-        self,
-        pred: np.ndarray,
-        target: np.ndarray,
-        *,
-        loss: np.ndarray | None = None,
-        dpred: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        c = self.checks("mse", pred, target, loss, dpred)
-        pred = c.float_in("pred", pred)
-        target = c.float_in("target", target, shape=pred.shape)
-        loss = c.out_buf("loss", loss, ())
-        dpred = c.out_buf("dpred", dpred, pred.shape)
-        c.done()
-        loss[()] = loops.mse_flat(pred.reshape(-1), target.reshape(-1), dpred.reshape(-1))
-        return loss, dpred
-
-    def count_correct(self, logits: np.ndarray, labels: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        c = self.checks("count_correct", logits, labels, out)
-        logits = c.float_in("logits", logits, ndim=2)
-        labels = c.int_in("labels", labels, (logits.shape[0],))
-        out = c.out_buf("out", out, ())
-        c.done()
-        out[()] = np.count_nonzero(np.argmax(logits, axis=1) == labels)
         return out
 
     # ------------------------------------------------------------------ elementwise
