@@ -116,3 +116,37 @@ def test_softmax_xent_accumulates_loss_sum_and_correct_count(B: int, K: int, ali
     assert rel_err(cuda.to_numpy(loss), want_loss) <= 1e-5
     assert rel_err(got_acc[0], want_acc[0]) <= 1e-5
     assert rel_err(cuda.to_numpy(d), want_d) <= gemm_tol(K)
+
+
+# ----------------------------------------------------------------------------- layer stacks
+def _grads(backend, layers, x: np.ndarray, dy: np.ndarray) -> list[np.ndarray]:
+    from gpuml.nn.model import Sequential
+
+    model = Sequential(layers).build(x.shape[1:], backend, seed=3)
+    out = model.forward_buffered(backend.asarray(x.astype(backend.dtype)), training=True)
+    assert out.shape == dy.shape
+    model.backward(backend.asarray(dy.astype(backend.dtype)))
+    return model, [backend.to_numpy(g) for _, _, g in model.named_parameters()]
+
+
+def test_dense_relu_stack_fuses_the_relu_backward_and_bias_gradient() -> None:
+    """Dense(relu) -> Dense(relu) -> Dense: the upper layers' dx GEMMs apply the ReLU mask of the
+    layer below and the dW GEMMs write db, so backward launches 2 GEMMs per layer (1 for the
+    first) and nothing else; the gradients match the float64 reference."""
+    from gpuml.nn.layers import Dense
+
+    cuda, cpu = backends()
+    gen = np.random.default_rng(11)
+    x, dy = _rand(gen, 13, 45), _rand(gen, 13, 10)
+
+    def stack():
+        return [Dense(37, activation="relu"), Dense(29, activation="relu"), Dense(10)]
+
+    model, got = _grads(cuda, stack(), x, dy)
+    assert [layer.relu_grad_fused for layer in model.layers] == [True, True, False]
+    before = cuda.launch_count
+    model.backward(cuda.asarray(dy))
+    assert cuda.launch_count - before == 5
+    _, want = _grads(cpu, stack(), x, dy)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= gemm_tol(45)

@@ -106,6 +106,10 @@ class Layer:
     def backward(self, dy: Array) -> Array | None:
         raise NotImplementedError
 
+    def link_previous(self, prev: Layer | None) -> None:
+        """Called by Sequential, in layer order, once `need_input_grad` is set: a layer may fuse
+        work of the layer before it into its own launches (Dense: that layer's ReLU backward)."""
+
 
 class _LinearActivation(Layer):
     """Dense and Conv2D: y = act(linear(x) + b). ReLU is fused into the linear op's epilogue,
@@ -117,11 +121,18 @@ class _LinearActivation(Layer):
         self.activation = activation
         self.use_bias = use_bias
         self.init = init or ("he" if activation == "relu" else "glorot")
+        #: the dy backward receives is already through this layer's ReLU (the next layer's dx
+        #: epilogue applied it), so backward skips activation_bwd
+        self.relu_grad_fused = False
 
+    def link_previous(self, prev: Layer | None) -> None:
+        self.relu_grad_fused = False  # until the next layer claims it
     def _linear(self, x: Array, fused: str | None, out: Array) -> None:
         raise NotImplementedError
 
-    def _weight_grad(self, x: Array, dz: Array) -> None:
+    def _weight_grad(self, x: Array, dz: Array, db: Array | None) -> None:
+        """The weight gradient, and the bias gradient into db (when not None), fused where the
+        backend can."""
         raise NotImplementedError
 
     def _input_grad(self, dz: Array, out: Array) -> Array:
@@ -149,12 +160,10 @@ class _LinearActivation(Layer):
         be = self.backend
         x, y = self._x, self._y
         dz = dy
-        if self.activation:
+        if self.activation and not self.relu_grad_fused:
             dz = be.activation_bwd(self.activation, y, dy, out=self.buffer("dz", y.shape))
         if self.trainable:  # a frozen layer's gradients are never read: skip the GEMMs
-            self._weight_grad(x, dz)
-            if self.use_bias:
-                be.bias_grad(dz, out=self.grads["b"])
+            self._weight_grad(x, dz, self.grads["b"] if self.use_bias else None)
         if not self.need_input_grad:
             return None
         return self._input_grad(dz, self.buffer("dx", x.shape))
@@ -169,6 +178,7 @@ class Dense(_LinearActivation):
                  init: str | None = None, name: str = "") -> None:
         super().__init__(activation, use_bias, init, name)
         self.units = units
+        self._relu_mask_of: _LinearActivation | None = None  # set by link_previous
 
     def infer_shape(self, input_shape: Shape) -> Shape:
         if len(input_shape) != 1:
@@ -189,11 +199,22 @@ class Dense(_LinearActivation):
     def _linear(self, x: Array, fused: str | None, out: Array) -> None:
         self.backend.matmul(x, self.params["W"], bias=self.params.get("b"), activation=fused, out=out)
 
-    def _weight_grad(self, x: Array, dz: Array) -> None:
-        self.backend.matmul(x, dz, trans_a=True, out=self.grads["W"])
+    def link_previous(self, prev: Layer | None) -> None:
+        super().link_previous(prev)
+        # dx = (dz @ W^T) * (y_prev > 0) in one GEMM when the layer below is a ReLU Dense/Conv2D
+        # whose output is this layer's input: the mask rides in the GEMM epilogue.
+        fuse = isinstance(prev, _LinearActivation) and prev.activation == "relu" and self.need_input_grad
+        self._relu_mask_of = prev if fuse else None
+        if fuse:
+            prev.relu_grad_fused = True
+
+    def _weight_grad(self, x: Array, dz: Array, db: Array | None) -> None:
+        self.backend.matmul(x, dz, trans_a=True, col_sums=db, out=self.grads["W"])  # db: dz's column sums
 
     def _input_grad(self, dz: Array, out: Array) -> Array:
-        return self.backend.matmul(dz, self.params["W"], trans_b=True, out=out)
+        prev = self._relu_mask_of
+        return self.backend.matmul(dz, self.params["W"], trans_b=True, out=out,
+                                   relu_mask=None if prev is None else prev._y)
 
 
 class Conv2D(_LinearActivation):
@@ -249,9 +270,11 @@ class Conv2D(_LinearActivation):
         self.backend.conv2d_fwd(x, self.params["W"], self.params.get("b"), self.stride, self.padding,
                                 activation=fused, out=out)
 
-    def _weight_grad(self, x: Array, dz: Array) -> None:
+    def _weight_grad(self, x: Array, dz: Array, db: Array | None) -> None:
         self.backend.conv2d_bwd_weight(x, dz, self.params["W"].shape, self.stride, self.padding,
                                        out=self.grads["W"])
+        if db is not None:
+            self.backend.bias_grad(dz, out=db)
 
     def _input_grad(self, dz: Array, out: Array) -> Array:
         return self.backend.conv2d_bwd_data(dz, self.params["W"], out.shape, self.stride, self.padding, out=out)

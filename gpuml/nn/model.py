@@ -78,6 +78,8 @@ class Sequential:
                      len(self.layers) - 1)
         for i, layer in enumerate(self.layers):
             layer.need_input_grad = i > first
+        for i, layer in enumerate(self.layers):  # fusions across layers depend on need_input_grad
+            layer.link_previous(self.layers[i - 1] if i else None)
 
     def forward_buffered(self, x: Array, training: bool = False, step: int = 0) -> Array:
         """The output in the last layer's own buffer (or a view of x), overwritten by the next

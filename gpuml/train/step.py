@@ -91,9 +91,7 @@ class TrainStep:
         if t.augment:
             x = self._augmented(x, rng, lo)
         out = t.model.forward_buffered(x, training=True, step=rng)
-        be.add_(t._acc[1:2], be.count_correct(out, y, out=t._correct).reshape(1))
-        loss, dout = t.loss_fn(out, y)
-        be.add_(t._acc[0:1], loss.reshape(1), alpha=float(x.shape[0]))  # a NaN loss stays NaN in the sum
+        loss, dout = t.loss_fn(out, y, accumulate=t._acc)  # + batch * loss, + correct: fused
         t.model.backward(dout)
         for hook in t.grad_hooks:  # e.g. the data-parallel gradient all-reduce
             hook()
@@ -121,7 +119,7 @@ def evaluate_sums(model: Sequential, loss_fn: Loss, it: BatchIterator, buffers: 
     be = buffers.backend
     runner = runner or StepRunner()
     counter, step = buffers.get("eval_cursor", (1,), np.int64), buffers.get("eval_step", (1,), np.int64)
-    acc, correct = buffers.get("eval_acc", (2,)), buffers.get("eval_correct", ())
+    acc = buffers.get("eval_acc", (2,))
     be.fill_(acc, 0.0)
     be.upload_(counter, np.zeros(1, dtype=np.int64))
     be.upload_(step, np.array([it.batch_size], dtype=np.int64))
@@ -129,9 +127,7 @@ def evaluate_sums(model: Sequential, loss_fn: Loss, it: BatchIterator, buffers: 
     def batch(size: int) -> None:
         x, y = it.gather_at(counter, size)
         out = model.forward_buffered(x, training=False)
-        loss, _ = loss_fn(out, y)
-        be.add_(acc[0:1], loss.reshape(1), alpha=float(size))
-        be.add_(acc[1:2], be.count_correct(out, y, out=correct).reshape(1))
+        loss_fn(out, y, accumulate=acc)
         be.advance_(counter, step)
 
     for size in it.batch_sizes(rest_of_epoch=False):
