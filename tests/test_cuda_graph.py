@@ -300,3 +300,23 @@ def test_graph_emulator_replay_after_a_buffer_was_freed_fails() -> None:
     gc.collect()
     with pytest.raises(cupy.cuda.driver.CUDADriverError, match="freed after the graph was captured"):
         graph.launch(stream)
+
+
+@gpu
+def test_graph_optimizer_hyperparameters_come_from_pinned_memory_in_eager_steps() -> None:
+    """Outside the trainer's step table, an optimizer update refreshes its hyperparameters by a
+    copy from a pinned staging slot: capturable (a copy from a fresh pageable array is not, and
+    may synchronise the stream in eager steps too)."""
+    from gpuml.backend import get_backend
+
+    cupy = _emulator()
+    be = get_backend("cuda")
+    p, g = be.asarray(np.ones(4, np.float32)), be.asarray(np.full(4, 2.0, np.float32))
+    be.sgd_step([p], [g], lr=0.5)  # eager: builds the tensor table and its staging ring
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        be.sgd_step([p], [g], lr=0.25)
+        graph = stream.end_capture()
+        graph.launch(stream)
+    assert be.to_numpy(p).tolist() == [1.0 - 0.5 * 2 - 0.25 * 2] * 4
