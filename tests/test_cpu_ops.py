@@ -375,6 +375,7 @@ POOL_CASES = [
     ((2, 2, 10, 11), (3, 3), (3, 3), (0, 0)),
     ((1, 2, 4, 5), (1, 1), (1, 1), (0, 0)),
     ((2, 2, 9, 9), (5, 4), (2, 3), (2, 2)),
+    ((2, 2, 7, 11), (2, 3), (2, 3), (0, 0)),  # tiled, uneven: rows and columns no window covers
 ]
 
 
@@ -435,6 +436,22 @@ def test_avgpool2d(be, dt, case):
     assert rel_err(y, y_ref) < TOL[dt]
     assert be.avgpool2d_bwd(dy, xs, kernel, stride, pad, out=dx) is dx
     assert rel_err(dx, dx_ref) < TOL[dt]
+
+
+def test_avgpool2d_tiled_loops_give_the_general_loops_bits(dt):
+    """Non-overlapping windows take avgpool_*_tiled; the general gather loops must agree bit for bit."""
+    from gpuml.backend.cpu import pool as cpu_pool
+
+    rng = np.random.default_rng(22)
+    x = randn(rng, (6, 7, 11), dt)
+    y_t, y_g = np.empty((6, 3, 3), dt), np.empty((6, 3, 3), dt)
+    cpu_pool.avgpool_fwd_tiled(x, 2, 3, y_t)
+    cpu_pool.avgpool_fwd(x, 2, 3, 2, 3, 0, 0, y_g)
+    assert np.array_equal(y_t, y_g)
+    dx_t, dx_g = nan_buf(x.shape, dt), nan_buf(x.shape, dt)
+    cpu_pool.avgpool_bwd_tiled(y_t, 2, 3, dx_t)
+    cpu_pool.avgpool_bwd(y_t, 2, 3, 2, 3, 0, 0, dx_g)
+    assert np.array_equal(dx_t, dx_g)
 
 
 def test_pool_errors(be, dt):

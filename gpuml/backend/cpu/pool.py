@@ -174,6 +174,52 @@ def avgpool_bwd(dy, kh, kw, sh, sw, ph, pw, dx):
                 dx[m, h, w] = acc * inv
 
 
+@njit(cache=True, nogil=True)
+def avgpool_fwd_tiled(x, kh, kw, y):
+    """avgpool_fwd for non-overlapping windows (stride == kernel, no padding): each window row is
+    read once, contiguously, into a float64 row of Q sums, in avgpool_fwd's order (window rows,
+    then columns), so the results are the same bits."""
+    M, H, W = x.shape
+    _, P, Q = y.shape
+    inv = 1.0 / (kh * kw)
+    acc = np.empty(Q, np.float64)
+    for m in range(M):
+        for p in range(P):
+            acc[:] = 0.0
+            for r in range(kh):
+                row = x[m, p * kh + r]
+                for q in range(Q):
+                    for s in range(kw):
+                        acc[q] += row[q * kw + s]
+            out = y[m, p]
+            for q in range(Q):
+                out[q] = acc[q] * inv
+
+
+@njit(cache=True, nogil=True)
+def avgpool_bwd_tiled(dy, kh, kw, dx):
+    """avgpool_bwd for non-overlapping windows: each cell has one window at most, so dx is dy / (kh
+    kw) repeated over its window (0 in the rows and columns no window covers), written row by row.
+    The same bits as the gather (a sum of one term)."""
+    M, H, W = dx.shape
+    _, P, Q = dy.shape
+    inv = 1.0 / (kh * kw)
+    for m in range(M):
+        for h in range(H):
+            out = dx[m, h]
+            p = h // kh
+            if p >= P:
+                out[:] = 0
+                continue
+            src = dy[m, p]
+            for q in range(Q):
+                v = src[q] * inv
+                for s in range(kw):
+                    out[q * kw + s] = v
+            for w in range(Q * kw, W):
+                out[w] = 0
+
+
 # --------------------------------------------------------------------------- Backend methods
 
 
@@ -246,7 +292,11 @@ class PoolingOps(Checks):
         geom, y_shape = c.pool_geometry(x.shape, kernel, stride, padding)
         out = c.out_buf("out", out, y_shape)
         c.done()
-        run_parts(avgpool_fwd, (_planes(x), *geom, _planes(out)), (0, 7), x.size)
+        kh, kw, sh, sw, ph, pw = geom
+        if (sh, sw) == (kh, kw) and ph == pw == 0:
+            run_parts(avgpool_fwd_tiled, (_planes(x), kh, kw, _planes(out)), (0, 3), x.size)
+        else:
+            run_parts(avgpool_fwd, (_planes(x), *geom, _planes(out)), (0, 7), x.size)
         return out
 
     def avgpool2d_bwd(
@@ -265,5 +315,9 @@ class PoolingOps(Checks):
         dy = c.float_in("dy", dy, shape=y_shape)
         out = c.out_buf("out", out, x_shape)
         c.done()
-        run_parts(avgpool_bwd, (_planes(dy), *geom, _planes(out)), (0, 7), out.size)
+        kh, kw, sh, sw, ph, pw = geom
+        if (sh, sw) == (kh, kw) and ph == pw == 0:
+            run_parts(avgpool_bwd_tiled, (_planes(dy), kh, kw, _planes(out)), (0, 3), out.size)
+        else:
+            run_parts(avgpool_bwd, (_planes(dy), *geom, _planes(out)), (0, 7), out.size)
         return out
