@@ -166,7 +166,7 @@ class GraphRunner(StepRunner):
             if captured is None:
                 raise DeviceError("the capture was invalidated")
         except Exception as exc:  # noqa: BLE001 - reported below, never swallowed silently
-            self._capture_failed(exc)
+            self._capture_failed(key, exc)
             fn()  # this step, eagerly: nothing captured has run
             return
         finally:
@@ -175,10 +175,11 @@ class GraphRunner(StepRunner):
         self.captures += 1
         captured.launch(stream)
 
-    def _capture_failed(self, exc: BaseException) -> None:
+    def _capture_failed(self, key: Any, exc: BaseException) -> None:
         op = _culprit(exc)
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        what = f"the training step could not be captured as a CUDA graph: {op}: {reason}"
+        kind = f"{key[0]} " if isinstance(key, tuple) and key and isinstance(key[0], str) else ""
+        what = f"the {kind}step could not be captured as a CUDA graph: {op}: {reason}"
         if self.mode == "on":
             raise DeviceError(f"trainer.cuda_graph is on but {what}; set trainer.cuda_graph: "
                               "off (or auto) to run the steps eagerly") from None
