@@ -144,3 +144,10 @@ def test_launched_ranks_without_mpi4py_are_one_line_errors(tmp_path: Path) -> No
         "(No module named mpi4py (hidden by the test)); install the extra: pip install 'gpuml[mpi]'"]
     rank1 = _python(run, PMI_SIZE="2", PMI_RANK="1")
     assert rank1.returncode == 1 and rank1.stderr == ""  # rank 0 says it once
+
+
+def test_bench_relaunch_drops_ranks_from_the_command_line() -> None:
+    from gpuml.distributed.bench import without_ranks
+
+    assert without_ranks(["bench", "train", "--ranks", "2", "--limit", "9"]) == ["bench", "train", "--limit", "9"]
+    assert without_ranks(["bench", "train", "--ranks=4", "--no-torch"]) == ["bench", "train", "--no-torch"]

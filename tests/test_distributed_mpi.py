@@ -199,3 +199,17 @@ def test_fewer_gpus_than_local_ranks_and_one_gpu_for_all_are_errors() -> None:
                         r"or use device: cpu", lines[0])
     assert lines[1] == lines[0]  # auto finds the GPU: the same rule
     assert lines[2].startswith("device 'cuda:0' puts every one of the 2 ranks on one GPU")
+
+
+def test_bench_train_ranks_reports_the_allreduce(tmp_path: Path, fashion_root: Path) -> None:
+    cfg = config(tmp_path, fashion_root, "float32")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpuml.cli", "bench", "train", "--ranks", "2", "--device", "cpu", "--models", str(cfg),
+         "--batch-sizes", "20", "--limit", "200", "--no-torch", "--warmup-steps", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=dict(os.environ, **ENV))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ranks"] == 2 and row["allreduce_us_per_step"] > 0
+    assert row["allreduce_bytes"] == 4 * (784 * 32 + 32 + 32 * 10 + 10)  # the tiny MLP's float32 gradients
+    assert "2 ranks, all-reduce" in proc.stderr

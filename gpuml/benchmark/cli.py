@@ -57,6 +57,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     t.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     t.add_argument("--markdown", type=Path, metavar="FILE", help="write the table as Markdown")
+    t.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="data-parallel ranks: start N ranks under mpiexec (the mpi extra), each on its "
+                        "share of the cores; reports the all-reduce time per step (same as running "
+                        "mpiexec -n N gpuml bench train ...)")
     t.set_defaults(func=cmd_bench_train)
 
 
@@ -115,11 +119,30 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--epochs must be at least 1, got {args.epochs}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be positive, got {args.limit}")
-    result = run_train(args.device, args.models, args.batch_sizes, args.epochs, args.limit,
-                       warmup_steps=args.warmup_steps, log=_log, command=_command_line(),
-                       with_torch=not args.no_torch)
-    _finish(args, result, train_markdown(result))
+    from gpuml import distributed
+
+    if args.ranks < 1:
+        raise ConfigError(f"--ranks must be at least 1, got {args.ranks}")
+    if args.ranks > 1 and distributed.launcher_size() is None:  # not under mpiexec yet: start it
+        from gpuml.distributed.bench import relaunch
+
+        return relaunch(args.ranks, sys.argv[1:])
+    dist = distributed.world()
+    if dist.size > 1 and not args.no_torch:
+        _log("bench train: several ranks: no PyTorch comparison (run it with one process)")
+    # Under mpiexec: this rank's device (its GPU, or its share of the cores, taken before the CPU
+    # backend sizes its threads).
+    device = dist.device(args.device) if dist.size > 1 else args.device
+    result = run_train(device, args.models, args.batch_sizes, args.epochs, args.limit,
+                       warmup_steps=args.warmup_steps, log=_log if dist.is_root else _quiet,
+                       command=_command_line(), with_torch=not args.no_torch and dist.size == 1)
+    if dist.is_root:  # rank 0 speaks and writes for all
+        _finish(args, result, train_markdown(result))
     return 0
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 def _finish(args: argparse.Namespace, result: dict[str, Any], markdown: str) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from gpuml.benchmark import hardware
 from gpuml.benchmark.torch_models import check_supported, import_torch, torch_optimizer, torch_twin
 from gpuml.data.loader import Dataset, Split, load_dataset
+from gpuml.distributed.bench import allreduce_stats
 from gpuml.errors import GpumlError
 from gpuml.paths import config_dir
 from gpuml.train.config import load_config
@@ -125,6 +126,7 @@ def run_gpuml(cfg: dict[str, Any], data: Dataset, warmup_steps: int, log: Log) -
                      len(trainer.train_iter), {"loss": last["train_loss"], "accuracy": last["train_accuracy"]},
                      test["accuracy"], busy)
     result["launches_per_step"] = launches
+    result.update(allreduce_stats(trainer))  # data-parallel ranks (gpuml bench train --ranks)
     return result
 
 
@@ -303,6 +305,9 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
             for r in new:
                 r["speedup_vs_torch_eager"] = eager["median_epoch_s"] / r["median_epoch_s"] if eager else None
                 launches = f"  {r['launches_per_step']} launches/step" if r.get("launches_per_step") else ""
+                if r.get("allreduce_us_per_step") is not None:
+                    launches += (f"  {r['ranks']} ranks, all-reduce {r['allreduce_us_per_step']:.0f} us/step "
+                                 f"({r['allreduce_bytes'] / 1e6:.2f} MB)")
                 log(f"  {r['model']:12s} B={batch:<5d} {r['impl']:17s} {r['samples_per_s']:10.0f} samples/s "
                     f"{r['us_per_step']:9.0f} us/step  test acc {r['test_accuracy']:.4f}{launches}")
             rows += new

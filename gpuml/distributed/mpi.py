@@ -72,9 +72,9 @@ class MpiWorld(World):
     def __init__(self, comm: Any = None) -> None:
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
-        local.Free()
+        self.local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
+        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
+        self.cores: list[int] | None = None  # this rank's share of the machine's cores (CPU)
         self._exit_comm = self.comm.Dup()  # the exit barrier never meets a training collective
         self.timeout = collective_timeout()
         self._waiting: tuple[str, float] | None = None
@@ -90,7 +90,8 @@ class MpiWorld(World):
     def describe(self) -> str:
         who = ", ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(self.members))
         lib = " ".join(MPI.Get_library_version().split()[:3])  # "MPICH Version: 5.0.2", "Open MPI v5.0.11, ..."
-        return f"; {self.size} ranks ({who}; {lib})"
+        cores = f", {len(self.cores)} core{'s' if len(self.cores) != 1 else ''} each" if self.cores else ""
+        return f"; {self.size} ranks{cores} ({who}; {lib})"
 
     # -------------------------------------------------------------- primitives
     @contextmanager
@@ -139,11 +140,34 @@ class MpiWorld(World):
                 raise DeviceError(f"device 'cuda' requested but no GPU is usable: {why}")
             else:
                 chosen = "cpu"
+        if chosen == "cpu":
+            self.share_cores()
         kinds = self.comm.allgather(chosen.split(":")[0])
         if len(set(kinds)) > 1:
             raise DeviceError("device: auto chose " + ", ".join(f"{k} on rank {r}" for r, k in enumerate(kinds))
                               + "; every rank must use the same kind: set device: cpu or cuda")
         return chosen
+
+    def share_cores(self) -> None:
+        """Give each rank on this machine its own cores (cores // local ranks): the CPU backend
+        sizes its thread pool and OpenBLAS's threads by the affinity mask, so ranks that all see
+        every core would oversubscribe it. A launcher that already bound the ranks apart (the
+        masks differ) is left alone. Call it before the CPU backend is first imported."""
+        if not hasattr(os, "sched_getaffinity"):
+            return
+        mask = sorted(os.sched_getaffinity(0))
+        with self.waiting("start-up"):
+            masks = self.local.allgather(mask)
+        if any(m != mask for m in masks) or len(mask) < self.local_size:
+            return
+        per = len(mask) // self.local_size
+        self.cores = mask[self.local_rank * per:(self.local_rank + 1) * per]
+        os.sched_setaffinity(0, self.cores)
+        from gpuml.backend.cpu import loops
+
+        blas = loops.blas_thread_functions()
+        if blas is not None:
+            blas[1](len(self.cores))
 
     def gradient_hook(self, backend: Backend, grads: list[Array],
                       batches: BatchIterator) -> Callable[[], None] | None:
