@@ -139,3 +139,27 @@ def test_common_uniform_matches_rng_module(tmp_path: Path) -> None:
     seeds = [0, 1, 12345, 0xFFFFFFFFFFFFFFFF, 0x9E3779B97F4A7C15]
     want = np.concatenate([rng.uniform(s, counters) * float(1 << 24) for s in seeds])
     np.testing.assert_array_equal(got, want)
+
+
+#: what the tensor-core kernels must emit: (source, instruction) pairs, checked in the PTX
+TENSOR_CORE_PTX = {
+    "gemm_tc.cu": ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+                   "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                   "cvt.rna.tf32.f32", "cvt.rn.bf16x2.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                   "cp.async.cg.shared.global", "cp.async.wait_group"),
+}
+
+
+def missing_ptx(source: str, ptx: str) -> list[str]:
+    """The instructions TENSOR_CORE_PTX expects of `source` that `ptx` does not contain."""
+    return [i for i in TENSOR_CORE_PTX[source] if i not in ptx]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", sorted(TENSOR_CORE_PTX))
+def test_tensor_core_kernels_emit_mma_sync(source: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.ptx"
+    cmd = [NVCC, "-ptx", "-std=c++17", f"-I{KERNEL_DIR}", "-arch=sm_80", "-o", str(out), str(KERNEL_DIR / source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"nvcc -ptx failed on {source}:\n{proc.stdout}{proc.stderr}"
+    assert not missing_ptx(source, out.read_text()), f"{source}: no {missing_ptx(source, out.read_text())} in the PTX"

@@ -22,7 +22,7 @@ import pytest
 
 from gpuml.backend.cuda.kernels import headers_digest, nvrtc_options, prepare_source, resolve_includes
 from gpuml.paths import kernel_dir
-from tests.test_kernels_compile import ptxas_report
+from tests.test_kernels_compile import TENSOR_CORE_PTX, missing_ptx, ptxas_report
 
 KERNEL_DIR = kernel_dir()
 SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
@@ -77,6 +77,21 @@ class Nvrtc:
         finally:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
+    def ptx(self, source: str, name: str, options: tuple[str, ...]) -> str:
+        """The PTX of `source` (options must name a virtual arch, -arch=compute_XY)."""
+        prog = ctypes.c_void_p()
+        self._check(self.lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None))
+        try:
+            argv = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+            self._check(self.lib.nvrtcCompileProgram(prog, len(options), argv))
+            size = ctypes.c_size_t()
+            self._check(self.lib.nvrtcGetPTXSize(prog, ctypes.byref(size)))
+            buf = ctypes.create_string_buffer(size.value)
+            self._check(self.lib.nvrtcGetPTX(prog, buf))
+            return buf.value.decode()
+        finally:
+            self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
 
 LIBS = find_libnvrtcs()
 
@@ -112,3 +127,13 @@ def test_kernel_compiles_with_nvrtc_without_spills(nvrtc: Nvrtc, source: Path, a
     registers, problems = ptxas_report(log)
     assert registers, f"{nvrtc.version} reported no kernels for {source.name}:\n{log}"
     assert not problems, f"{source.name} ({arch}, {nvrtc.version}) spills or uses local memory:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("source", sorted(TENSOR_CORE_PTX))
+def test_tensor_core_kernels_emit_mma_sync_with_nvrtc(nvrtc: Nvrtc, source: str) -> None:
+    """The text CuPy compiles, for sm_80's virtual arch: the PTX holds mma.sync (tf32 and bf16)."""
+    path = KERNEL_DIR / source
+    code = prepare_source(path, path.read_text(encoding="utf-8"), headers_digest(resolve_includes(path, [KERNEL_DIR])))
+    options = tuple("-arch=compute_80" if o.startswith("-arch=") else o for o in nvrtc_options(KERNEL_DIR, "sm_80"))
+    ptx = nvrtc.ptx(code, source, options)
+    assert not missing_ptx(source, ptx), f"{nvrtc.version}: {source} has no {missing_ptx(source, ptx)} in its PTX"

@@ -59,6 +59,10 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+#: matmul operand precisions (Backend.precision)
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 class Backend(ABC):
     """A device: array creation and transfer, and every op the models need."""
 
@@ -71,6 +75,19 @@ class Backend(ABC):
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"backend dtype must be float32 or float64, got {self.dtype}")
+
+    #: operands of matmul (the Dense layers' products): "fp32" as given; "tf32" rounded to 10
+    #: mantissa bits (nearest, ties away: cvt.rna), "bf16" to 7 (nearest even); FP32 sums either
+    #: way. Convolutions, the loss, optimizer state and master weights stay FP32.
+    precision: str = "fp32"
+
+    def set_precision(self, precision: str) -> None:
+        """Use `precision` (one of PRECISIONS) for every later matmul. A device that cannot
+        (CUDA before sm_80) raises DeviceError naming it."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+
 
     # ------------------------------------------------------------------ arrays and transfer
     def describe(self) -> str:

@@ -120,6 +120,15 @@ inline void copy16(void* dst, const void* src) {
     std::memcpy(dst, src, 16);
 }
 
+// An 8-byte (float2) access; misaligned, it faults on a GPU.
+template <size_t N> void copy_aligned(void* dst, const void* src) {
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & (N - 1)) {
+        fail("misaligned " + std::to_string(N) + "-byte access");
+        return;
+    }
+    std::memcpy(dst, src, N);
+}
+
 }  // namespace emu
 
 struct alignas(16) float4 {
@@ -131,6 +140,20 @@ struct alignas(16) float4 {
         return *this;
     }
 };
+struct alignas(8) float2 {
+    float x, y;
+    float2() = default;
+    float2(const float2& o) { emu::copy_aligned<8>(this, &o); }
+    float2& operator=(const float2& o) {
+        emu::copy_aligned<8>(this, &o);
+        return *this;
+    }
+};
+inline float2 make_float2(float x, float y) {
+    float2 r;
+    r.x = x, r.y = y;
+    return r;
+}
 inline float4 make_float4(float x, float y, float z, float w) {
     float4 r;
     r.x = x, r.y = y, r.z = z, r.w = w;
@@ -167,6 +190,8 @@ inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
 // Not CUDA's exact-argument sincospi: the result can differ in the last bits.
 constexpr double EMU_PI = 3.14159265358979323846;
 inline void sincospi(double x, double* s, double* c) { *s = sin(EMU_PI * x); *c = cos(EMU_PI * x); }

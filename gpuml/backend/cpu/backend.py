@@ -19,6 +19,7 @@ from gpuml.backend import augment
 from gpuml.backend.base import ACTIVATIONS, Backend, Pair, host_int
 from gpuml.backend.cpu import conv as cpu_conv
 from gpuml.backend.cpu import loops
+from gpuml.backend.cpu.precision import round_operand
 from gpuml.backend.cpu.checks import Checks, fail, first_outside
 from gpuml.backend.cpu.losses import LossOps
 from gpuml.backend.cpu.optim import OptimizerSteps
@@ -89,6 +90,8 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         c.done()
         if col_sums is not None:  # first: `out` may not alias b, but the sums read b only
             self.bias_grad(np.ascontiguousarray(opb), out=col_sums)
+        if self.precision != "fp32":  # the tensor-core kernels' operand rounding (after the FP32 sums)
+            opa, opb = round_operand(opa, self.precision), round_operand(opb, self.precision)
         if accumulate:
             part = self._ws.scratch("matmul_part", shape, self.dtype)
             np.matmul(opa, opb, out=part)

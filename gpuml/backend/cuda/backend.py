@@ -59,6 +59,20 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
             f"{props['multiProcessorCount']} SMs, CuPy {cupy.__version__}, float32)"
         )
 
+    def set_precision(self, precision: str) -> None:
+        """tf32 and bf16 run on tensor cores through mma.sync, which needs sm_80 or newer: an older
+        GPU is a DeviceError naming it and its compute capability, never a silent FP32 run."""
+        if precision in plan.TENSOR_CORE_PRECISIONS:
+            cupy = self.xp
+            cc = str(cupy.cuda.Device(self._device_id).compute_capability)
+            if int(cc) < 80:
+                props = cupy.cuda.runtime.getDeviceProperties(self._device_id)
+                gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+                raise DeviceError(
+                    f"precision: {precision} needs tensor cores of compute capability 8.0 or newer (sm_80); "
+                    f"cuda:{self._device_id} is {gpu}, compute capability {cc[:-1]}.{cc[-1]}")
+        super().set_precision(precision)
+
     # ------------------------------------------------------------------ arrays and transfer
     def asarray(self, x: Any, dtype: Any = None) -> Array:
         """A fresh C-contiguous device copy (floats become float32 unless dtype says)."""
@@ -173,6 +187,13 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         epilogue = (out if bias is None else bias, out if relu_mask is None else relu_mask,
                     out if col_sums is None else col_sums)
         dims = (np.int32(M), np.int32(N), np.int32(K))
+        if self.precision != "fp32":  # tensor cores (kernels/gemm_tc.cu): any M, including 0
+            tkey = (M, N, K, bool(trans_a), bool(trans_b), self.precision)
+            tp = self._gemm_plans.get(tkey)
+            if tp is None:
+                tp = self._gemm_plans[tkey] = plan.gemm_tc_plan(M, N, K, trans_a, trans_b, self.precision)
+            self._launch("gemm_tc", tp.kernel, tp.grid, tp.block, (a, b, out, *epilogue, *dims, np.int32(flags)))
+            return out
         if M == 0:  # only the column sums: one 32-row tile
             gp = plan.gemm_plan(1, N, K, trans_a, trans_b, False)
         if not gp.small:
