@@ -92,7 +92,8 @@ class Sequential(_nn_model.Sequential):
 
     def fit(self, x: Any, y: Any, *, epochs: int = 1, batch_size: int = 32,
             validation_data: tuple[Any, Any] | None = None, validation_split: float = 0.0,
-            device: str = "auto", dtype: str = "float32", seed: int = 0, normalize: bool = True,
+            device: str = "auto", dtype: str = "float32", precision: str = "fp32", seed: int = 0,
+            normalize: bool = True,
             schedule: OptionSpec | None = None, early_stopping: Mapping[str, Any] | bool | None = None,
             grad_clip_norm: float | None = None, augment: Mapping[str, Any] | None = None,
             callbacks: Iterable[Any] = (), run_dir: str | Path | None = None, name: str = "fit",
@@ -100,7 +101,8 @@ class Sequential(_nn_model.Sequential):
         """Train with the Trainer the CLI uses; returns a History. Arguments carry the config's
         names: `schedule` ("cosine" or {"name": "cosine", "warmup_epochs": 1, ...}),
         `early_stopping` (True or {"monitor": "val_loss", "patience": 3, ...}), `grad_clip_norm`,
-        `augment` ({"shift": 2, "rotate": 10, ...}); other trainer.* keys (eval_batch_size,
+        `augment` ({"shift": 2, "rotate": 10, ...}), `precision` ("fp32", "tf32", "bf16": the
+        Dense products' operand rounding, see the config key); other trainer.* keys (eval_batch_size,
         drop_last, monitor, keep_checkpoints, ...) pass through `**trainer`.
 
         `validation_data=(xv, yv)` is evaluated after every epoch (val_loss, val_accuracy), and
@@ -148,7 +150,7 @@ class Sequential(_nn_model.Sequential):
 
             save_npz_dataset(data_path, np.concatenate([xs, xv]), np.concatenate([ys, yv]), xv, yv,
                              classes or [str(i) for i in range(k)])
-            raw = self._raw_config(name=name, device=device, seed=seed, dtype=dtype, data={
+            raw = self._raw_config(name=name, device=device, seed=seed, dtype=dtype, precision=precision, data={
                 "dataset": "npz", "path": str(data_path), "normalize": normalize, "download": False,
                 "val_split": len(xv) if validation_data is not None else float(validation_split),
                 "augment": dict(augment or {})}, schedule=schedule, trainer=train_opts)

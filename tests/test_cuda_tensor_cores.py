@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpuml.backend.cpu.precision import round_operand
 from tests.gpu_util import GPU, gemm_tol, nan_filled, rel_err
 
 pytestmark = GPU
@@ -91,14 +90,17 @@ def test_matmul_tf32_bf16_fused_epilogues(precision: str) -> None:
     assert rel_err(cuda.to_numpy(sums), dy.astype(np.float64).sum(axis=0)) <= gemm_tol(M)
 
 
-def test_cpu_reference_rounds_like_the_kernels() -> None:
-    """tf32 ties go away from zero (cvt.rna), bf16 ties to even; Inf/NaN kept, overflow to Inf."""
-    one = np.float32(1.0)
-    tie_tf32 = np.float32(1.0 + 2.0**-11)  # exactly halfway between two tf32 values
-    tie_bf16 = np.float32(1.0 + 2.0**-8)   # halfway, below it the even neighbour 1.0
-    x = np.array([tie_tf32, -tie_tf32, np.inf, np.nan, np.finfo(np.float32).max], dtype=np.float32)
-    r = round_operand(x, "tf32")
-    assert r[0] == one + np.float32(2.0**-10) and r[1] == -(one + np.float32(2.0**-10))
-    assert r[2] == np.inf and np.isnan(r[3]) and r[4] == np.inf
-    b = round_operand(np.array([tie_bf16, 1.0 + 3 * 2.0**-8, np.nan], dtype=np.float32), "bf16")
-    assert b[0] == one and b[1] == np.float32(1.0 + 2**-6) and np.isnan(b[2])
+def test_precision_bf16_before_sm80_is_an_error_naming_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuml.backend.cuda import CudaBackend
+    from gpuml.errors import DeviceError
+
+    cuda = CudaBackend()
+
+    class Volta:
+        compute_capability = "70"
+
+    monkeypatch.setattr(cuda.xp.cuda, "Device", lambda *_: Volta())
+    message = r"precision: bf16 needs .*\(sm_80\).*cuda:\d+ is .+, compute capability 7\.0$"
+    with pytest.raises(DeviceError, match=message):
+        cuda.set_precision("bf16")
+    assert cuda.precision == "fp32"

@@ -173,6 +173,10 @@ ROOT: dict[str, Any] = {
                 doc="auto (CUDA when CuPy sees a GPU, else CPU), cpu, cuda (the current GPU) or cuda:N (GPU N)"),
     "seed": F("int", 0, minimum=0),
     "dtype": F("str", "float32", choices=("float32", "float64")),
+    "precision": F("str", "fp32", choices=("fp32", "tf32", "bf16"),
+                   doc="operands of the Dense layers' matrix products: fp32 exact; tf32 / bf16 rounded to "
+                       "TF32 / BF16 (tensor cores on a GPU, sm_80 or newer), FP32 sums, FP32 weights and "
+                       "optimizer state; the CPU rounds the same way"),
     "data": DATA,
     "model": MODEL,
     "loss": LOSS,

@@ -71,8 +71,10 @@ class Trainer:
             log = _quiet
         self.log = log
         self.backend = get_backend(self.dist.device(cfg["device"]), dtype=cfg["dtype"])
+        self.backend.set_precision(cfg["precision"])  # a GPU before sm_80 refuses tf32/bf16 here
         graph = graph_mode(cfg, self.backend.name, source)
-        self.log(f"gpuml: device {self.backend.describe()} (device: {cfg['device']}){self.dist.describe()}")
+        precision = "" if cfg["precision"] == "fp32" else f", precision: {cfg['precision']}"
+        self.log(f"gpuml: device {self.backend.describe()} (device: {cfg['device']}{precision}){self.dist.describe()}")
         d = cfg["data"]
         self.data = dataset or self.dist.root_first(lambda: load_dataset_config(d))
         mean, std = (self.data.mean, self.data.std) if d["normalize"] else (0.0, 1.0)

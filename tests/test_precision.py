@@ -1,0 +1,65 @@
+"""precision: fp32 | tf32 | bf16 on the CPU reference (issue 13): the config key and fit kwarg,
+and the operand rounding that makes the CPU the reference of the tensor-core kernels
+(gpuml/backend/cpu/precision.py; the kernels' side is tests/test_cuda_tensor_cores.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpuml
+from gpuml import layers
+from gpuml.backend.cpu import CpuBackend
+from gpuml.backend.cpu.precision import round_operand
+from gpuml.errors import ConfigError
+from gpuml.train.config import validate
+from tests.test_finetune import synthetic
+
+
+def test_rounding_is_cvt_rna_for_tf32_and_nearest_even_for_bf16() -> None:
+    """tf32 ties go away from zero (cvt.rna), bf16 ties to even; Inf/NaN kept, overflow to Inf."""
+    one = np.float32(1.0)
+    tie_tf32 = np.float32(1.0 + 2.0**-11)  # exactly halfway between 1 and 1 + 2^-10
+    x = np.array([tie_tf32, -tie_tf32, 1.0 + 2.0**-12, np.inf, np.nan, np.finfo(np.float32).max], dtype=np.float32)
+    r = round_operand(x, "tf32")
+    assert r[0] == one + np.float32(2.0**-10) and r[1] == -(one + np.float32(2.0**-10)) and r[2] == one
+    assert r[3] == np.inf and np.isnan(r[4]) and r[5] == np.inf
+    b = round_operand(np.array([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -np.inf, np.nan], dtype=np.float32), "bf16")
+    assert b[0] == one and b[1] == np.float32(1.0 + 2.0**-6) and b[2] == -np.inf and np.isnan(b[3])
+    assert x[0] == tie_tf32  # the operand itself (the FP32 master copy) is left alone
+
+
+@pytest.mark.parametrize("precision,bits", [("tf32", 10), ("bf16", 7)])
+def test_cpu_matmul_rounds_operands_only(precision: str, bits: int) -> None:
+    gen = np.random.default_rng(0)
+    a, b = gen.standard_normal((5, 40)), gen.standard_normal((40, 3))
+    cpu = CpuBackend(dtype="float64")
+    exact = cpu.matmul(a, b)
+    cpu.set_precision(precision)
+    got = cpu.matmul(a, b)
+    want = round_operand(a, precision) @ round_operand(b, precision)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    err = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+    assert 2.0**-(bits + 8) < err < 2.0**-bits
+    sums = np.empty(3)
+    cpu.matmul(a, b, col_sums=sums)  # the bias gradient stays exact (FP32 on the GPU)
+    np.testing.assert_allclose(sums, b.sum(axis=0), rtol=1e-12)
+
+
+def test_precision_config_key() -> None:
+    assert validate({"model": {"layers": [{"type": "flatten"}]}}, "t.yaml")["precision"] == "fp32"
+    with pytest.raises(ConfigError, match="precision") as exc:
+        validate({"precision": "fp16", "model": {"layers": [{"type": "flatten"}]}}, "t.yaml")
+    assert "\n" not in str(exc.value)
+
+
+def test_fit_with_precision_bf16_trains_on_the_cpu(capsys: pytest.CaptureFixture) -> None:
+    x, y = synthetic(64)
+    model = gpuml.Sequential([layers.Flatten(), layers.Dense(16, activation="relu"), layers.Dense(4)])
+    model.compile(optimizer="adam")
+    history = model.fit(x, y.astype(np.uint8), epochs=1, batch_size=32, device="cpu", precision="bf16", verbose=2)
+    assert np.isfinite(history.history["loss"]).all()
+    captured = capsys.readouterr()
+    assert "precision: bf16" in captured.err + captured.out  # the first log line says so
+    with pytest.raises(ConfigError, match="precision"):
+        model.fit(x, y.astype(np.uint8), epochs=1, device="cpu", precision="half", verbose=0)
