@@ -38,7 +38,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     k.add_argument("--quick", action="store_true", help="a small subset (small sizes on CPU)")
     k.add_argument("--families", type=_csv, metavar="LIST",
-                   help="only these families: matmul,conv2d,maxpool2d,avgpool2d,softmax_xent,adam")
+                   help="only these families: matmul,conv2d,maxpool2d,avgpool2d,softmax_xent,adam "
+                        "(and on a GPU matmul_tf32,matmul_bf16)")
     k.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON")
     k.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables as Markdown")
     k.add_argument("--plot", type=Path, metavar="FILE.png", help="one PNG with a panel per family")
@@ -88,9 +89,10 @@ def _resolve_device(device: str) -> str:
 def cmd_bench_kernels(args: argparse.Namespace) -> int:
     from gpuml.benchmark.kernel_cases import full_sweep
     from gpuml.benchmark.kernels import problems, run_kernels
+    from gpuml.benchmark.precision_cases import PRECISION_FAMILIES
     from gpuml.benchmark.report import kernels_markdown
 
-    known = {c.family for c in full_sweep("cpu")}
+    known = {c.family for c in full_sweep("cpu")} | set(PRECISION_FAMILIES.values())  # those: GPU only
     unknown = sorted(set(args.families or []) - known)
     if unknown:
         raise ConfigError(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")

@@ -373,7 +373,7 @@ def full_sweep(device: str) -> list[Case]:
     cases += pool_cases(256, 64, 56, 2)
     cases += [softmax_xent_case(256, 10), softmax_xent_case(8192, 10), softmax_xent_case(4096, 32000)]
     cases += [adam_case(MLP_PARAM_SHAPES, "seed MLP"), adam_case(LARGE_PARAM_SHAPES, "25M")]
-    return cases
+    return cases + _precision_sweep(device, quick=False)
 
 
 def quick_sweep(device: str) -> list[Case]:
@@ -389,4 +389,11 @@ def quick_sweep(device: str) -> list[Case]:
     cases += conv_cases(64, 64, 56, 64, 3, 1, "ResNet-like")
     cases += pool_cases(256, 64, 56, 2)
     cases += [softmax_xent_case(8192, 10), softmax_xent_case(4096, 32000)]
-    return cases + [adam_case(MLP_PARAM_SHAPES, "seed MLP")]
+    return cases + [adam_case(MLP_PARAM_SHAPES, "seed MLP")] + _precision_sweep(device, quick=True)
+
+
+def _precision_sweep(device: str, quick: bool) -> list[Case]:
+    """The TF32 / BF16 tensor-core rows (precision_cases.py; it imports this module)."""
+    from gpuml.benchmark.precision_cases import precision_sweep
+
+    return precision_sweep(device, quick)
