@@ -62,6 +62,66 @@ def test_quick_kernels_rates_follow_from_the_work_formulas(quick_kernels: dict) 
     assert {r["family"] for r in copy_rows} >= {"maxpool2d", "avgpool2d", "softmax_xent", "adam"}
 
 
+def test_every_anchor_is_checked_against_ours(quick_kernels: dict) -> None:
+    """Adam (its updates) and the softmax loss (loss and gradient) included: only copies, which
+    are not implementations of the op, go unchecked."""
+    rows = quick_kernels["rows"]
+    for r in rows:
+        if r["anchor"] and not r["anchor"].startswith("copy"):
+            assert r["check"] == "ok" and r["rel_err"] is not None, r
+    assert {r["family"] for r in rows if r["check"] == "ok"} >= {"matmul", "conv2d", "maxpool2d", "avgpool2d",
+                                                                  "softmax_xent", "adam"}
+
+
+def test_floors_rest_on_the_measured_peak(quick_kernels: dict) -> None:
+    """The FP32 peak is the best GEMM rate of the run, so no GEMM row runs faster than its floor."""
+    meta = quick_kernels["meta"]
+    assert meta["peak_flops_per_s"] >= max(meta["best_gemm_flops_per_s"], meta["gemm_probe_flops_per_s"])
+    for r in quick_kernels["rows"]:
+        assert r["floor_s"] == pytest.approx(max(r["flops"] / meta["peak_flops_per_s"],
+                                                 r["bytes"] / meta["copy_bytes_per_s"]))
+        if r["family"] == "matmul":
+            assert r["ours_fraction_of_floor"] <= 1.0 + 1e-9
+    hw = meta["hardware"]
+    assert hw["vector_extensions"] is not None and "vendor" in hw
+
+
+@pytest.mark.parametrize("family", ["adam", "softmax_xent", "avgpool2d"])
+def test_a_wrong_result_fails_its_row(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ours made wrong (Adam without its bias correction, a loss off by 1e-3, avgpool backward
+    off by one part in 1e3): every anchor's check of the row says MISMATCH and problems() says it."""
+    from gpuml.backend.cpu import CpuBackend
+    from gpuml.benchmark import hardware
+    from gpuml.benchmark import kernel_cases as kc
+    from gpuml.benchmark.kernels import Env, problems, run_case
+
+    if family == "adam":
+        real = CpuBackend.adam_step
+        monkeypatch.setattr(CpuBackend, "adam_step", lambda self, *a, **k: real(self, *a, **{**k, "step": 1}))
+        case = kc.adam_case([(3, 4), (5,)], "tiny")
+    elif family == "softmax_xent":
+        real_x = CpuBackend.softmax_xent
+
+        def off_loss(self, *a, **k):
+            loss, d = real_x(self, *a, **k)
+            loss[()] += 1e-3
+            return loss, d
+
+        monkeypatch.setattr(CpuBackend, "softmax_xent", off_loss)
+        case = kc.softmax_xent_case(4, 300)
+    else:
+        real_a = CpuBackend.avgpool2d_bwd
+        monkeypatch.setattr(CpuBackend, "avgpool2d_bwd", lambda self, *a, **k: real_a(self, *a, **k).__imul__(1.001))
+        case = next(c for c in kc.pool_cases(2, 3, 8, 2) if c.op == "avgpool2d_bwd")
+    monkeypatch.setattr(hardware, "FLUSH_CAP_BYTES", 1 << 16)  # a tiny cache flush: the test times nothing
+    env = Env("cpu")
+    plan = TimingPlan(warmup=0, min_repeats=1, max_repeats=1, budget_s=0.0)
+    rows = run_case(env, case, plan, 1e11, 1e10)
+    checked = [r for r in rows if r["anchor"] and not r["anchor"].startswith("copy")]
+    assert checked and all(r["check"] == "MISMATCH" for r in checked), rows
+    assert len(problems(rows)) == len(checked)
+
+
 def test_unknown_family_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "kernels", "--device", "cpu", "--families", "matmul,convv"]) == 2
     assert "unknown convv" in capsys.readouterr().err
@@ -146,6 +206,24 @@ def test_interleaved_timing_settles_short_calls_untimed_before_each_block() -> N
     assert stats["a"].repeats == stats["b"].repeats == 7
 
 
+def test_training_epochs_alternate_between_the_sides() -> None:
+    from gpuml.benchmark.train import interleaved_epochs
+
+    ran: list[str] = []
+
+    class Side:
+        def __init__(self, impl: str) -> None:
+            self.impl = impl
+
+        def epoch(self) -> None:
+            ran.append(self.impl)
+
+    sides = [Side("gpuml"), Side("torch eager")]
+    assert interleaved_epochs(sides, 3) == ["gpuml", "torch eager", "torch eager", "gpuml", "gpuml", "torch eager"]
+    assert ran == ["gpuml", "torch eager", "torch eager", "gpuml", "gpuml", "torch eager"]
+    assert interleaved_epochs(sides, 1, reverse_first=True) == ["torch eager", "gpuml"]
+
+
 # ------------------------------------------------------------------------------------- formulas
 def test_gemm_formulas() -> None:
     assert fm.gemm_flops(2, 3, 4) == 48
@@ -199,6 +277,7 @@ def test_bench_train_tiny_limit_rows_next_to_torch(tmp_path: Path, fashion_root:
     rows = result["rows"]
     impls = [r["impl"] for r in rows]
     assert impls[0] == "gpuml"
+    assert len(result["meta"]["epoch_order"]) == 1 and "gpuml" in result["meta"]["epoch_order"][0]
     for r in rows:
         assert r["samples_per_epoch"] == 512 and r["steps_per_epoch"] == 4
         assert r["samples_per_s"] > 0 and r["cpu_busy"] > 0

@@ -90,6 +90,49 @@ def load_average() -> list[float]:
         return []
 
 
+#: /proc/cpuinfo flags that name the vector units (what a GEMM or an exp loop can use)
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def vector_extensions(flags: set[str]) -> list[str]:
+    """The vector extensions among the CPU flags: SSE4.2 up to AVX2/FMA, every AVX-512 subset, AMX."""
+    return [f for f in VECTOR_FLAGS if f in flags] + sorted(f for f in flags if f.startswith("avx512"))
+
+
+def blas_description() -> str:
+    """numpy's BLAS as it configured itself here: OpenBLAS's version, kernel (core) and threads,
+    and OPENBLAS_CORETYPE when the environment forces a kernel ('' for another BLAS)."""
+    import ctypes
+
+    from gpuml.backend.cpu.loops import blas_thread_functions
+
+    libs = Path(np.__file__).parent.parent / "numpy.libs"
+    for path in sorted(libs.glob("*openblas*")) if libs.is_dir() else []:
+        lib = ctypes.CDLL(str(path))
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            config = getattr(lib, f"{prefix}_get_config{suffix}", None)
+            core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
+            if config is not None and core is not None:
+                config.restype = core.restype = ctypes.c_char_p
+                fns = blas_thread_functions()
+                text = f"{config().decode().split('  ')[0]}, {core().decode()} kernels"
+                text += f", {fns[0]()} threads" if fns else ""
+                forced = os.environ.get("OPENBLAS_CORETYPE")
+                return text + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")
+    return ""
+
+
+#: the most a cache flush writes: a VM may report its host's whole last-level cache (480 MiB on
+#: one machine here), of which its few cores hold a small part; writing twice that before every
+#: repeat made the flush, not the ops, the bulk of a sweep's time
+FLUSH_CAP_BYTES = 128 << 20
+
+
+def flush_bytes(llc_bytes: int) -> int:
+    """Bytes a cache flush writes: twice the last-level cache, at most FLUSH_CAP_BYTES."""
+    return min(2 * llc_bytes, FLUSH_CAP_BYTES)
+
+
 def cpu_info() -> dict[str, Any]:
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
@@ -101,10 +144,15 @@ def cpu_info() -> dict[str, Any]:
     return {
         "kind": "cpu",
         "name": info.get("model name", platform.processor() or "unknown CPU"),
+        "vendor": info.get("vendor_id", ""), "family": info.get("cpu family", ""), "model": info.get("model", ""),
+        "vector_extensions": vector_extensions(flags),
+        "blas": blas_description(),
         "cores": cores,
         "mhz": mhz,
         "llc_bytes": last_level_cache_bytes(),
         "fp32_peak_flops": peak,
+        # recorded only: turbo clocks (and AVX-512 on narrower units) make it wrong either way;
+        # `gpuml bench kernels` draws its floors from the best GEMM rate it measures
         "fp32_peak_how": (f"estimated: {cores} cores x {mhz / 1e3:.2f} GHz x {flop_per_cycle} FLOP/cycle "
                           f"(2 FMA pipes x {lanes} FP32 lanes)"),
     }

@@ -5,7 +5,14 @@ Anchors by device: on CUDA, cuBLAS through `cupy.matmul` (TF32 off) for GEMM, Py
 off) for conv, pooling, cross-entropy and Adam, and a device-to-device copy of the op's minimum
 bytes for the bandwidth-bound ops. On CPU, NumPy where a straightforward NumPy version is natural,
 PyTorch CPU, and a parallel host copy. Every case returns its implementations as `Impl`s, ours
-first; `result` gives the array an implementation produced, for the agreement check.
+first; `result` gives the array(s) an implementation produced, for the agreement check, which
+every implementation of an op has (only copies have none).
+
+Fair anchors: each writes into outputs allocated once, as ours writes into `out=` buffers, through
+the `out=` overloads of PyTorch's ATen ops (torch.ops.aten.<op>.out / .grad_input; conv2d bwd_data
+as the transposed convolution it is). The one exception: conv2d bwd_weight, whose only ATen op
+(convolution_backward) has no usable out= overload for a single gradient, so that anchor allocates
+its (small) dw each call. No anchor builds an autograd graph.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ OURS = "gpuml"
 class Impl:
     name: str
     run: Callable[[], Any]
-    #: the output to compare with ours (called after `run`); None: not compared (a copy, Adam)
+    #: the output(s) to compare with ours (called after `run`; an array or a tuple of them);
+    #: None only for a copy, which is not an implementation of the op
     result: Callable[[], Any] | None = None
     #: which library's CUDA events time it on a GPU ("cupy" or "torch")
     lib: str = "cupy"
@@ -100,9 +108,13 @@ def conv_cases(n: int, c: int, h: int, k: int, r: int, pad: int, tag: str) -> li
 
     def torch_bwd(env: Any, x: Any, w: Any, dy: Any, which: int) -> Callable[[], Any]:
         tx, tw, tdy = env.as_torch(x), env.as_torch(w), env.as_torch(dy)
-        mask = [which == 0, which == 1, False]
-        return lambda: env.torch.ops.aten.convolution_backward(
-            tdy, tx, tw, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)[which]
+        aten = env.torch.ops.aten
+        if which == 0:  # dx is the transposed convolution of dy, written into a buffer
+            tdx = env.as_torch(env.backend.empty(x.shape))
+            return lambda: aten.convolution.out(tdy, tw, None, [1, 1], [pad, pad], [1, 1], True, [0, 0], 1, out=tdx)
+        # dw: convolution_backward has no out= overload for one gradient; it allocates dw (small)
+        return lambda: aten.convolution_backward(
+            tdy, tx, tw, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False])[1]
 
     def fwd(env: Any) -> list[Impl]:
         be = env.backend
@@ -113,12 +125,10 @@ def conv_cases(n: int, c: int, h: int, k: int, r: int, pad: int, tag: str) -> li
             impls.append(_numpy_conv_fwd(x, w, b, pad))
         if env.torch is not None:
             tx, tw, tb = env.as_torch(x), env.as_torch(w), env.as_torch(b)
-            held: dict[str, Any] = {}
-
-            def run() -> None:
-                held["y"] = env.torch.nn.functional.conv2d(tx, tw, tb, stride=1, padding=pad)
-
-            impls.append(Impl("torch", run, lambda: held["y"], "torch"))
+            ty = env.as_torch(be.empty((n, k, p, p)))
+            conv = env.torch.ops.aten.convolution.out
+            impls.append(Impl("torch", lambda: conv(tx, tw, tb, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, out=ty),
+                              lambda: ty, "torch"))
         return impls
 
     def bwd_data(env: Any) -> list[Impl]:
@@ -220,14 +230,17 @@ def pool_cases(n: int, c: int, h: int, size: int) -> list[Case]:
         else:
             impls = [Impl(OURS, lambda: be.maxpool2d_fwd(x, *geo, out=y, argmax=am), lambda: y)]
         if env.torch is not None:
-            aten, tx, tdy = env.torch.ops.aten, env.as_torch(x), env.as_torch(dy)
-            _, idx = aten.max_pool2d_with_indices(tx, *tgeo, [1, 1], False)
+            torch = env.torch
+            aten, tx, tdy = torch.ops.aten, env.as_torch(x), env.as_torch(dy)
+            ty, tdx = env.as_torch(be.empty(y.shape)), env.as_torch(be.empty(x.shape))
+            idx = torch.empty(y.shape, dtype=torch.int64)  # PyTorch's indices are int64
+            aten.max_pool2d_with_indices.out(tx, *tgeo, [1, 1], False, out=ty, indices=idx)
             if backward:
-                impls += _torch_impl(env, lambda e: lambda: aten.max_pool2d_with_indices_backward(
-                    tdy, tx, *tgeo, [1, 1], False, idx))
+                impls.append(Impl("torch", lambda: aten.max_pool2d_with_indices_backward.grad_input(
+                    tdy, tx, *tgeo, [1, 1], False, idx, grad_input=tdx), lambda: tdx, "torch"))
             else:
-                impls += _torch_impl(env, lambda e: lambda: aten.max_pool2d_with_indices(
-                    tx, *tgeo, [1, 1], False)[0])
+                impls.append(Impl("torch", lambda: aten.max_pool2d_with_indices.out(
+                    tx, *tgeo, [1, 1], False, out=ty, indices=idx), lambda: ty, "torch"))
         return impls
 
     def avgpool(env: Any, backward: bool) -> list[Impl]:
@@ -236,6 +249,10 @@ def pool_cases(n: int, c: int, h: int, size: int) -> list[Case]:
         y, dx = be.empty((n, c, p, p)), be.empty(x.shape)
         if backward:
             impls = [Impl(OURS, lambda: be.avgpool2d_bwd(dy, x.shape, *geo, out=dx), lambda: dx)]
+            if env.device == "cpu" and h % size == 0:  # dy / size^2 broadcast over each window
+                ref6 = np.empty(x.shape, dtype=np.float32).reshape(n, c, p, size, p, size)
+                impls.append(Impl("numpy", lambda: np.multiply(dy[:, :, :, None, :, None], 1.0 / (size * size),
+                                                               out=ref6), lambda: ref6.reshape(x.shape)))
         else:
             impls = [Impl(OURS, lambda: be.avgpool2d_fwd(x, *geo, out=y), lambda: y)]
             if env.device == "cpu" and h % size == 0:
@@ -244,11 +261,13 @@ def pool_cases(n: int, c: int, h: int, size: int) -> list[Case]:
                     x.reshape(n, c, p, size, p, size), axis=(3, 5), out=ref), lambda: ref))
         if env.torch is not None:
             aten, tx, tdy = env.torch.ops.aten, env.as_torch(x), env.as_torch(dy)
+            ty, tdx = env.as_torch(be.empty(y.shape)), env.as_torch(be.empty(x.shape))
             if backward:
-                impls += _torch_impl(env, lambda e: lambda: aten.avg_pool2d_backward(
-                    tdy, tx, *tgeo, False, True, None))
+                impls.append(Impl("torch", lambda: aten.avg_pool2d_backward.grad_input(
+                    tdy, tx, *tgeo, False, True, None, grad_input=tdx), lambda: tdx, "torch"))
             else:
-                impls += _torch_impl(env, lambda e: lambda: aten.avg_pool2d(tx, *tgeo, False, True, None))
+                impls.append(Impl("torch", lambda: aten.avg_pool2d.out(tx, *tgeo, False, True, None, out=ty),
+                                  lambda: ty, "torch"))
         return impls
 
     def case(family: str, bwd: bool, fn: Callable[[Any, bool], list[Impl]]) -> Case:
@@ -270,19 +289,11 @@ def softmax_xent_case(batch: int, classes: int) -> Case:
         labels = be.asarray(env.rng.integers(0, classes, batch).astype(np.int32), dtype=np.int32)
         loss, dlogits = be.empty(()), be.empty((batch, classes))
         impls = [Impl(OURS, lambda: be.softmax_xent(logits, labels, loss=loss, dlogits=dlogits),
-                      lambda: dlogits)]
+                      lambda: (loss, dlogits))]
         if env.device == "cpu":
             impls.append(_numpy_xent(logits, labels))
         if env.torch is not None:
-            torch = env.torch
-            tl = env.as_torch(logits).detach().clone().requires_grad_(True)
-            ty = env.as_torch(labels).long()
-
-            def grad() -> Any:
-                loss_t = torch.nn.functional.cross_entropy(tl, ty)
-                return torch.autograd.grad(loss_t, tl)[0]
-
-            impls += _torch_impl(env, lambda e: grad)
+            impls.append(_torch_xent(env, logits, labels))
         return impls + [env.copy_impl(nbytes)]
 
     return Case("softmax_xent", "softmax_xent", f"{batch}x{classes}", 0, nbytes, build, 1e-5)
@@ -292,19 +303,41 @@ def _numpy_xent(logits: np.ndarray, labels: np.ndarray) -> Impl:
     batch = logits.shape[0]
     rows = np.arange(batch)
     d = np.empty_like(logits)
+    loss = np.empty((), np.float64)
 
-    def run() -> float:
+    def run() -> None:
         m = logits.max(axis=1, keepdims=True)
         np.subtract(logits, m, out=d)
         np.exp(d, out=d)
         s = d.sum(axis=1, keepdims=True)
-        loss = float(np.mean(np.log(s[:, 0]) + m[:, 0] - logits[rows, labels]))
+        loss[()] = np.mean(np.log(s[:, 0]) + m[:, 0] - logits[rows, labels])
         np.divide(d, s, out=d)
         d[rows, labels] -= 1
         np.multiply(d, 1.0 / batch, out=d)
-        return loss
 
-    return Impl("numpy", run, lambda: d)
+    return Impl("numpy", run, lambda: (loss, d))
+
+
+def _torch_xent(env: Any, logits: Any, labels: Any) -> Impl:
+    """PyTorch's loss and gradient without autograd: log_softmax into a buffer, the mean NLL, and
+    dlogits = (exp(log_softmax) - onehot) / B in place, as a hand-written backward would."""
+    torch = env.torch
+    aten = torch.ops.aten
+    tl, ty = env.as_torch(logits), env.as_torch(labels).long()
+    batch = tl.shape[0]
+    rows = torch.arange(batch)
+    d = env.as_torch(env.backend.empty(tuple(tl.shape)))
+    loss, total_weight = torch.empty(()), torch.empty(())
+
+    def run() -> None:
+        with torch.no_grad():
+            aten._log_softmax.out(tl, 1, False, out=d)
+            aten.nll_loss_forward.output(d, ty, None, 1, -100, output=loss, total_weight=total_weight)
+            torch.exp(d, out=d)
+            d[rows, ty] -= 1
+            d.mul_(1.0 / batch)
+
+    return Impl("torch", run, lambda: (loss, d), "torch")
 
 
 # ------------------------------------------------------------------------------------- Adam
@@ -319,32 +352,48 @@ def adam_case(shapes: list[tuple[int, ...]], label: str) -> Case:
     hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 
     def build(env: Any) -> list[Impl]:
+        # Every implementation starts from the same p, m, v at step 10 (its own copies) and is
+        # checked on its first update, p - p0 (the run's first call; later calls go on updating).
         be = env.backend
-        p = [env.rand(s) for s in shapes]
+        p0 = [env.rand(s) for s in shapes]
         g = [env.rand(s) for s in shapes]
-        m = [env.rand(s) * 0.1 for s in shapes]
-        v = [be.asarray(np.abs(env.rng.standard_normal(s, dtype=np.float32)) * 0.01) for s in shapes]
-        impls = [Impl(OURS, lambda: be.adam_step(p, g, m, v, step=10, **hyper))]
+        m0 = [env.rand(s) * 0.1 for s in shapes]
+        v0 = [be.asarray(np.abs(env.rng.standard_normal(s, dtype=np.float32)) * 0.01) for s in shapes]
+        host_p0 = [env.to_host(a) for a in p0]
+
+        def update(params: list[Any]) -> Callable[[], Any]:
+            return lambda: tuple(env.to_host(a) - b for a, b in zip(params, host_p0))
+
+        p, m, v = ([a.copy() for a in arrays] for arrays in (p0, m0, v0))
+        impls = [Impl(OURS, lambda: be.adam_step(p, g, m, v, step=ADAM_STEP, **hyper), update(p))]
         if env.device == "cpu":
-            impls.append(_numpy_adam([a.copy() for a in p], g, [a.copy() for a in m],
-                                     [a.copy() for a in v], **hyper))
+            pn = [a.copy() for a in p0]
+            impls.append(_numpy_adam(pn, g, [a.copy() for a in m0], [a.copy() for a in v0], **hyper))
+            impls[-1].result = update(pn)
         if env.torch is not None:
             torch = env.torch
-            params = [torch.nn.Parameter(env.as_torch(a).clone()) for a in p]
-            for tp, a in zip(params, g):
-                tp.grad = env.as_torch(a)
+            params = [torch.nn.Parameter(env.as_torch(a).clone()) for a in p0]
             opt = torch.optim.Adam(params, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
                                    eps=hyper["eps"], fused=True)
-            impls.append(Impl("torch (fused Adam)", opt.step, None, "torch"))
+            for tp, a, ma, va in zip(params, g, m0, v0):
+                tp.grad = env.as_torch(a)
+                opt.state[tp] = {"step": torch.tensor(float(ADAM_STEP - 1), device=tp.device),
+                                 "exp_avg": env.as_torch(ma).clone(), "exp_avg_sq": env.as_torch(va).clone()}
+            impls.append(Impl("torch (fused Adam)", opt.step, update([tp.detach() for tp in params]), "torch"))
         return impls + [env.copy_impl(nbytes)]
 
+    # tolerance: the update is about lr; float32 rounding of p (|p| ~ 4) is ~1e-4 of it
     return Case("adam", "adam_step", f"{label}: {count / 1e6:.2f}M params in {len(shapes)} tensors",
-                0, nbytes, build)
+                0, nbytes, build, 2e-3)
+
+
+#: the step count the Adam cases run at (bias corrections 1 - beta^10), the same on every side
+ADAM_STEP = 10
 
 
 def _numpy_adam(p: list[np.ndarray], g: list[np.ndarray], m: list[np.ndarray], v: list[np.ndarray],
                 lr: float, beta1: float, beta2: float, eps: float) -> Impl:
-    step = 10
+    step = ADAM_STEP
     c1, c2 = 1 - beta1**step, 1 - beta2**step
 
     def run() -> None:

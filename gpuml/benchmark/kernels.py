@@ -5,7 +5,16 @@ A row is one (case, anchor) pair: ours' median time and rate next to the anchor'
 `ratio` = anchor time / our time, so > 1 means ours is faster. A case whose only implementation
 is ours (no anchor importable) gives one row with the anchor fields None. Each row also holds the
 roofline floor of its case on this machine (max of FLOPs / FP32 peak and bytes / copy bandwidth)
-and how close ours came to it.
+and how close ours came to it. Both limits are measured in the run: the copy bandwidth by a copy
+far larger than the cache, the FP32 peak as the best GEMM rate of the run (a large GEMM timed
+first, and every matmul row, ours or an anchor's). On a GPU the datasheet peak (SMs x lanes x
+clock) is used when it is the higher; on a CPU an estimate from clock and vector width is only
+recorded, as turbo clocks make it wrong either way.
+
+Every implementation of an op is checked against ours on the same inputs before it is timed:
+max |ours - anchor| / max |anchor| within the case's tolerance, or the row says MISMATCH and
+`gpuml bench` exits 1. Outputs made of several arrays (a loss and its gradient, Adam's updates
+of several tensors) are compared array by array.
 """
 
 from __future__ import annotations
@@ -76,7 +85,7 @@ class Env:
                 lib: CudaCacheFlusher(lib, 2 * self.info["l2_bytes"]) for lib in self.events}
         else:
             self.info = hardware.cpu_info()
-            self.flushers = {"host": HostCacheFlusher(2 * self.info["llc_bytes"])}
+            self.flushers = {"host": HostCacheFlusher(hardware.flush_bytes(self.info["llc_bytes"]))}
 
     def rand(self, shape: tuple[int, ...]) -> Any:
         """Standard-normal float32 on the device (drawn on the host, so every device gets the
@@ -120,8 +129,13 @@ class Env:
             self.torch.cuda.empty_cache()
 
 
-def relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    """max |ours - ref| / max |ref| (inf on a shape mismatch or non-finite values)."""
+def relative_error(ours: Any, ref: Any) -> float:
+    """max |ours - ref| / max |ref| (inf on a shape mismatch or non-finite values); for tuples of
+    arrays, the largest over their pairs (each against its own scale)."""
+    if isinstance(ours, tuple) or isinstance(ref, tuple):
+        if not (isinstance(ours, tuple) and isinstance(ref, tuple)) or len(ours) != len(ref):
+            return float("inf")
+        return max((relative_error(a, b) for a, b in zip(ours, ref)), default=0.0)
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     if ours.shape != ref.shape or not (np.isfinite(ours).all() and np.isfinite(ref).all()):
         return float("inf")
@@ -139,16 +153,41 @@ def copy_bandwidth(env: Env, plan: TimingPlan, quick: bool) -> float:
     return 2 * nbytes / stats.median_s
 
 
+def _host(env: Env, value: Any) -> Any:
+    return tuple(_host(env, v) for v in value) if isinstance(value, tuple) else env.to_host(value)
+
+
+def measured_peak(env: Env, quick: bool) -> float:
+    """FLOP/s of the best of a few large square float32 GEMMs through the array module's matmul
+    (OpenBLAS on CPU, cuBLAS on CUDA): the FP32 rate this machine demonstrably reaches now."""
+    size = 1024 if quick else (8192 if env.device == "cuda" else 2048)
+    a, b = env.rand((size, size)), env.rand((size, size))
+    out = env.backend.empty((size, size))
+    plan = TimingPlan(warmup=1, min_repeats=3, max_repeats=5, budget_s=0.5)
+    stats = env.time(Impl("peak gemm", lambda: env.xp.matmul(a, b, out=out)), plan)
+    return 2 * size**3 / stats.min_s
+
+
+def set_floors(rows: list[dict[str, Any]], peak: float, copy_bw: float) -> None:
+    """floor_s = max(FLOPs / peak, bytes / copy bandwidth) of each row, and ours' fraction of it."""
+    for r in rows:
+        if "error" not in r:
+            r["floor_s"] = max(r["flops"] / peak if peak else 0.0, r["bytes"] / copy_bw)
+            r["ours_fraction_of_floor"] = r["floor_s"] / r["ours_median_s"]
+
+
 def run_case(env: Env, case: Case, plan: TimingPlan, peak: float | None, copy_bw: float) -> list[dict[str, Any]]:
     impls = case.build(env)
     ours, anchors = impls[0], impls[1:]
     checks: dict[str, float | None] = {}
     ours.run()
     env.backend.synchronize()
-    ours_out = env.to_host(ours.result()) if ours.result else None
+    ours_out = _host(env, ours.result()) if ours.result else None
     for a in anchors:
         a.run()
-        checks[a.name] = (relative_error(ours_out, env.to_host(a.result()))
+        if a.result is None and not a.name.startswith("copy"):
+            raise ValueError(f"{case.op}: anchor {a.name} gives no result to check")
+        checks[a.name] = (relative_error(ours_out, _host(env, a.result()))
                           if a.result and ours_out is not None else None)
     stats = env.time_all(impls, plan)
     work = case.flops if case.metric == "flops" else case.bytes
@@ -188,9 +227,11 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
         f"{'torch ' + env.torch.__version__ if env.torch else 'no torch'}")
     idle_before = hardware.busy_warning(log, device)
     copy_bw = copy_bandwidth(env, plan, quick)
-    peak = env.info["fp32_peak_flops"]
-    log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 peak "
-        + (f"{peak / 1e12:.3f} TFLOP/s ({env.info['fp32_peak_how']})" if peak else "unknown"))
+    probe = measured_peak(env, quick)
+    sheet = env.info["fp32_peak_flops"] if device == "cuda" else None  # a CPU estimate is recorded only
+    peak = max(probe, sheet or 0.0)
+    log(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s; FP32 GEMM probe {probe / 1e9:.1f} GFLOP/s"
+        + (f"; datasheet peak {sheet / 1e12:.3f} TFLOP/s" if sheet else ""))
     rows: list[dict[str, Any]] = []
     started, load_before = time.time(), hardware.load_average()
     for case in cases:
@@ -209,9 +250,14 @@ def run_kernels(device: str, quick: bool, log: Callable[[str], None] = print,
         log(f"  {case.op:18s} {case.shape:48s} {r['ours_median_s'] * 1e6:11.1f} us  {tail}")
     gemm_rates = [r[k] for r in rows if r["family"] == "matmul" and "error" not in r
                   for k in ("ours_rate", "anchor_rate") if r.get(k)]
+    peak = max([peak, *gemm_rates])
+    set_floors(rows, peak, copy_bw)
+    how = ("the best GEMM rate measured in this run (a " + ("1024" if quick else "8192" if device == "cuda" else "2048")
+           + "^3 probe and every matmul row)" + (" or the datasheet peak, the higher" if sheet else ""))
     meta = {
         "kind": "kernels", "device": device, "quick": quick, "hardware": env.info,
         "copy_bytes_per_s": copy_bw, "best_gemm_flops_per_s": max(gemm_rates, default=None),
+        "gemm_probe_flops_per_s": probe, "peak_flops_per_s": peak, "peak_how": how,
         "versions": hardware.versions(), "commit": hardware.git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_average": hardware.load_average(),
         "load_average_before": load_before, "cpu_idle_before": idle_before,

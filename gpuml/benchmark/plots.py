@@ -53,7 +53,8 @@ def _draw_family(ax: Any, rows: list[dict[str, Any]], meta: dict[str, Any], fami
     if metric == "bytes":
         limit, label = meta["copy_bytes_per_s"], "copy bandwidth (measured)"
     else:
-        limit, label = hw["fp32_peak_flops"], f"FP32 peak ({hw['fp32_peak_how']})"
+        limit = meta.get("peak_flops_per_s", hw["fp32_peak_flops"])
+        label = f"FP32 peak ({meta.get('peak_how', hw['fp32_peak_how'])})"
     if limit:
         ax.axhline(limit / scale, color="k", linestyle=":", linewidth=1.2, label=label)
     if metric == "flops" and meta.get("best_gemm_flops_per_s"):

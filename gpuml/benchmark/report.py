@@ -39,6 +39,10 @@ def meta_lines(meta: dict[str, Any]) -> list[str]:
         f"- device: {hw['name']} ({meta['device']}"
         + (f", {hw['cores']} cores" if hw["kind"] == "cpu" else f", CC {hw['compute_capability']}, {hw['sms']} SMs")
         + ")",
+    ]
+    if hw["kind"] == "cpu":
+        lines.append(machine_line(hw))
+    lines += [
         f"- versions: {versions}",
         f"- command: `{meta['command']}`",
     ]
@@ -52,12 +56,25 @@ def meta_lines(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
+def machine_line(hw: dict[str, Any]) -> str:
+    """The CPU in words: model, vendor/family/model numbers, vector extensions, clock, caches."""
+    ids = ", ".join(f"{k} {hw[k]}" for k in ("vendor", "family", "model") if hw.get(k))
+    ext = ", ".join(hw.get("vector_extensions") or []) or "none reported"
+    return (f"- machine: {hw['name']}" + (f" ({ids})" if ids else "") + f"; vector extensions: {ext}; "
+            f"{hw['cores']} usable cores at {hw['mhz']:.0f} MHz (as /proc/cpuinfo reports it); "
+            f"last-level cache {hw['llc_bytes'] >> 20} MiB" + (f"; BLAS: {hw['blas']}" if hw.get("blas") else ""))
+
+
 def kernels_markdown(result: dict[str, Any]) -> str:
     meta, rows = result["meta"], result["rows"]
     hw = meta["hardware"]
     out = [f"### Kernels: {hw['name']} ({meta['device']}{', quick sweep' if meta['quick'] else ''})", ""]
     out += meta_lines(meta)
-    peak = f"{hw['fp32_peak_flops'] / 1e12:.3f} TFLOP/s ({hw['fp32_peak_how']})" if hw["fp32_peak_flops"] else "unknown"
+    if meta.get("peak_flops_per_s"):
+        peak = f"{meta['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({meta['peak_how']})"
+    else:  # a result written before the peak was measured
+        peak = (f"{hw['fp32_peak_flops'] / 1e12:.3f} TFLOP/s ({hw['fp32_peak_how']})"
+                if hw["fp32_peak_flops"] else "unknown")
     out.append(f"- limits: FP32 peak {peak}; "
                f"copy bandwidth {meta['copy_bytes_per_s'] / 1e9:.1f} GB/s (measured in this run)")
     out.append("- ratio = anchor time / our time (> 1: ours is faster); for a copy anchor it is the "
@@ -94,6 +111,8 @@ def train_markdown(result: dict[str, Any]) -> str:
                "epoch time is the median over epochs; test accuracy on the full test set; "
                f"backend: {meta['backend']}"
                + (f"; torch threads {meta['torch_threads']}" if meta.get("torch_threads") else ""))
+    if meta.get("epoch_order"):
+        out.append("- epochs alternate between the implementations; order run: " + "; ".join(meta["epoch_order"]))
     table = []
     for r in rows:
         speed = "-" if r.get("speedup_vs_torch_eager") is None else f"{r['speedup_vs_torch_eager']:.2f}x"

@@ -12,7 +12,9 @@ as gpuml's trainer does.
 Steady state: before the measured run, each side trains `warmup_steps` steps (gpuml on a throwaway
 Trainer: numba compilation, kernel compilation and allocator growth happen there; PyTorch on the
 same model, whose weights and optimizer state are then reset). Every measured epoch is a full
-epoch; the reported epoch time is the median over epochs. The validation split is off: training
+epoch; the reported epoch time is the median over epochs. The sides' epochs alternate (A B, B A,
+A B, ...; the next model or batch size starts the other way round), so neither always runs first,
+on a cache the other warmed or through the same slow spell of a shared machine. The validation split is off: training
 uses every training image (or the first --limit), test accuracy is on the whole test set.
 """
 
@@ -71,14 +73,24 @@ def _result(cfg: dict[str, Any], impl: str, epoch_s: list[float], samples: int, 
 
 
 class _BusyMeter:
-    """CPU time of this process (all threads) over wall time, between start() and stop()."""
+    """CPU time of this process (all threads) over wall time, summed over start()/stop() spans
+    (a side's epochs, which alternate with the other side's)."""
+
+    def __init__(self) -> None:
+        self._cpu_total = self._wall_total = 0.0
 
     def start(self) -> None:
         self._cpu, self._wall = time.process_time(), time.perf_counter()
 
     def stop(self) -> float:
         wall = time.perf_counter() - self._wall
-        return (time.process_time() - self._cpu) / wall if wall > 0 else 0.0
+        cpu = time.process_time() - self._cpu
+        self._cpu_total += cpu
+        self._wall_total += wall
+        return cpu / wall if wall > 0 else 0.0
+
+    def busy(self) -> float:
+        return self._cpu_total / self._wall_total if self._wall_total > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------- gpuml
@@ -102,32 +114,44 @@ def step_launches(trainer: Any) -> int | None:
     return counts[-1]
 
 
-def run_gpuml(cfg: dict[str, Any], data: Dataset, warmup_steps: int, log: Log) -> dict[str, Any]:
-    from gpuml.train.trainer import Trainer
+class GpumlSide:
+    """gpuml's side of one comparison: warmed up on a throwaway Trainer, then one measured
+    Trainer whose epochs `epoch()` runs one at a time (so they can alternate with PyTorch's)."""
 
-    def quiet(msg: str) -> None:
-        pass
+    def __init__(self, cfg: dict[str, Any], data: Dataset, warmup_steps: int) -> None:
+        from gpuml.train.trainer import Trainer
 
-    batch = cfg["trainer"]["batch_size"]
-    n_warm = min(len(data.train), warmup_steps * batch)
-    warm_data = dataclasses.replace(data, train=Split(data.train.images[:n_warm], data.train.labels[:n_warm]))
-    with tempfile.TemporaryDirectory() as tmp:
-        Trainer(cfg, Path(tmp) / "warmup", log=quiet, dataset=warm_data)._train_epoch(False)
+        def quiet(msg: str) -> None:
+            pass
+
+        self.cfg, self.impl = cfg, "gpuml"
+        batch = cfg["trainer"]["batch_size"]
+        n_warm = min(len(data.train), warmup_steps * batch)
+        warm_data = dataclasses.replace(data, train=Split(data.train.images[:n_warm], data.train.labels[:n_warm]))
+        self._tmp = tempfile.TemporaryDirectory()
+        tmp = Path(self._tmp.name)
+        Trainer(cfg, tmp / "warmup", log=quiet, dataset=warm_data)._train_epoch(False)
         eager = {**cfg, "trainer": {**cfg["trainer"], "cuda_graph": "off"}}
-        launches = step_launches(Trainer(eager, Path(tmp) / "launches", log=quiet, dataset=warm_data))
-        trainer = Trainer(cfg, Path(tmp) / "run", log=quiet, dataset=data)
-        meter = _BusyMeter()
-        meter.start()
-        rows = [trainer._train_epoch(False) for _ in range(cfg["trainer"]["epochs"])]
-        busy = meter.stop()
-        test = trainer.evaluate("test")
-    last = rows[-1]
-    result = _result(cfg, "gpuml", [r["seconds"] for r in rows], trainer.train_iter.num_samples,
-                     len(trainer.train_iter), {"loss": last["train_loss"], "accuracy": last["train_accuracy"]},
-                     test["accuracy"], busy)
-    result["launches_per_step"] = launches
-    result.update(allreduce_stats(trainer))  # data-parallel ranks (gpuml bench train --ranks)
-    return result
+        self.launches = step_launches(Trainer(eager, tmp / "launches", log=quiet, dataset=warm_data))
+        self.trainer = Trainer(cfg, tmp / "run", log=quiet, dataset=data)
+        self.rows: list[dict[str, Any]] = []
+        self.meter = _BusyMeter()
+
+    def epoch(self) -> None:
+        self.meter.start()
+        self.rows.append(self.trainer._train_epoch(False))
+        self.meter.stop()
+
+    def result(self) -> dict[str, Any]:
+        test = self.trainer.evaluate("test")
+        last, it = self.rows[-1], self.trainer.train_iter
+        result = _result(self.cfg, "gpuml", [r["seconds"] for r in self.rows], it.num_samples, len(it),
+                         {"loss": last["train_loss"], "accuracy": last["train_accuracy"]}, test["accuracy"],
+                         self.meter.busy())
+        result["launches_per_step"] = self.launches
+        result.update(allreduce_stats(self.trainer))  # data-parallel ranks (gpuml bench train --ranks)
+        self._tmp.cleanup()
+        return result
 
 
 # ------------------------------------------------------------------------------------- torch
@@ -250,19 +274,41 @@ class TorchRun:
         return float(correct) / self.test_x.shape[0]
 
 
-def run_torch(cfg: dict[str, Any], data: Dataset, device: str, graph: bool, warmup_steps: int) -> dict[str, Any]:
-    run = TorchRun(cfg, data, device, graph)
-    run.prepare(warmup_steps)
-    rng = np.random.default_rng(cfg["seed"])  # the permutations gpuml's BatchIterator draws
-    times, train = [], {}
-    meter = _BusyMeter()
-    meter.start()
-    for _ in range(cfg["trainer"]["epochs"]):
-        seconds, samples, steps, train = run.epoch(rng.permutation(len(data.train)))
-        times.append(seconds)
-    busy = meter.stop()
-    return _result(cfg, "torch cuda-graph" if graph else "torch eager", times, samples, steps, train,
-                   run.test_accuracy(), busy)
+class TorchSide:
+    """PyTorch's side of one comparison (eager or CUDA graph), one epoch per `epoch()` call, over
+    the permutations gpuml's BatchIterator draws from the same seed."""
+
+    def __init__(self, cfg: dict[str, Any], data: Dataset, device: str, graph: bool, warmup_steps: int) -> None:
+        self.cfg, self.impl = cfg, "torch cuda-graph" if graph else "torch eager"
+        self.run = TorchRun(cfg, data, device, graph)
+        self.run.prepare(warmup_steps)
+        self.rng = np.random.default_rng(cfg["seed"])
+        self.n = len(data.train)
+        self.times: list[float] = []
+        self.meter = _BusyMeter()
+
+    def epoch(self) -> None:
+        self.meter.start()
+        seconds, self.samples, self.steps, self.train = self.run.epoch(self.rng.permutation(self.n))
+        self.meter.stop()
+        self.times.append(seconds)
+
+    def result(self) -> dict[str, Any]:
+        return _result(self.cfg, self.impl, self.times, self.samples, self.steps, self.train,
+                       self.run.test_accuracy(), self.meter.busy())
+
+
+def interleaved_epochs(sides: list[Any], epochs: int, reverse_first: bool = False) -> list[str]:
+    """Each side's epochs, alternating sides so that a slow spell of the machine or a warm cache
+    favours none: A B, B A, A B, ... (every epoch reverses the order; `reverse_first` starts with
+    B A). Returns the order run, as side names."""
+    order = []
+    for e in range(epochs):
+        seq = sides[::-1] if (e % 2 == 1) != reverse_first else sides
+        for side in seq:
+            side.epoch()
+            order.append(side.impl)
+    return order
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -289,6 +335,7 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
     log(f"bench train: {backend.describe()}; PyTorch: {torch.__version__ if torch else 'not available'}")
     idle_before = hardware.busy_warning(log, device)
     rows: list[dict[str, Any]] = []
+    orders: list[str] = []
     started, load_before = time.time(), hardware.load_average()
     for model in models:
         data: Dataset | None = None
@@ -298,9 +345,13 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
                 check_supported(cfg)
             data = data or load_data(cfg)
             modes = [False, True] if (torch is not None and device == "cuda") else [False]
-            new = [run_gpuml(cfg, data, warmup_steps, log)]
+            sides: list[Any] = [GpumlSide(cfg, data, warmup_steps)]
             if torch is not None:
-                new += [run_torch(cfg, data, device, graph, warmup_steps) for graph in modes]
+                sides += [TorchSide(cfg, data, device, graph, warmup_steps) for graph in modes]
+            # alternate within a run (A B, B A, ...) and between runs (the next starts the other way)
+            order = interleaved_epochs(sides, epochs, reverse_first=len(orders) % 2 == 1)
+            orders.append(f"{cfg['name']} B={batch}: {', '.join(order)}")
+            new = [side.result() for side in sides]
             eager = next((r for r in new if r["impl"] == "torch eager"), None)
             for r in new:
                 r["speedup_vs_torch_eager"] = eager["median_epoch_s"] / r["median_epoch_s"] if eager else None
@@ -321,7 +372,7 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "load_average": hardware.load_average(),
         "load_average_before": load_before, "cpu_idle_before": idle_before,
         "seconds": time.time() - started, "command": command,
-        "epochs": epochs, "limit": limit,
+        "epochs": epochs, "limit": limit, "epoch_order": orders,
         "warmup_steps": warmup_steps, "torch_threads": torch.get_num_threads() if torch and device == "cpu" else None,
     }
     return {"meta": meta, "rows": rows}
