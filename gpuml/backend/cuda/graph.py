@@ -82,6 +82,8 @@ class GraphRunner(StepRunner):
                 record(i)
         finally:
             del be._hyper_source
+        if not rows:  # nothing to update (every layer frozen): nothing to tabulate
+            return
         if len(rows) != count:
             raise DeviceError(f"trainer.cuda_graph: the step made {len(rows)} optimizer updates in "
                               f"{count} steps; a captured step supports exactly one per step")
