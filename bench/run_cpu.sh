@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The CPU tables of bench/RESULTS.md: the full kernel sweep and the seed models at batch 128, each
-# next to NumPy / PyTorch CPU measured in the same run. Measure on an otherwise idle machine
-# (check `uptime` first): other processes on the same cores make every number meaningless.
+# Every CPU table of bench/RESULTS.md, each with the JSON it was made from, from the current code:
+#   machine-cpu.txt                   the machine: CPU model, vector extensions, cores, caches, BLAS, load
+#   kernels-cpu.{json,md,png}, kernels-cpu-<family>.png   the full kernel sweep (`gpuml bench kernels`)
+#   train-cpu.{json,md}               the seed models at batch 32 and 128 next to PyTorch CPU eager
+#   results-cpu.md                    the machine line and both tables, to paste into RESULTS.md
+# Measure on an otherwise idle machine: other processes on the same cores make every number
+# meaningless (each table records the load and how idle the CPU was just before).
 #
-#   OUT=/some/folder bench/run_cpu.sh          # default OUT: bench/out-cpu
-#   EPOCHS=2 LIMIT=20000 bench/run_cpu.sh      # fewer / shorter epochs
+#   OUT=bench bench/run_cpu.sh                  # write next to RESULTS.md (default OUT: bench/out-cpu)
+#   EPOCHS=3 LIMIT=20000 bench/run_cpu.sh       # more / shorter measured epochs (default 2, all images)
+#   PYTHON=.venv/bin/python bench/run_cpu.sh    # the interpreter with gpuml, torch and matplotlib
+# About 10 minutes on 2 idle cores (kernels about 6, training about 4); each step prints its time.
 # Fashion-MNIST is found through $GPUML_DATA (a folder holding fashion-mnist/), the user cache, or
 # downloaded.
 set -uo pipefail
@@ -19,10 +25,33 @@ status=0
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 
-echo "load before: $(uptime)"
-"$PYTHON" -m gpuml.cli bench kernels --device cpu --json "$OUT/kernels-cpu.json" \
-    --markdown "$OUT/kernels-cpu.md" --plot "$OUT/kernels-cpu.png" --plot-dir "$OUT" || status=1
-"$PYTHON" -m gpuml.cli bench train --device cpu --models mlp,cnn --batch-sizes 128 --epochs "$EPOCHS" \
-    "${limit[@]}" --json "$OUT/train-cpu.json" --markdown "$OUT/train-cpu.md" || status=1
+step() {  # step NAME COMMAND...: run it, say how long it took, remember a failure
+    local name="$1" t0=$SECONDS
+    shift
+    echo "== $name"
+    "$@" || status=1
+    echo "== $name: $((SECONDS - t0)) s"
+}
+
+machine() {
+    echo "load before: $(uptime)"
+    "$PYTHON" - <<'EOF'
+from gpuml.benchmark.hardware import cpu_info
+from gpuml.benchmark.report import machine_line
+
+print(machine_line(cpu_info()))
+EOF
+    grep -m1 "flags" /proc/cpuinfo || true
+    command -v lscpu >/dev/null && lscpu
+}
+
+machine > "$OUT/machine-cpu.txt" || status=1
+head -2 "$OUT/machine-cpu.txt"
+step "kernels (full sweep)" "$PYTHON" -m gpuml.cli bench kernels --device cpu --json "$OUT/kernels-cpu.json" \
+    --markdown "$OUT/kernels-cpu.md" --plot "$OUT/kernels-cpu.png" --plot-dir "$OUT"
+step "training (mlp, cnn at batch 32 and 128)" "$PYTHON" -m gpuml.cli bench train --device cpu --models mlp,cnn \
+    --batch-sizes 32,128 --epochs "$EPOCHS" "${limit[@]}" --json "$OUT/train-cpu.json" --markdown "$OUT/train-cpu.md"
+cat "$OUT/train-cpu.md" "$OUT/kernels-cpu.md" > "$OUT/results-cpu.md" 2>/dev/null || status=1
 echo "load after: $(uptime)"
+echo "wrote $OUT/machine-cpu.txt, kernels-cpu.{json,md,png}, train-cpu.{json,md}, results-cpu.md (exit $status)"
 exit "$status"

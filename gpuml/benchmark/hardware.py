@@ -125,7 +125,7 @@ def blas_description() -> str:
 #: the most a cache flush writes: a VM may report its host's whole last-level cache (480 MiB on
 #: one machine here), of which its few cores hold a small part; writing twice that before every
 #: repeat made the flush, not the ops, the bulk of a sweep's time
-FLUSH_CAP_BYTES = 128 << 20
+FLUSH_CAP_BYTES = 64 << 20
 
 
 def flush_bytes(llc_bytes: int) -> int:
