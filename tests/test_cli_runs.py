@@ -94,7 +94,7 @@ def test_out_of_memory_is_one_line_naming_batch_size(tmp_path: Path, fashion_roo
     class OutOfMemoryError(Exception):  # what CuPy raises, matched by name
         pass
 
-    def boom(self, x, y, lr):
+    def boom(self, *args):
         raise OutOfMemoryError("Out of memory allocating 8,589,934,592 bytes (allocated so far: 1,024 bytes).")
 
     monkeypatch.setattr(Trainer, "_step", boom)
