@@ -154,6 +154,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Keys a resume may change without --allow-config-change: they change how a run is shown, kept
+# or launched, never the numbers it trains to (graph and eager steps give the same bits).
+RESUME_FREE_KEYS = frozenset({
+    "name", "trainer.cuda_graph", "trainer.progress", "trainer.tensorboard", "trainer.keep_checkpoints",
+    "trainer.checkpoint_every.steps", "trainer.checkpoint_every.minutes",
+})
+
+
 def _resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, Any], str]:
     """The config to continue with (the run's own, or CONFIG / --set when given) and its
     source; a change from the run's needs --allow-config-change."""
@@ -164,7 +172,7 @@ def _resume_config(args: argparse.Namespace, run_dir: Path) -> tuple[dict[str, A
         raise RunError(f"--resume {run_dir}: not a run folder ({saved_path} is missing)")
     source = str(args.config or saved_path)
     cfg = load_config(source, args.overrides)
-    changed = config_diff(load_config(saved_path), cfg)
+    changed = [k for k in config_diff(load_config(saved_path), cfg) if k not in RESUME_FREE_KEYS]
     if changed and not args.allow_config_change:
         raise ConfigError(f"--resume {run_dir}: the config differs from the run's in "
                           f"{', '.join(changed)}; pass --allow-config-change to accept")

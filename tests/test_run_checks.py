@@ -131,3 +131,19 @@ def test_helper_threads_keep_the_callers_errstate(monkeypatch) -> None:
         with np.errstate(all="ignore"):
             loops.run_tasks(overflow, 6)
     assert [str(w.message) for w in caught] == []
+
+
+def test_resume_may_change_how_a_run_is_shown_or_kept_without_allow_config_change(tmp_path: Path, capsys) -> None:
+    """cuda_graph, progress, tensorboard and checkpoint keeping change no trained number (graph and
+    eager steps give the same bits), so a resume accepts them; a numeric change still needs the flag."""
+    cfg = _write(tmp_path, MODEL.format(path=_npz(tmp_path, (6, 6)), shape="", units=4))
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run), "--set", "trainer.epochs=1"]) == 0
+    capsys.readouterr()
+    free = ["trainer.cuda_graph=off", "trainer.progress=false", "trainer.tensorboard=true",
+            "trainer.keep_checkpoints=3", "trainer.checkpoint_every.steps=2"]
+    args = ["train", "--resume", str(run)] + [a for kv in free for a in ("--set", kv)]
+    assert main(args + ["--set", "optimizer.lr=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("the config differs from the run's in optimizer.lr; pass --allow-config-change to accept")
+    assert main(args) == 0  # finished already: nothing to do, and no config complaint
