@@ -34,20 +34,22 @@ from numba import njit
 # from vectorising the loop (see conv.py)
 _U = np.uint64
 
-#: elements of work below which a part is not worth a thread hand-off (about 60 us)
-MIN_PART = 1 << 17
+#: elements of work below which a part is not worth a thread hand-off (a hand-off costs about
+#: 15 us on an idle core; 64 Ki elements are 30-100 us of the loops here, so the seed CNN's second
+#: pooling layer and its backward at batch 32 (250 Ki elements) run on two cores)
+MIN_PART = 1 << 16
 _WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 
 
-def _part_cuts(count: int, work: int) -> list[int]:
+def part_cuts(count: int, work: int) -> list[int]:
     """Boundaries of up to _WORKERS near-equal ranges of [0, count), each of at least MIN_PART
     elements of `work` (one range when the work is small)."""
     parts = max(1, min(_WORKERS, count, work // MIN_PART))
     return [count * i // parts for i in range(parts + 1)]
 
 
-def _run_calls(calls: list[tuple[Callable[..., object], Sequence[object]]]) -> None:
+def run_calls(calls: list[tuple[Callable[..., object], Sequence[object]]]) -> None:
     """Runs calls[0] on the calling thread and the others on helper threads; returns when all are
     done (re-raising the first error), so no helper still writes into a buffer afterwards."""
     global _pool
@@ -71,7 +73,7 @@ def run_parts(loop: Callable[..., object], args: Sequence[object], sliced: Seque
     """loop(*args), with the arrays args[i], i in `sliced`, cut along their first axis (of equal
     length) into up to _WORKERS parts of at least MIN_PART elements of `work`; the calling thread
     runs the first part, helper threads the others."""
-    cuts = _part_cuts(args[sliced[0]].shape[0], work)  # type: ignore[attr-defined]
+    cuts = part_cuts(args[sliced[0]].shape[0], work)  # type: ignore[attr-defined]
 
     def part(k: int) -> list[object]:
         a = list(args)
@@ -79,14 +81,14 @@ def run_parts(loop: Callable[..., object], args: Sequence[object], sliced: Seque
             a[i] = args[i][cuts[k] : cuts[k + 1]]  # type: ignore[index]
         return a
 
-    _run_calls([(loop, part(k)) for k in range(len(cuts) - 1)])
+    run_calls([(loop, part(k)) for k in range(len(cuts) - 1)])
 
 
 def run_ranges(loop: Callable[..., object], args: Sequence[object], count: int, work: int) -> None:
     """loop(*args, lo, hi) for near-equal ranges [lo, hi) covering [0, count), as run_parts does,
     for loops whose parts are not slices along a first axis (columns of a matrix, say)."""
-    cuts = _part_cuts(count, work)
-    _run_calls([(loop, (*args, cuts[k], cuts[k + 1])) for k in range(len(cuts) - 1)])
+    cuts = part_cuts(count, work)
+    run_calls([(loop, (*args, cuts[k], cuts[k + 1])) for k in range(len(cuts) - 1)])
 
 
 def run_tasks(task: Callable[[int, int], object], count: int) -> None:
@@ -104,7 +106,7 @@ def run_tasks(task: Callable[[int, int], object], count: int) -> None:
             while (i := next(counter)) < count:
                 task(worker, i)
 
-        _run_calls([(work, (k,)) for k in range(workers)])
+        run_calls([(work, (k,)) for k in range(workers)])
 
 
 _blas_lock = threading.Lock()

@@ -105,10 +105,10 @@ class LossOps(Checks):
         B, K = logits.shape
         row_loss = self._ws.scratch("xent_row_loss", (B,), np.dtype(np.float64))
         tiny = loops.smallest_normal(self.dtype)
-        cuts = loops._part_cuts(B, B * K)
+        cuts = loops.part_cuts(B, B * K)
         block = min(B, max(1, WIDE_BLOCK // K)) * K
         scratch = [self._ws.scratch(f"xent{k}", (block,), self.dtype) for k in range(len(cuts) - 1)]
-        loops._run_calls([(_wide_rows, (logits, labels, eps, dlogits, row_loss, scratch[k], cuts[k], cuts[k + 1], tiny))
+        loops.run_calls([(_wide_rows, (logits, labels, eps, dlogits, row_loss, scratch[k], cuts[k], cuts[k + 1], tiny))
                           for k in range(len(cuts) - 1)])
         return ordered_sum(row_loss) / B
 

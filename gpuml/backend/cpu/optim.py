@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from gpuml.backend.cpu.checks import Checks
-from gpuml.backend.cpu.loops import flush_subnormal, run_parts, smallest_normal
+from gpuml.backend.cpu.loops import flush_subnormal, part_cuts, run_calls, smallest_normal
 
 
 @njit(cache=True, nogil=True)
@@ -107,11 +107,26 @@ def sum_squares(a):
     return (a0 + a1) + (a2 + a3)
 
 
-def _update(loop: Callable[..., None], flats: tuple[np.ndarray, ...], *scalars: object) -> None:
-    """loop(*flats, *scalars, tiny) over flat tensors, in parts on several threads when large;
-    tiny is the flush threshold of their dtype."""
-    args = (*flats, *scalars, smallest_normal(flats[0].dtype))
-    run_parts(loop, args, tuple(range(len(flats))), flats[0].size)
+def _update(loop: Callable[..., None], groups: list[tuple[np.ndarray, ...]], *scalars: object) -> None:
+    """loop(*flats, *scalars, tiny) over every group of flat tensors (p, g, state...), tiny being
+    the flush threshold of their dtype. All the groups make one range of elements, cut into near
+    equal parts of at least MIN_PART run on several threads at once (one hand-off per step,
+    not one per tensor); each part updates its slices of the tensors in order."""
+    if not groups:
+        return
+    tiny = smallest_normal(groups[0][0].dtype)
+    sizes = [flats[0].size for flats in groups]
+    cuts = part_cuts(sum(sizes), sum(sizes))
+
+    def part(lo: int, hi: int) -> None:
+        start = 0
+        for flats, size in zip(groups, sizes):
+            a, b = max(lo - start, 0), min(hi - start, size)
+            if a < b:
+                loop(*(f[a:b] for f in flats), *scalars, tiny)
+            start += size
+
+    run_calls([(part, (cuts[k], cuts[k + 1])) for k in range(len(cuts) - 1)])
 
 
 class OptimizerSteps(Checks):
@@ -128,8 +143,7 @@ class OptimizerSteps(Checks):
         self, params: list[np.ndarray], grads: list[np.ndarray], *, lr: float, weight_decay: float = 0.0
     ) -> None:
         t = self.dtype.type
-        for flats in self._groups("sgd_step", params, grads):
-            _update(sgd_update, flats, t(lr), t(weight_decay))
+        _update(sgd_update, self._groups("sgd_step", params, grads), t(lr), t(weight_decay))
 
     def momentum_step(
         self,
@@ -143,8 +157,8 @@ class OptimizerSteps(Checks):
         weight_decay: float = 0.0,
     ) -> None:
         t = self.dtype.type
-        for flats in self._groups("momentum_step", params, grads, velocities):
-            _update(momentum_update, flats, t(lr), t(momentum), t(weight_decay), bool(nesterov))
+        groups = self._groups("momentum_step", params, grads, velocities)
+        _update(momentum_update, groups, t(lr), t(momentum), t(weight_decay), bool(nesterov))
 
     def adam_step(
         self,
@@ -168,11 +182,10 @@ class OptimizerSteps(Checks):
         inv_sqrt_bc2 = t(1.0 / np.sqrt(1.0 - beta2**step))
         l2 = t(0.0 if decoupled else weight_decay)
         decay = t(1.0 - lr * weight_decay if decoupled else 1.0)
-        for flats in self._groups("adam_step", params, grads, m, v):
-            _update(
-                adam_update, flats, lr_t, t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
-                inv_sqrt_bc2, t(eps), l2, decay,
-            )  # fmt: skip
+        _update(
+            adam_update, self._groups("adam_step", params, grads, m, v), lr_t, t(beta1), t(1.0 - beta1),
+            t(beta2), t(1.0 - beta2), inv_sqrt_bc2, t(eps), l2, decay,
+        )  # fmt: skip
 
     def rmsprop_step(
         self,
@@ -186,8 +199,8 @@ class OptimizerSteps(Checks):
         weight_decay: float = 0.0,
     ) -> None:
         t = self.dtype.type
-        for flats in self._groups("rmsprop_step", params, grads, sq):
-            _update(rmsprop_update, flats, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay))
+        groups = self._groups("rmsprop_step", params, grads, sq)
+        _update(rmsprop_update, groups, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay))
 
     def global_norm(self, arrays: list[np.ndarray]) -> np.ndarray:
         total = 0.0
