@@ -4,9 +4,13 @@
 // (ph, pw), P = (H + 2ph - R) / sh + 1, Q likewise. Every tensor is C-contiguous.
 //
 //   conv2d_fwd                y  = act(conv(x, w) + bias)     GEMM M=N*P*Q  N=K  Kg=C*R*S
-//   conv2d_bwd_data           dx = d(conv)/dx applied to dy   GEMM M=N*H*W  N=C  Kg=K*R*S
-//   conv2d_bwd_weight         per-chunk partial dw            GEMM M=C*R*S  N=K  Kg=N*P*Q
-//   conv2d_bwd_weight_reduce  dw = sum of the partials, in a fixed order
+//   conv2d_bwd_data           dx = d(conv)/dx applied to dz   GEMM M=N*H*W  N=C  Kg=K*R*S
+//   conv2d_bwd_weight         dw (and db) from dz             GEMM M=C*R*S  N=K  Kg=N*P*Q
+// The backward kernels read dz = dy, or with `mask` set dz = relu_y > 0 ? dy : 0 (relu_y the
+// layer's ReLU output, same shape as dy): the ReLU backward rides in their operand gathers, so
+// no launch writes dz. bwd_weight with CONV_BIAS_GRAD also writes db[k] = sum over n, p, q of
+// dz: each thread adds up the dz values it stages (its reduction steps, in order), the 16
+// threads of a column are added in a fixed order, the blocks of block row 0 write it.
 //
 // The im2col operand is never written to memory: each BK-deep slice of it is gathered from x
 // (or dy) into shared memory, with zeros for padding, for rows/columns past the matrix edge and,
@@ -20,12 +24,15 @@
 //   bwd_data   grid (ceil(N*H*W / 128), ceil(C / 64)),   tile 128 x 64 x 8,  8 x 4 per thread
 //   bwd_weight grid (ceil(C*R*S / 64), ceil(K / 64), splits), tile 64 x 64 x 16, 4 x 4 per thread;
 //              split z sums reduction steps [z*chunk, min((z+1)*chunk, N*P*Q)) into
-//              part[z] (K, C*R*S). With splits == 1, part is dw itself.
-//   reduce     grid ceil(K*C*R*S / 32), block 256 (32 outputs x 8 split lanes)
+//              work[z] (K, C*R*S) (its db part into work + splits*K*C*R*S + z*K); in the same
+//              launch the last of a tile's blocks to finish (gpuml_last_block, one ticket per
+//              tile) adds the slices z = 0, 1, ... into dw (and db). With splits == 1 the
+//              blocks write dw and db directly and work and tickets are not touched.
 // Epilogues store 4 consecutive outputs as one float4 where the run they sit in (P*Q, H*W or
 // C*R*S) is a multiple of 4 and the output pointer is 16-byte aligned, else one float at a time.
-// Determinism: no atomics. Every output element is owned by one thread, each sum runs in an
-// order fixed by the shapes alone, so results are bitwise identical from run to run.
+// Determinism: no float atomics (only the split ticket). Every output element is owned by one
+// thread, each sum runs in an order fixed by the shapes alone, so results are bitwise identical
+// from run to run.
 //
 // Precision: FP32 data, FP32 fused multiply-add accumulation. An output's error is bounded by
 // gamma_L * sum|terms|, L the reduction length (C*R*S, K*R*S or N*P*Q), as for any dot product.
@@ -34,6 +41,9 @@
 // The kernels are extern "C" inside namespace conv2d: C linkage, so their symbols are the plain
 // names above, while the helpers stay out of the global namespace.
 #include "common.cuh"
+
+#define CONV_RELU_MASK 1
+#define CONV_BIAS_GRAD 2
 
 namespace conv2d {
 
@@ -78,7 +88,7 @@ __device__ __forceinline__ bool vector_stores(const float* out, int run) {
 // slice t+1 is staged into the buffer read during t-1, which every thread finished before the
 // barrier that closed t-1.
 template <typename Gather>
-__device__ __forceinline__ void gemm_mainloop(const Gather& g, int k_begin, int k_end,
+__device__ __forceinline__ void gemm_mainloop(Gather& g, int k_begin, int k_end,
                                               float (&acc)[Gather::TM][Gather::TN]) {
     constexpr int BK = Gather::BK, TM = Gather::TM, TN = Gather::TN;
     static_assert(TM % 4 == 0 && TN % 4 == 0 && Gather::A_LD % 4 == 0 && Gather::B_LD % 4 == 0,
@@ -249,6 +259,8 @@ conv2d_fwd(const float* __restrict__ x, const float* __restrict__ w, const float
 // (h + ph - r) / sh and (w + pw - s) / sw are stepped incrementally: four divisions per slice.
 struct BwdDataGather : WideTile {
     const float* __restrict__ dy_img;  // dy + n*K*P*Q of this thread's A row
+    const float* __restrict__ mask_img;  // relu_y + n*K*P*Q, read when `masked`
+    bool masked;
     const float* __restrict__ w;
     int C, R, S, RS, KRS, P, Q, sh, sw, n0;
     int hp, wp;              // h + ph, w + pw of this thread's A row (both >= 0)
@@ -269,8 +281,11 @@ struct BwdDataGather : WideTile {
         for (int i = 0; i < A_LOADS; ++i) {
             float v = 0.0f;
             if (m_ok && kk + i < KRS && pr == 0 && qr == 0 && (unsigned)pq < (unsigned)P &&
-                (unsigned)qq < (unsigned)Q)
-                v = __ldg(dy_img + (k * P + pq) * Q + qq);
+                (unsigned)qq < (unsigned)Q) {
+                const int at = (k * P + pq) * Q + qq;
+                v = __ldg(dy_img + at);
+                if (masked && !(__ldg(mask_img + at) > 0.0f)) v = 0.0f;  // a select: NaN dy gives 0
+            }
             a[i] = v;
             if (++s == S) {
                 s = 0;
@@ -297,9 +312,9 @@ struct BwdDataGather : WideTile {
 };
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float* __restrict__ dx,
-                int N, int C, int H, int W, int K, int R, int S, int P, int Q, int sh, int sw,
-                int ph, int pw) {
+conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ relu_y, const float* __restrict__ w,
+                float* __restrict__ dx, int N, int C, int H, int W, int K, int R, int S, int P, int Q,
+                int sh, int sw, int ph, int pw, int flags) {
     using G = BwdDataGather;
     const int HW = H * W, M = N * HW;
     const int m0 = blockIdx.x * G::BM, n0 = blockIdx.y * G::BN;
@@ -318,6 +333,8 @@ conv2d_bwd_data(const float* __restrict__ dy, const float* __restrict__ w, float
     g.hq0 = g.hp / sh; g.hr0 = g.hp - g.hq0 * sh;
     g.wq0 = g.wp / sw; g.wr0 = g.wp - g.wq0 * sw;
     g.dy_img = dy + n * K * P * Q;
+    g.mask_img = relu_y + n * K * P * Q;
+    g.masked = (flags & CONV_RELU_MASK) != 0;
 
     float acc[G::TM][G::TN] = {};
     gemm_mainloop(g, 0, g.KRS, acc);
@@ -368,6 +385,9 @@ struct BwdWeightGather {
     static_assert(A_LOADS == 4 && B_LOADS == 4 && TM == 4 && THREADS / BK == TGRID, "slot map");
     const float* __restrict__ x;
     const float* __restrict__ dy;
+    const float* __restrict__ relu_y;  // read when `masked`
+    bool masked;
+    float col_sum[B_LOADS];  // this thread's staged dz of columns am + 16j (the bias gradient)
     int C, H, W, K, P, Q, PQ, sh, sw, ph, pw, n0;
     int k_stop;  // end of this block's split: steps past it belong to the next split
     int ak, am;
@@ -390,35 +410,78 @@ struct BwdWeightGather {
                 v = __ldg(x_img + c_off[i] + h * W + ww);
             a[i] = v;
         }
-        const float* dy_pix = dy + n * K * PQ + pq;
+        const int pix = n * K * PQ + pq;
 #pragma unroll
         for (int j = 0; j < B_LOADS; ++j) {
             const int k = n0 + am + TGRID * j;
-            b[j] = (k_ok && k < K) ? __ldg(dy_pix + k * PQ) : 0.0f;
+            float v = 0.0f;
+            if (k_ok && k < K) {
+                v = __ldg(dy + pix + k * PQ);
+                if (masked && !(__ldg(relu_y + pix + k * PQ) > 0.0f)) v = 0.0f;  // select, as relu_bwd
+            }
+            b[j] = v;
         }
     }
+    // Every loaded slice is staged exactly once, in step order: the bias sums are taken here.
     __device__ void stage(float (*as)[A_LD], float (*bs)[B_LD], const float (&a)[A_LOADS],
-                          const float (&b)[B_LOADS]) const {
+                          const float (&b)[B_LOADS]) {
 #pragma unroll
         for (int i = 0; i < A_LOADS; ++i) as[ak][am + TGRID * i] = a[i];
 #pragma unroll
-        for (int j = 0; j < B_LOADS; ++j) bs[ak][am + TGRID * j] = b[j];
+        for (int j = 0; j < B_LOADS; ++j) {
+            bs[ak][am + TGRID * j] = b[j];
+            col_sum[j] += b[j];
+        }
     }
 };
 
+// Stores a tile of dw (4 consecutive (c, r, s) x 4 filters per thread) into `out` (K, C*R*S).
+__device__ __forceinline__ void store_wgrad_tile(float* out, const float (&acc)[4][4], int m0, int n0, int K,
+                                                 int CRS) {
+    const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
+    const int crs4 = m0 + tile_offset(0, tx);  // this thread's 4 consecutive (c, r, s)
+    if (vector_stores(out, CRS)) {  // the 4 are valid or not as a whole
+        if (crs4 >= CRS) return;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int k = n0 + tile_offset(j, ty);
+            if (k >= K) continue;
+            __stwb(reinterpret_cast<float4*>(out + k * CRS + crs4),
+                   make_float4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+        }
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        if (crs4 + i >= CRS) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int k = n0 + tile_offset(j, ty);
+            if (k < K) out[k * CRS + crs4 + i] = acc[i][j];
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS)
-conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy,
-                  float* __restrict__ part, int N, int C, int H, int W, int K, int R, int S,
-                  int P, int Q, int sh, int sw, int ph, int pw, int chunk) {
+conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy, const float* __restrict__ relu_y,
+                  float* __restrict__ dw, float* __restrict__ db, float* __restrict__ work,
+                  unsigned int* __restrict__ tickets, int N, int C, int H, int W, int K, int R, int S,
+                  int P, int Q, int sh, int sw, int ph, int pw, int chunk, int flags) {
     using G = BwdWeightGather;
+    __shared__ float col_part[G::BK][G::BN + 1];
+    __shared__ int last_flag;
     const int RS = R * S, CRS = C * RS, PQ = P * Q, NPQ = N * PQ;
     const int m0 = blockIdx.x * G::BM, n0 = blockIdx.y * G::BN;
+    const int splits = gridDim.z;
     G g;
-    g.x = x; g.dy = dy;
+    g.x = x; g.dy = dy; g.relu_y = relu_y;
+    g.masked = (flags & CONV_RELU_MASK) != 0;
     g.C = C; g.H = H; g.W = W; g.K = K; g.P = P; g.Q = Q; g.PQ = PQ;
     g.sh = sh; g.sw = sw; g.ph = ph; g.pw = pw; g.n0 = n0;
     g.ak = threadIdx.x % G::BK;
     g.am = threadIdx.x / G::BK;
+#pragma unroll
+    for (int j = 0; j < G::B_LOADS; ++j) g.col_sum[j] = 0.0f;
 #pragma unroll
     for (int i = 0; i < G::A_LOADS; ++i) {
         const int crs = m0 + g.am + TGRID * i;
@@ -435,50 +498,48 @@ conv2d_bwd_weight(const float* __restrict__ x, const float* __restrict__ dy,
     float acc[G::TM][G::TN] = {};
     gemm_mainloop(g, k_begin, k_end, acc);
 
-    float* out = part + blockIdx.z * K * CRS;
-    const int tx = threadIdx.x % TGRID, ty = threadIdx.x / TGRID;
-    const int crs4 = m0 + tile_offset(0, tx);  // this thread's 4 consecutive (c, r, s)
-    if (vector_stores(out, CRS)) {  // the 4 are valid or not as a whole
-        if (crs4 >= CRS) return;
+    const bool bias = (flags & CONV_BIAS_GRAD) && blockIdx.x == 0;
+    float* db_work = work + (gpuml_i64)splits * K * CRS;
+    if (bias) {  // column am + 16j: the 16 step lanes ak added in lane order
 #pragma unroll
-        for (int j = 0; j < G::TN; ++j) {
-            const int k = n0 + tile_offset(j, ty);
-            if (k >= K) continue;
-            __stwb(reinterpret_cast<float4*>(out + k * CRS + crs4),
-                   make_float4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]));
+        for (int j = 0; j < G::B_LOADS; ++j) col_part[g.ak][g.am + TGRID * j] = g.col_sum[j];
+        __syncthreads();
+        const int k = n0 + (int)threadIdx.x;
+        if (threadIdx.x < G::BN && k < K) {
+            float t = col_part[0][threadIdx.x];
+#pragma unroll
+            for (int l = 1; l < G::BK; ++l) t += col_part[l][threadIdx.x];
+            if (splits == 1)
+                db[k] = t;
+            else
+                db_work[blockIdx.z * K + k] = t;
         }
+    }
+    if (splits == 1) {
+        store_wgrad_tile(dw, acc, m0, n0, K, CRS);
         return;
     }
-#pragma unroll
-    for (int i = 0; i < G::TM; ++i) {
-        if (crs4 + i >= CRS) continue;
-#pragma unroll
-        for (int j = 0; j < G::TN; ++j) {
-            const int k = n0 + tile_offset(j, ty);
-            if (k < K) out[k * CRS + crs4 + i] = acc[i][j];
+    store_wgrad_tile(work + (gpuml_i64)blockIdx.z * K * CRS, acc, m0, n0, K, CRS);
+    if (!gpuml_last_block(tickets + blockIdx.y * gridDim.x + blockIdx.x, (unsigned int)splits, &last_flag))
+        return;
+    // The tile's last block: dw = sum of the slices in the order z = 0, 1, ... (thread t: one
+    // (c, r, s) column of the tile, every 4th filter; consecutive threads, consecutive columns).
+    const int crs = m0 + (int)threadIdx.x % G::BM;
+    if (crs < CRS) {
+        for (int kr = (int)threadIdx.x / G::BM; kr < G::BN; kr += THREADS / G::BM) {
+            const int k = n0 + kr;
+            if (k >= K) break;
+            const gpuml_i64 at = (gpuml_i64)k * CRS + crs;
+            float v = 0.0f;
+            for (int z = 0; z < splits; ++z) v += __ldcg(work + z * (gpuml_i64)K * CRS + at);
+            dw[at] = v;
         }
     }
-}
-
-// dw[i] = sum over splits z of part[z][i]. Lane ly (of 8) sums z = ly, ly + 8, ... in order,
-// then lane 0 adds the 8 lane sums in lane order: the order depends on `splits` alone.
-extern "C" __global__ void __launch_bounds__(THREADS)
-conv2d_bwd_weight_reduce(const float* __restrict__ part, float* __restrict__ dw, int count,
-                         int splits) {
-    constexpr int LANES = THREADS / 32;
-    __shared__ float lane_sum[LANES][32];
-    const int lx = threadIdx.x % 32, ly = threadIdx.x / 32;
-    const int i = blockIdx.x * 32 + lx;
-    float s = 0.0f;
-    if (i < count)
-        for (int z = ly; z < splits; z += LANES) s += __ldg(part + z * count + i);
-    lane_sum[ly][lx] = s;
-    __syncthreads();
-    if (ly == 0 && i < count) {
-        float t = lane_sum[0][lx];
-#pragma unroll
-        for (int l = 1; l < LANES; ++l) t += lane_sum[l][lx];
-        dw[i] = t;
+    if (bias && threadIdx.x < G::BN && n0 + (int)threadIdx.x < K) {
+        const int k = n0 + threadIdx.x;
+        float v = 0.0f;
+        for (int z = 0; z < splits; ++z) v += __ldcg(db_work + z * K + k);
+        db[k] = v;
     }
 }
 

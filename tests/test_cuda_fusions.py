@@ -150,3 +150,79 @@ def test_dense_relu_stack_fuses_the_relu_backward_and_bias_gradient() -> None:
     _, want = _grads(cpu, stack(), x, dy)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) <= gemm_tol(45)
+
+
+# ----------------------------------------------------------------------------- conv backward
+# (x shape, w shape, stride, padding): the seed CNN's two layers (their bwd_weight splits the
+# N*P*Q reduction: one launch with the slices added by the last block), two channel tiles, and
+# an odd strided one-split case.
+CONV_FUSED_CASES = [
+    ((9, 1, 28, 28), (32, 1, 3, 3), (1, 1), (0, 0)),
+    ((11, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0)),
+    ((2, 5, 20, 9), (70, 5, 3, 2), (1, 1), (1, 0)),
+    ((3, 3, 11, 9), (7, 3, 3, 5), (2, 1), (1, 2)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_FUSED_CASES)
+def test_conv_backward_with_relu_mask_and_bias_gradient(case: tuple) -> None:
+    """conv2d_bwd_weight(relu_mask=y, db=) and conv2d_bwd_data(relu_mask=y): each ONE launch,
+    equal to activation_bwd + conv backward + bias_grad on the float64 reference."""
+    from gpuml.backend.base import conv_out_size
+    from gpuml.backend.cuda import conv as cuda_conv
+
+    cuda, cpu = backends()
+    x_shape, w_shape, stride, padding = case
+    y_shape = (x_shape[0], w_shape[0], conv_out_size(x_shape[2], w_shape[2], stride[0], padding[0]),
+               conv_out_size(x_shape[3], w_shape[3], stride[1], padding[1]))
+    gen = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x, w, dy, y = _rand(gen, *x_shape), _rand(gen, *w_shape), _rand(gen, *y_shape), _rand(gen, *y_shape)
+    (x_d, x_c), (w_d, w_c), (dy_d, dy_c), (y_d, y_c) = (_both(a) for a in (x, w, dy, y))
+
+    dw, db = nan_filled(cuda, w_shape), nan_filled(cuda, (w_shape[0],))
+    before = cuda.launch_count
+    cuda.conv2d_bwd_weight(x_d, dy_d, w_shape, stride, padding, relu_mask=y_d, db=db, out=dw)
+    dx = cuda.conv2d_bwd_data(dy_d, w_d, x_shape, stride, padding, relu_mask=y_d, out=nan_filled(cuda, x_shape))
+    assert cuda.launch_count - before == 2
+
+    want_db = np.zeros(w_shape[0])
+    want_dw = cpu.conv2d_bwd_weight(x_c, dy_c, w_shape, stride, padding, relu_mask=y_c, db=want_db)
+    want_dx = cpu.conv2d_bwd_data(dy_c, w_c, x_shape, stride, padding, relu_mask=y_c)
+    dz = cpu.activation_bwd("relu", y_c, dy_c)  # the unfused ops give the same reference
+    np.testing.assert_array_equal(want_dw, cpu.conv2d_bwd_weight(x_c, dz, w_shape, stride, padding))
+    np.testing.assert_array_equal(want_db, cpu.bias_grad(dz))
+    np.testing.assert_array_equal(want_dx, cpu.conv2d_bwd_data(dz, w_c, x_shape, stride, padding))
+
+    terms = int(np.prod(y_shape)) // w_shape[0]
+    assert rel_err(cuda.to_numpy(dw), want_dw) <= gemm_tol(terms)
+    assert rel_err(cuda.to_numpy(db), want_db) <= gemm_tol(terms)
+    assert rel_err(cuda.to_numpy(dx), want_dx) <= gemm_tol(w_shape[0] * w_shape[2] * w_shape[3])
+    # deterministic: the split slices are added in a fixed order, not in arrival order
+    g = cuda_conv.conv_geometry("t", x_shape, w_shape, stride, padding)
+    if cuda_conv.conv_bwd_weight_plan(g).splits > 1:
+        again = nan_filled(cuda, w_shape)
+        cuda.conv2d_bwd_weight(x_d, dy_d, w_shape, stride, padding, relu_mask=y_d, db=db, out=again)
+        np.testing.assert_array_equal(cuda.to_numpy(again), cuda.to_numpy(dw))
+
+
+def test_cnn_stack_fuses_relu_backward_and_bias_gradient_into_the_conv_kernels() -> None:
+    """conv(relu) -> maxpool -> conv(relu) -> flatten -> dense: no activation_bwd or bias_grad
+    launch in backward, and the gradients match the float64 reference."""
+    from gpuml.nn.layers import Conv2D, Dense, Flatten, MaxPool2D
+
+    cuda, cpu = backends()
+    gen = np.random.default_rng(12)
+    x, dy = _rand(gen, 3, 2, 12, 11), _rand(gen, 3, 5)
+
+    def stack():
+        return [Conv2D(6, 3, activation="relu"), MaxPool2D(2), Conv2D(7, 3, padding=1, activation="relu"),
+                Flatten(), Dense(5)]
+
+    model, got = _grads(cuda, stack(), x, dy)
+    before = cuda.launch_count
+    model.backward(cuda.asarray(dy))
+    # dense dW+db, dense dx, conv2 dW+db, conv2 dx, pool bwd, conv1 dW+db
+    assert cuda.launch_count - before == 6
+    _, want = _grads(cpu, stack(), x, dy)
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= gemm_tol(3 * 10 * 9)

@@ -88,7 +88,6 @@ class Backend(ABC):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
 
-
     # ------------------------------------------------------------------ arrays and transfer
     def describe(self) -> str:
         """One line naming the device, for the first log line ("cpu (numpy 2.4, 2 threads)")."""
@@ -200,9 +199,12 @@ class Backend(ABC):
         stride: Pair,
         padding: Pair,
         *,
+        relu_mask: Array | None = None,
         out: Array | None = None,
     ) -> Array:
-        """dx (x_shape) of the convolution given dy (N, K, P, Q)."""
+        """dx (x_shape) of the convolution given dy (N, K, P, Q). relu_mask (N, K, P, Q): the
+        gradient first goes through that ReLU output's backward, dz = where(relu_mask > 0, dy,
+        0), as activation_bwd("relu", relu_mask, dy) (fused: no launch writes dz)."""
 
     @abstractmethod
     def conv2d_bwd_weight(
@@ -213,9 +215,12 @@ class Backend(ABC):
         stride: Pair,
         padding: Pair,
         *,
+        relu_mask: Array | None = None,
+        db: Array | None = None,
         out: Array | None = None,
     ) -> Array:
-        """dw (w_shape), summed over the batch, given x and dy. Deterministic."""
+        """dw (w_shape), summed over the batch, given x and dy. Deterministic. relu_mask as in
+        conv2d_bwd_data; db (K,): also the bias gradient, bias_grad(dz), in the same pass."""
 
     # ------------------------------------------------------------------ pooling (NCHW)
     @abstractmethod

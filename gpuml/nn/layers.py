@@ -270,14 +270,22 @@ class Conv2D(_LinearActivation):
         self.backend.conv2d_fwd(x, self.params["W"], self.params.get("b"), self.stride, self.padding,
                                 activation=fused, out=out)
 
+    def link_previous(self, prev: Layer | None) -> None:
+        super().link_previous(prev)
+        # The conv backward kernels apply this layer's own ReLU backward as they gather dy
+        # (relu_mask=), so no launch writes dz.
+        self.relu_grad_fused = self.activation == "relu"
+
+    def _relu_mask(self) -> Array | None:
+        return self._y if self.relu_grad_fused else None
+
     def _weight_grad(self, x: Array, dz: Array, db: Array | None) -> None:
         self.backend.conv2d_bwd_weight(x, dz, self.params["W"].shape, self.stride, self.padding,
-                                       out=self.grads["W"])
-        if db is not None:
-            self.backend.bias_grad(dz, out=db)
+                                       relu_mask=self._relu_mask(), db=db, out=self.grads["W"])
 
     def _input_grad(self, dz: Array, out: Array) -> Array:
-        return self.backend.conv2d_bwd_data(dz, self.params["W"], out.shape, self.stride, self.padding, out=out)
+        return self.backend.conv2d_bwd_data(dz, self.params["W"], out.shape, self.stride, self.padding,
+                                            relu_mask=self._relu_mask(), out=out)
 
 
 class _Pool2D(Layer):

@@ -148,17 +148,27 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         stride: Pair,
         padding: Pair,
         *,
+        relu_mask: np.ndarray | None = None,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        c = self.checks("conv2d_bwd_data", dy, w, x_shape, stride, padding, out)
+        c = self.checks("conv2d_bwd_data", dy, w, x_shape, stride, padding, relu_mask, out)
         w = c.float_in("w", w, ndim=4)
         x_shape = c.shape4("x_shape", x_shape)
         geom, y_shape = c.conv_geometry(x_shape, w.shape, stride, padding)
         dy = c.float_in("dy", dy, shape=y_shape)
+        if relu_mask is not None:
+            relu_mask = c.float_in("relu_mask", relu_mask, shape=y_shape)
         out = c.out_buf("out", out, x_shape)
         c.done()
-        cpu_conv.conv2d_bwd_data(self._ws, dy, w, geom, out)
+        cpu_conv.conv2d_bwd_data(self._ws, self._relu_dz(dy, relu_mask), w, geom, out)
         return out
+
+    def _relu_dz(self, dy: np.ndarray, relu_mask: np.ndarray | None) -> np.ndarray:
+        """dy through the ReLU backward of relu_mask (the conv's output), in a scratch buffer:
+        the fused conv backward ops' semantics (activation_bwd's select)."""
+        if relu_mask is None:
+            return dy
+        return self.activation_bwd("relu", relu_mask, dy, out=self._ws.scratch("relu_dz", dy.shape, self.dtype))
 
     def conv2d_bwd_weight(
         self,
@@ -168,16 +178,25 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         stride: Pair,
         padding: Pair,
         *,
+        relu_mask: np.ndarray | None = None,
+        db: np.ndarray | None = None,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        c = self.checks("conv2d_bwd_weight", x, dy, w_shape, stride, padding, out)
+        c = self.checks("conv2d_bwd_weight", x, dy, w_shape, stride, padding, relu_mask, db, out)
         x = c.float_in("x", x, ndim=4)
         w_shape = c.shape4("w_shape", w_shape)
         geom, y_shape = c.conv_geometry(x.shape, w_shape, stride, padding)
         dy = c.float_in("dy", dy, shape=y_shape)
+        if relu_mask is not None:
+            relu_mask = c.float_in("relu_mask", relu_mask, shape=y_shape)
+        if db is not None:
+            db = c.out_buf("db", db, (w_shape[0],))
         out = c.out_buf("out", out, w_shape)
         c.done()
-        cpu_conv.conv2d_bwd_weight(self._ws, x, dy, geom, out)
+        dz = self._relu_dz(dy, relu_mask)
+        cpu_conv.conv2d_bwd_weight(self._ws, x, dz, geom, out)
+        if db is not None:
+            self.bias_grad(dz, out=db)
         return out
 
     # ------------------------------------------------------------------ elementwise

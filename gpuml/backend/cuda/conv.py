@@ -29,16 +29,16 @@ WGRAD_SLICE = 16
 #: not the device's SM count, so that dw has the same bits on every GPU: the split changes the
 #: summation order) ...
 WGRAD_TARGET_BLOCKS = 512
-#: ... but no split gets fewer reduction steps than this (the reduce pass would then dominate)
+#: ... but no split gets fewer reduction steps than this (adding up the slices would dominate)
 WGRAD_MIN_STEPS = 512
-#: outputs per block of conv2d_bwd_weight_reduce (its 256 threads are 32 outputs x 8 lanes)
-REDUCE_OUTPUTS = 32
 #: the kernels index with 32-bit ints
 INDEX_LIMIT = 2**31 - 1
 MAX_GRID_YZ = 65535
 
 Grid = tuple[int, int, int]
 BLOCK: Grid = (THREADS, 1, 1)
+#: conv2d.cu backward flags
+CONV_RELU_MASK, CONV_BIAS_GRAD = 1, 2
 
 
 
@@ -187,14 +187,15 @@ def elementwise_grid(total: int) -> Grid:
 @dataclass(frozen=True)
 class WgradPlan:
     """How conv2d_bwd_weight splits its N*P*Q reduction: split z sums steps
-    [z*chunk, min((z+1)*chunk, N*P*Q)) into workspace slice z, then the reduce kernel adds the
-    slices in a fixed order. With one split the kernel writes dw directly (no workspace)."""
+    [z*chunk, min((z+1)*chunk, N*P*Q)) into workspace slice z, then, in the same launch, the
+    last block of each output tile adds the slices in a fixed order. With one split the kernel
+    writes dw directly (no workspace)."""
 
     grid: Grid
     chunk: int
     splits: int
-    reduce_grid: Grid
-    workspace_elems: int
+    tiles: int  # output tiles: the split tickets
+    workspace_elems: int  # splits * K*C*R*S (the db slices, splits * K, come on top)
 
 
 def conv_bwd_weight_plan(g: ConvGeometry, op: str = "conv2d_bwd_weight") -> WgradPlan:
@@ -211,7 +212,7 @@ def conv_bwd_weight_plan(g: ConvGeometry, op: str = "conv2d_bwd_weight") -> Wgra
         grid=(tiles[0], tiles[1], splits),
         chunk=chunk,
         splits=splits,
-        reduce_grid=(ceil_div(g.K * crs, REDUCE_OUTPUTS), 1, 1),
+        tiles=tiles[0] * tiles[1],
         workspace_elems=splits * g.K * crs if splits > 1 else 0,
     )
 
@@ -246,29 +247,41 @@ class ConvPoolOps:
         return out
 
     def conv2d_bwd_data(self, dy: Array, w: Array, x_shape: Sequence[int], stride: Pair,
-                        padding: Pair, *, out: Array | None = None) -> Array:
+                        padding: Pair, *, relu_mask: Array | None = None, out: Array | None = None) -> Array:
         op = "conv2d_bwd_data"
         w = self._dev_in(op, "w", w, ndim=4)
         g = conv_geometry(op, x_shape, w.shape, stride, padding, x_name="x_shape")
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
-        out = self._dev_out(op, "out", out, g.x_shape, dy=dy, w=w)
-        self._launch("conv2d", "conv2d_bwd_data", conv_bwd_data_grid(g), BLOCK, (dy, w, out, *g.args()))
+        if relu_mask is not None:
+            relu_mask = self._dev_in(op, "relu_mask", relu_mask, shape=g.y_shape)
+        out = self._dev_out(op, "out", out, g.x_shape, dy=dy, w=w, relu_mask=relu_mask)
+        flags = np.int32(CONV_RELU_MASK if relu_mask is not None else 0)
+        self._launch("conv2d", "conv2d_bwd_data", conv_bwd_data_grid(g), BLOCK,
+                     (dy, dy if relu_mask is None else relu_mask, w, out, *g.args(), flags))
         return out
 
     def conv2d_bwd_weight(self, x: Array, dy: Array, w_shape: Sequence[int], stride: Pair,
-                          padding: Pair, *, out: Array | None = None) -> Array:
+                          padding: Pair, *, relu_mask: Array | None = None, db: Array | None = None,
+                          out: Array | None = None) -> Array:
         op = "conv2d_bwd_weight"
         x = self._dev_in(op, "x", x, ndim=4)
         g = conv_geometry(op, x.shape, w_shape, stride, padding, w_name="w_shape")
         dy = self._dev_in(op, "dy", dy, shape=g.y_shape)
-        out = self._dev_out(op, "out", out, g.w_shape, x=x, dy=dy)
+        if relu_mask is not None:
+            relu_mask = self._dev_in(op, "relu_mask", relu_mask, shape=g.y_shape)
+        if db is not None:
+            db = self._dev_out(op, "db", db, (g.K,), x=x, dy=dy, relu_mask=relu_mask)
+        out = self._dev_out(op, "out", out, g.w_shape, x=x, dy=dy, relu_mask=relu_mask, db=db)
         plan = conv_bwd_weight_plan(g, op)
-        part = out if plan.splits == 1 else self._scratch("conv2d_bwd_weight", plan.workspace_elems)
-        self._launch("conv2d", "conv2d_bwd_weight", plan.grid, BLOCK, (x, dy, part, *g.args(), np.int32(plan.chunk)))
-        if plan.splits > 1:
-            count = np.int32(g.K * g.C * g.R * g.S)
-            self._launch("conv2d", "conv2d_bwd_weight_reduce", plan.reduce_grid, BLOCK,
-                         (part, out, count, np.int32(plan.splits)))
+        if plan.splits > 1:  # one launch: the last block of each tile adds the slices
+            work = self._scratch("conv2d_bwd_weight", plan.workspace_elems + plan.splits * g.K)
+            tickets = self._tickets(plan.tiles)
+        else:
+            work, tickets = out, self._tickets(1)
+        flags = (CONV_RELU_MASK if relu_mask is not None else 0) | (CONV_BIAS_GRAD if db is not None else 0)
+        self._launch("conv2d", "conv2d_bwd_weight", plan.grid, BLOCK, (
+            x, dy, dy if relu_mask is None else relu_mask, out, out if db is None else db, work, tickets,
+            *g.args(), np.int32(plan.chunk), np.int32(flags)))  # fmt: skip
         return out
 
     # ------------------------------------------------------------------ pooling
