@@ -32,10 +32,9 @@ import numpy as np
 from gpuml.distributed.world import World
 from gpuml.errors import ConfigError, DeviceError
 
-# No MPI_Finalize at exit: it waits for every rank, so a rank leaving on its own (sys.exit, an
-# error outside the exit protocol) would hang in it while the others wait in a collective.
-# Without it, the launcher sees a rank exit and ends the job; exits that every rank agrees on go
-# through a barrier first (MpiWorld._at_exit).
+# No automatic MPI_Finalize at exit: it waits for every rank, so a rank leaving on its own would
+# hang in it while the others wait in a collective. MpiWorld._at_exit finalizes after a barrier
+# (under the watchdog) that every rank leaving normally reaches; a rank that aborts never does.
 mpi4py.rc.finalize = False
 # MPI_Init waits (holding the GIL, so no Python thread can watch it) for every rank to start; a
 # rank that failed before it would leave the others there for ever. faulthandler's C watchdog
@@ -89,7 +88,7 @@ class MpiWorld(World):
 
     def describe(self) -> str:
         who = ", ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(self.members))
-        lib = " ".join(MPI.Get_library_version().split()[:3])  # "MPICH Version: 5.0.2", "Open MPI v5.0.11, ..."
+        lib = " ".join(MPI.Get_library_version().split()[:3]).rstrip(",")  # "MPICH Version: 5.0.2"
         cores = f", {len(self.cores)} core{'s' if len(self.cores) != 1 else ''} each" if self.cores else ""
         return f"; {self.size} ranks{cores} ({who}; {lib})"
 
@@ -225,6 +224,7 @@ class MpiWorld(World):
         if not self._aborting:
             with self.waiting("the final barrier"):
                 self._exit_comm.Barrier()
+            MPI.Finalize()  # every rank is here: it cannot hang (Open MPI calls an exit without it abnormal)
 
     def _watchdog(self) -> None:
         while True:
