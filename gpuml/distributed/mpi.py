@@ -7,10 +7,11 @@ No hang when a rank fails:
   collective this rank will never join), it prints its error naming itself and calls
   MPI_Abort, which ends every rank.
 - an uncaught exception (a bug) does the same through sys.excepthook.
-- a rank killed outright (kill -9) is seen by the launcher, which ends the others (MPICH's
-  hydra and Open MPI's prte both do, within a second).
+- a rank killed outright (kill -9) is seen by the launcher, which ends the others (checked with
+  MPICH 5.0.2's hydra and Open MPI 5.0.11's prterun from PyPI: within about a second).
 - a rank that hangs without dying: a watchdog thread aborts every rank when a collective has
   waited longer than $GPUML_MPI_TIMEOUT seconds (default 300).
+- a rank that died before MPI_Init: the others give up waiting there after INIT_TIMEOUT_S.
 """
 
 from __future__ import annotations
