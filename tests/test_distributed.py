@@ -151,3 +151,43 @@ def test_bench_relaunch_drops_ranks_from_the_command_line() -> None:
 
     assert without_ranks(["bench", "train", "--ranks", "2", "--limit", "9"]) == ["bench", "train", "--limit", "9"]
     assert without_ranks(["bench", "train", "--ranks=4", "--no-torch"]) == ["bench", "train", "--no-torch"]
+
+
+def test_nccl_allreduce_imports_without_cupy_and_calls_nccl_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NCCL path cannot run here (no GPUs): this checks its wiring against a stand-in for
+    cupy.cuda.nccl with the signatures of CuPy's nccl.pyx (allReduce(sendbuf, recvbuf, count,
+    datatype, op, stream), NcclCommunicator(ndev, commId, rank))."""
+    import types
+
+    import gpuml.distributed.nccl as nccl_mod  # no cupy needed to import
+
+    calls = []
+
+    class Comm:
+        def __init__(self, ndev, uid, rank):
+            calls.append(("init", ndev, uid, rank))
+
+        def allReduce(self, send, recv, count, dtype, op, stream):  # noqa: N802 - CuPy's name
+            calls.append(("allReduce", send, recv, count, dtype, op, stream))
+
+    nccl = types.SimpleNamespace(NcclCommunicator=Comm, get_unique_id=lambda: ("uid",), NCCL_SUM=0,
+                                 NCCL_FLOAT32=7, NCCL_FLOAT64=8, NCCL_FLOAT16=6)
+    cuda = types.SimpleNamespace(nccl=nccl, get_current_stream=lambda: types.SimpleNamespace(ptr=1234))
+    fake = types.ModuleType("cupy")
+    fake.cuda = cuda
+    cuda_mod = types.ModuleType("cupy.cuda")
+    cuda_mod.nccl = nccl
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda_mod)
+
+    class World:  # rank 1 of 2: the unique id comes from rank 0 by broadcast
+        is_root, size, rank = False, 2, 1
+
+        def bcast(self, obj):
+            assert obj is None
+            return ("uid-of-rank-0",)
+
+    buf = types.SimpleNamespace(dtype=np.dtype("float32"), size=22, data=types.SimpleNamespace(ptr=0xBEEF))
+    reduce = nccl_mod.NcclAllreduce(World(), buf)
+    reduce(buf)
+    assert calls == [("init", 2, ("uid-of-rank-0",), 1), ("allReduce", 0xBEEF, 0xBEEF, 22, 7, 0, 1234)]
