@@ -112,7 +112,10 @@ class MpiWorld(World):
         with self.waiting("broadcast"):
             return self.comm.bcast(obj, root=0)
 
-    def barrier(self) -> None:
+    def barrier(self, watched: bool = True) -> None:
+        if not watched:
+            self.comm.Barrier()
+            return
         with self.waiting("barrier"):
             self.comm.Barrier()
 

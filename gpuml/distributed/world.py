@@ -46,8 +46,8 @@ class World:
         """Rank 0's `obj` on every rank (pickled)."""
         return obj
 
-    def barrier(self) -> None:
-        """Wait until every rank is here."""
+    def barrier(self, watched: bool = True) -> None:
+        """Wait until every rank is here (`watched`: for at most the collective timeout)."""
 
     def device(self, device: str) -> str:
         """The device this rank trains on for the config's `device`."""
@@ -82,7 +82,7 @@ class World:
         if self.size == 1:
             return fn()
         result = fn() if self.is_root else None
-        self.barrier()
+        self.barrier(watched=False)  # a download may take longer than any collective should
         return result if self.is_root else fn()  # type: ignore[return-value]
 
     def agree(self, stop: StopFlag, flag: bool) -> bool:
