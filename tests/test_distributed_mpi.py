@@ -194,7 +194,7 @@ def test_fewer_gpus_than_local_ranks_and_one_gpu_for_all_are_errors() -> None:
                           env=dict(os.environ, **ENV), cwd=REPO)
     lines = proc.stdout.splitlines()
     assert len(lines) == 3, proc.stderr
-    assert re.fullmatch(r"2 ranks on \S+ but 1 GPU: one GPU per rank; start at most 1 ranks per machine, "
+    assert re.fullmatch(r"2 ranks on \S+ but 1 GPU: one GPU per rank; start at most 1 rank per machine, "
                         r"or use device: cpu", lines[0])
     assert lines[1] == lines[0]  # auto finds the GPU: the same rule
     assert lines[2].startswith("device 'cuda:0' puts every one of the 2 ranks on one GPU")

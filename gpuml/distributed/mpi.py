@@ -137,7 +137,7 @@ class MpiWorld(World):
                 if gpus < self.local_size:
                     raise DeviceError(f"{self.local_size} ranks on {socket.gethostname()} but {gpus} GPU"
                                       f"{'s' if gpus != 1 else ''}: one GPU per rank; start at most {gpus} "
-                                      f"ranks per machine, or use device: cpu")
+                                      f"rank{'s' if gpus != 1 else ''} per machine, or use device: cpu")
                 chosen = f"cuda:{self.local_rank % gpus}"
             elif device == "cuda":
                 raise DeviceError(f"device 'cuda' requested but no GPU is usable: {why}")
@@ -145,7 +145,8 @@ class MpiWorld(World):
                 chosen = "cpu"
         if chosen == "cpu":
             self.share_cores()
-        kinds = self.comm.allgather(chosen.split(":")[0])
+        with self.waiting("start-up"):
+            kinds = self.comm.allgather(chosen.split(":")[0])
         if len(set(kinds)) > 1:
             raise DeviceError("device: auto chose " + ", ".join(f"{k} on rank {r}" for r, k in enumerate(kinds))
                               + "; every rank must use the same kind: set device: cpu or cuda")
