@@ -85,8 +85,9 @@ def test_two_ranks_end_near_one_process_float32(tmp_path: Path, fashion_root: Pa
     assert one_process("train", cfg, "--out", tmp_path / "one", "--no-progress").returncode == 0
     proc, _ = mpirun(2, "train", cfg, "--out", tmp_path / "two", "--no-progress")
     assert proc.returncode == 0, proc.stderr
-    # float32 rounding of differently ordered sums, carried through 32 Adam steps.
-    assert compare_runs(tmp_path / "one", tmp_path / "two") < 1e-4
+    # float32 rounding of differently ordered sums, carried through 32 Adam steps (measured
+    # 2.8e-7 on this config with MPICH; float64 gave 4.7e-16).
+    assert compare_runs(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
 def first_line_pids(stderr: str) -> dict[int, int]:
