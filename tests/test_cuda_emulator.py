@@ -34,6 +34,21 @@ extern "C" __global__ void reverse_in_shared(const float* x, float* y, float* be
     y[blockIdx.x * blockDim.x + threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
 }
 
+// A __shared__ inside a template function (as in the GEMM mainloops): g++ ignores the section
+// attribute there, so the emulator registers it where it is declared.
+template <int N>
+__device__ void stash_in_template_shared(const float* x, float* y, float* before) {
+    __shared__ float s[N];
+    const int i = blockIdx.x * N + threadIdx.x;
+    before[i] = s[threadIdx.x];  // never written in this block: poison, not the previous block's value
+    s[threadIdx.x] = x[i];
+    __syncthreads();
+    y[i] = s[N - 1 - threadIdx.x];
+}
+extern "C" __global__ void template_shared(const float* x, float* y, float* before) {
+    stash_in_template_shared<64>(x, y, before);
+}
+
 extern "C" __global__ void early_exit_then_barrier(float* y, int n) {
     __shared__ float s[64];
     if ((int)threadIdx.x >= n) return;  // exited threads do not hold a barrier (PTX `exit`)
@@ -123,6 +138,14 @@ def test_dynamic_shared_memory_is_per_launch_and_poisoned(kernels) -> None:
     y, before = cupy.zeros(x.shape), cupy.zeros(x.shape)
     kernels("reverse_in_shared")((3,), (128,), (cupy.asarray(x), y, before), shared_mem=128 * 4)
     np.testing.assert_array_equal(cupy.asnumpy(y), x.reshape(3, 128)[:, ::-1].ravel())
+    assert np.isnan(cupy.asnumpy(before)).all()
+
+
+def test_shared_memory_declared_in_a_template_is_poisoned_per_block(kernels) -> None:
+    x = np.arange(3 * 64, dtype=np.float32)
+    y, before = cupy.zeros(x.shape), cupy.zeros(x.shape)
+    kernels("template_shared")((3,), (64,), (cupy.asarray(x), y, before))
+    np.testing.assert_array_equal(cupy.asnumpy(y), x.reshape(3, 64)[:, ::-1].ravel())
     assert np.isnan(cupy.asnumpy(before)).all()
 
 

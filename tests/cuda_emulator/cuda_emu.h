@@ -186,6 +186,7 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p
 inline void __threadfence() {}
 template <class T> void __stwb(T* p, T v) { *p = v; }
 inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __int_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -206,6 +207,21 @@ inline std::vector<unsigned char> dynamic_shared_storage;
 inline unsigned char* dynamic_shared = nullptr;
 extern "C" unsigned char __start_emu_shared[] __attribute__((weak));  // bounds the linker gives
 extern "C" unsigned char __stop_emu_shared[] __attribute__((weak));   // the section, if any
+
+// g++ ignores the section attribute of a static declared in a template function, so such a
+// __shared__ variable is not in emu_shared. cupy/_emu.py follows every __shared__ declaration in a
+// function body with shared_declared(&v, sizeof v): the first thread of each block to reach it
+// refills it with 0xff, and in_shared (mma_emu.h) knows it as shared memory.
+inline std::map<const unsigned char*, std::pair<size_t, unsigned long long>> declared_shared;  // -> (bytes, block)
+inline unsigned long long block_serial = 0;  // bumped at each block start
+inline void shared_declared(void* p, size_t bytes) {
+    auto& seen = declared_shared[static_cast<const unsigned char*>(p)];
+    seen.first = bytes;
+    if (seen.second != block_serial) {
+        seen.second = block_serial;
+        std::memset(p, 0xff, bytes);
+    }
+}
 
 }  // namespace emu
 
@@ -333,6 +349,7 @@ inline bool release() {
 inline void run_block(size_t shared_bytes) {
     std::fill(dynamic_shared_storage.begin(), dynamic_shared_storage.begin() + shared_bytes, 0xff);
     if (__start_emu_shared) std::memset(__start_emu_shared, 0xff, __stop_emu_shared - __start_emu_shared);
+    ++block_serial;
     const unsigned n = L.fibers.size();
     warp_ops_reset(n);
     for (unsigned t = 0; t < n; ++t) {

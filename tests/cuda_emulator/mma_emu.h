@@ -50,7 +50,9 @@ inline bool in_shared(const void* p, size_t bytes) {
     const auto* c = static_cast<const unsigned char*>(p);
     const unsigned char* d = dynamic_shared_storage.data();
     if (c >= d && c + bytes <= d + dynamic_shared_storage.size()) return true;
-    return __start_emu_shared && c >= __start_emu_shared && c + bytes <= __stop_emu_shared;
+    if (__start_emu_shared && c >= __start_emu_shared && c + bytes <= __stop_emu_shared) return true;
+    auto it = declared_shared.upper_bound(c);  // the declared variable starting at or before c
+    return it != declared_shared.begin() && c + bytes <= (--it)->first + it->second.first;
 }
 
 // Deposits n words, meets the other 31 lanes; returns the slot parity to read.

@@ -45,6 +45,9 @@ _ENTRY_RE = re.compile(
     r"(\w+)\s*\("
 )
 _NAMESPACE_RE = re.compile(r"\bnamespace\s+(\w+)\s*\{")
+# A __shared__ declaration in a function body (indented: g++ -E keeps the indentation); the
+# extern ones are rewritten before this applies.
+_SHARED_DECL_RE = re.compile(r"^([ \t]+[^\n;{}]*?\b__shared__\b[^;{}=]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*;)", re.M)
 _EXTERN_SHARED_RE = re.compile(r"extern\s+__shared__\s+((?:\w+\s*\(\s*\d+\s*\)\s*)?[\w\s]+?)\s*(\w+)\s*\[\s*\]\s*;")
 
 
@@ -83,7 +86,8 @@ def _build(code: str, options: tuple[str, ...]) -> ctypes.CDLL:
     using = "".join(f"using namespace {ns};\n" for ns in dict.fromkeys(_NAMESPACE_RE.findall(expanded)))
     register = "".join(f'static int emu_registered_{n} = emu::register_kernel("{n}", &{n}, {b});\n'
                        for n, b in bounds.items())
-    source = _EXTERN_SHARED_RE.sub(_rewrite_extern_shared, expanded) + "\n" + using + register
+    source = _EXTERN_SHARED_RE.sub(_rewrite_extern_shared, expanded)
+    source = _SHARED_DECL_RE.sub(r"\1 emu::shared_declared(&\2, sizeof(\2));", source) + "\n" + using + register
     std = [o for o in options if o.startswith("-std=")][-1:] or ["-std=c++17"]
     flags = [*std, *CXXFLAGS, "-include", str(HEADER)]
     compiler = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
