@@ -4,27 +4,41 @@
 // away) or BF16 (nearest even) before each product; sums are FP32. The mainloop is gemm_core.cuh
 // (dense gather x TF32 / BF16 math); tile shapes in gemm_tiles.h.
 //
-// Entry points gemm_tc_<ab>_<tf32|bf16>, <ab> in {nn, nt, tn, tt} as in gemm.cu.
-// Launch: grid (ceil(N / GEMM_TC_BN), ceil(M / GEMM_TC_BM)), block GEMM_TC_THREADS, no dynamic
+// Entry points gemm_tc_<ab>_<tf32|bf16>_<large|small>, <ab> in {nn, nt, tn, tt} as in gemm.cu,
+// the last part the row of gemm_tiles.h.
+// Launch: grid (ceil(N / BN), ceil(M / BM)), block 32 * WARPS_M * WARPS_N of that row, no dynamic
 // shared memory; sm_80 or newer (the launcher checks). Any shape and alignment: the copies fall
 // back to 4 bytes where 16 would be misaligned.
 #include "gemm_core.cuh"
+#include "gemm_tiles.h"
 
-#define GEMM_TC_ENTRY_POINTS(AB, TRANS_A, TRANS_B, PREC, MATH)                                         \
-    extern "C" __global__ void __launch_bounds__(GEMM_TC_THREADS)                                      \
-        gemm_tc_##AB##_##PREC(const float* A, const float* B, float* C, const float* bias, const float* mask, \
-                              float* col_sums, int M, int N, int K, int flags) {                       \
-        __shared__ __align__(16) GemmTcShared smem;                                                     \
-        const DenseGather<TRANS_A, TRANS_B> gather(A, B, M, N, K, blockIdx.y * GEMM_TC_BM,             \
-                                                   blockIdx.x * GEMM_TC_BN);                           \
-        gemm_core_tile<DenseGather<TRANS_A, TRANS_B>, MATH>(smem, gather, C, bias, mask, col_sums, B, M, N, K, flags); \
+typedef TcTile<GEMM_TC_LARGE_BM, GEMM_TC_LARGE_BN, GEMM_TC_LARGE_BK, GEMM_TC_LARGE_WARPS_M, GEMM_TC_LARGE_WARPS_N,
+               GEMM_TC_LARGE_STAGES>
+    TcLarge;
+typedef TcTile<GEMM_TC_SMALL_BM, GEMM_TC_SMALL_BN, GEMM_TC_SMALL_BK, GEMM_TC_SMALL_WARPS_M, GEMM_TC_SMALL_WARPS_N,
+               GEMM_TC_SMALL_STAGES>
+    TcSmall;
+
+#define GEMM_TC_ENTRY_POINT(AB, TRANS_A, TRANS_B, PREC, MATH, TILE, TILE_NAME)                          \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS)                                        \
+        gemm_tc_##AB##_##PREC##_##TILE_NAME(const float* A, const float* B, float* C, const float* bias, \
+                                            const float* mask, float* col_sums, int M, int N, int K,   \
+                                            int flags) {                                               \
+        __shared__ __align__(16) GemmTcShared<TILE> smem;                                              \
+        typedef DenseGather<TILE, TRANS_A, TRANS_B> Gather;                                            \
+        const Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN);              \
+        gemm_core_tile<Gather, MATH>(smem, gather, C, bias, mask, col_sums, B, M, N, K, flags);        \
     }
 
-GEMM_TC_ENTRY_POINTS(nn, false, false, tf32, MathTf32)
-GEMM_TC_ENTRY_POINTS(nt, false, true, tf32, MathTf32)
-GEMM_TC_ENTRY_POINTS(tn, true, false, tf32, MathTf32)
-GEMM_TC_ENTRY_POINTS(tt, true, true, tf32, MathTf32)
-GEMM_TC_ENTRY_POINTS(nn, false, false, bf16, MathBf16)
-GEMM_TC_ENTRY_POINTS(nt, false, true, bf16, MathBf16)
-GEMM_TC_ENTRY_POINTS(tn, true, false, bf16, MathBf16)
-GEMM_TC_ENTRY_POINTS(tt, true, true, bf16, MathBf16)
+#define GEMM_TC_ENTRY_POINTS(PREC, MATH)                                     \
+    GEMM_TC_ENTRY_POINT(nn, false, false, PREC, MATH, TcLarge, large)        \
+    GEMM_TC_ENTRY_POINT(nt, false, true, PREC, MATH, TcLarge, large)         \
+    GEMM_TC_ENTRY_POINT(tn, true, false, PREC, MATH, TcLarge, large)         \
+    GEMM_TC_ENTRY_POINT(tt, true, true, PREC, MATH, TcLarge, large)          \
+    GEMM_TC_ENTRY_POINT(nn, false, false, PREC, MATH, TcSmall, small)        \
+    GEMM_TC_ENTRY_POINT(nt, false, true, PREC, MATH, TcSmall, small)         \
+    GEMM_TC_ENTRY_POINT(tn, true, false, PREC, MATH, TcSmall, small)         \
+    GEMM_TC_ENTRY_POINT(tt, true, true, PREC, MATH, TcSmall, small)
+
+GEMM_TC_ENTRY_POINTS(tf32, MathTf32)
+GEMM_TC_ENTRY_POINTS(bf16, MathBf16)

@@ -19,7 +19,9 @@ pytestmark = GPU
 
 #: relative size of one operand rounding: half an ulp of the format's 10 / 7 mantissa bits
 ROUNDING = {"tf32": 2.0**-11, "bf16": 2.0**-8}
-SHAPES = [(130, 70, 50), (64, 136, 40), (1, 9, 3), (129, 33, 0)]
+#: the small tile (gemm_tiles.h; 3 stages) for all but the last, whose 11 x 12 grid of 128 x 128
+#: tiles takes the large one (2 stages)
+SHAPES = [(130, 70, 50), (64, 136, 40), (1, 9, 3), (129, 33, 0), (1290, 1500, 20)]
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 
 
@@ -49,7 +51,7 @@ def _matmul_case(precision: str, M: int, N: int, K: int, trans_a: bool, trans_b:
     assert got is out
     want = cpu.matmul(a.astype(np.float64), b.astype(np.float64), bias=bias.astype(np.float64), activation="relu", **kw)
     assert rel_err(cuda.to_numpy(got), want) <= gemm_tol(K)
-    if K >= 40:  # the rounding is really there: the unrounded FP32 product is further off
+    if K >= 20:  # the rounding is really there: the unrounded FP32 product is further off
         exact = np.maximum((a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b) + bias, 0)
         err = rel_err(cuda.to_numpy(got), exact)
         assert gemm_tol(K) < err <= 4 * ROUNDING[precision]

@@ -63,3 +63,17 @@ def test_fit_with_precision_bf16_trains_on_the_cpu(capsys: pytest.CaptureFixture
     assert "precision: bf16" in captured.err + captured.out  # the first log line says so
     with pytest.raises(ConfigError, match="precision"):
         model.fit(x, y.astype(np.uint8), epochs=1, device="cpu", precision="half", verbose=0)
+
+
+def test_tensor_core_tile_comes_from_the_shared_table() -> None:
+    """launch.py reads kernels/gemm_tiles.h: the large tile when its grid fills a wave, else small."""
+    from gpuml.backend.cuda import launch
+
+    tiles = launch.tc_tiles()
+    assert list(tiles) == ["large", "small"] and tiles["large"]["BM"] == 128
+    big = launch.gemm_tc_plan(4096, 4096, 4096, False, False, "tf32")
+    assert big.kernel == "gemm_tc_nn_tf32_large" and big.grid == (32, 32, 1) and big.block == (256, 1, 1)
+    small = launch.gemm_tc_plan(32, 1024, 784, False, True, "bf16")
+    assert small.kernel == "gemm_tc_nt_bf16_small" and small.grid == (16, 1, 1) and small.block == (128, 1, 1)
+    with pytest.raises(ValueError, match="precision"):
+        launch.gemm_tc_plan(8, 8, 8, False, False, "fp32")

@@ -9,6 +9,7 @@ summation order, and a fixed rule gives the same bits on every GPU.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 
@@ -108,35 +109,47 @@ def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) 
 
 #: the model precisions with a tensor-core GEMM (kernels/gemm_tc.cu); fp32 is gemm.cu
 TENSOR_CORE_PRECISIONS = ("tf32", "bf16")
-_DEFINE_RE = re.compile(r"^#define\s+(GEMM_TC_\w+)\s+(\d+)\s*$", re.M)
+_DEFINE_RE = re.compile(r"^#define\s+GEMM_TC_([A-Z0-9]+)_([A-Z_]+)\s+(\d+)\s*$", re.M)
+_TILE_FIELDS = {"BM", "BN", "BK", "WARPS_M", "WARPS_N", "STAGES", "MIN_BLOCKS"}
 
 
 @functools.cache
-def tc_tiles() -> dict[str, int]:
+def tc_tiles() -> dict[str, dict[str, int]]:
     """The tensor-core tile table, read from kernels/gemm_tiles.h (the kernels include the same
-    file, so a grid cannot disagree with the kernel's tile): BM, BN, BK, WARPS_M, WARPS_N, STAGES."""
-    found = {k[len("GEMM_TC_"):]: int(v) for k, v in _DEFINE_RE.findall((kernel_dir() / "gemm_tiles.h").read_text())}
-    missing = {"BM", "BN", "BK", "WARPS_M", "WARPS_N", "STAGES"} - found.keys()
-    if missing:
-        raise RuntimeError(f"kernels/gemm_tiles.h defines no GEMM_TC_{', GEMM_TC_'.join(sorted(missing))}")
-    return found
+    file, so a grid cannot disagree with its kernel's tile): {"large": {"BM": 128, ...}, ...},
+    in file order (largest first)."""
+    tiles: dict[str, dict[str, int]] = {}
+    for name, field, value in _DEFINE_RE.findall((kernel_dir() / "gemm_tiles.h").read_text()):
+        tiles.setdefault(name.lower(), {})[field] = int(value)
+    for name, fields in tiles.items():
+        if fields.keys() != _TILE_FIELDS:
+            raise RuntimeError(f"kernels/gemm_tiles.h: tile {name} has {sorted(fields)}, needs {sorted(_TILE_FIELDS)}")
+    if not tiles:
+        raise RuntimeError("kernels/gemm_tiles.h defines no tile")
+    return tiles
 
 
 def gemm_tc_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, precision: str) -> GemmPlan:
     """The tensor-core kernel (kernels/gemm_tc.cu) for op(A) (M x K) @ op(B) (K x N) in `precision`
-    (tf32 or bf16): one block per BM x BN tile of the output, no split-K yet."""
+    (tf32 or bf16): the first tile of gemm_tiles.h whose grid has MIN_BLOCKS blocks (else the
+    last), one block per output tile, no split-K yet."""
     if precision not in TENSOR_CORE_PRECISIONS:
         raise ValueError(f"gemm_tc_plan: precision must be one of {TENSOR_CORE_PRECISIONS}, got {precision!r}")
     for name, v in (("M", M), ("N", N), ("K", K)):
         if not 0 <= v <= INT32_MAX:
             raise ShapeError(f"matmul: {name} = {v} is past the kernels' 32-bit indexing")
-    t = tc_tiles()
-    grid = (max(1, ceil_div(N, t["BN"])), max(1, ceil_div(M, t["BM"])), 1)
+    def grid_of(t: dict[str, int]) -> Grid:
+        return (max(1, ceil_div(N, t["BN"])), max(1, ceil_div(M, t["BM"])), 1)
+
+    rows = list(tc_tiles().items())
+    tile, t = next(((n, t) for n, t in rows if math.prod(grid_of(t)) >= t["MIN_BLOCKS"]), rows[-1])
+    grid = grid_of(t)
     if grid[1] > MAX_GRID_YZ:
         raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
     ab = ("t" if trans_a else "n") + ("t" if trans_b else "n")
     threads = 32 * t["WARPS_M"] * t["WARPS_N"]
-    return GemmPlan(f"gemm_tc_{ab}_{precision}", grid, (threads, 1, 1), False, 1, max(K, 1), 0, grid[0] * grid[1])
+    return GemmPlan(f"gemm_tc_{ab}_{precision}_{tile}", grid, (threads, 1, 1), False, 1, max(K, 1), 0,
+                    grid[0] * grid[1])
 
 
 @dataclass(frozen=True)
