@@ -17,6 +17,9 @@
 // as 1.0f - beta2 they would inherit beta2's float32 rounding, magnified 1 / (1 - beta2) times
 // (1 - 0.999f is 1.29e-5 relatively off 1e-3, which biases v and every Adam step).
 // Structural choices that never change within a run (nesterov, decoupled) are int arguments.
+// Every update reads the gradient as g * grad_scale[0] (a device float: 1, or the clipping
+// factor grad_clip_factor wrote in the same step), so clipping needs no pass over the gradients;
+// the product is rounded on its own (__fmul_rn), as the separate scaling pass stored it.
 //
 // Entry points (slots after param, grad):
 //   sgd_step       ()              p -= lr (g + wd p)
@@ -26,6 +29,11 @@
 //                                  p -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
 //   rmsprop_step   (square_avg)    g' = g + wd p; s = alpha s + (1-alpha) g'^2;
 //                                  p -= lr g' / (sqrt(s) + eps)
+//   grad_clip_factor (one slot: the gradients; partials double (gridDim.x), ticket, norm, factor,
+//                  max_norm)  norm = sqrt(sum of g^2) (double, per-block partials added by the
+//                  last block in block order: a grid fixed by the size gives fixed bits), factor =
+//                  min(1, max_norm / (norm + 1e-6)); ONE launch. The grid is the host's
+//                  partials_grid(total), the same sums as elementwise.cu's global norm.
 // Launch: block 256, 1-D grid of any size (the host uses a few blocks per SM), no shared memory.
 // Precision: float32 arithmetic per element (matches PyTorch's single-tensor fp32 updates).
 #include "common.cuh"
@@ -87,29 +95,31 @@ struct TensorCursor {
 
 extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     sgd_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
-             const float* __restrict__ hyper) {
+             const float* __restrict__ hyper, const float* __restrict__ grad_scale) {
     const float lr = hyper[HYPER_LR];
     const float wd = hyper[HYPER_WEIGHT_DECAY];
+    const float gs = grad_scale[0];
     TensorCursor<2> cur(table, offsets, num_tensors);
     OPTIM_LOOP(i, offsets[num_tensors]) {
         const gpuml_i64 j = cur.seek(i);
         float* p = cur.slot[0];
-        const float g = cur.slot[1][j];
+        const float g = __fmul_rn(cur.slot[1][j], gs);
         p[j] -= lr * (g + wd * p[j]);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     momentum_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
-                  const float* __restrict__ hyper, int nesterov) {
+                  const float* __restrict__ hyper, const float* __restrict__ grad_scale, int nesterov) {
     const float lr = hyper[HYPER_LR];
     const float wd = hyper[HYPER_WEIGHT_DECAY];
     const float mu = hyper[HYPER_MOMENTUM];
+    const float gs = grad_scale[0];
     TensorCursor<3> cur(table, offsets, num_tensors);
     OPTIM_LOOP(i, offsets[num_tensors]) {
         const gpuml_i64 j = cur.seek(i);
         const float p = cur.slot[0][j];
-        const float g = cur.slot[1][j] + wd * p;
+        const float g = __fmul_rn(cur.slot[1][j], gs) + wd * p;
         const float v = mu * cur.slot[2][j] + g;
         cur.slot[2][j] = v;
         cur.slot[0][j] = p - lr * (nesterov ? g + mu * v : v);
@@ -118,7 +128,7 @@ extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
 
 extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     adam_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
-              const float* __restrict__ hyper, int decoupled) {
+              const float* __restrict__ hyper, const float* __restrict__ grad_scale, int decoupled) {
     // PyTorch's (and the CPU backend's) arrangement: p = p decay - lr_t m / (sqrt(v) inv_sqrt_bc2
     // + eps), lr_t = lr / bc1, inv_sqrt_bc2 = 1 / sqrt(bc2), with the L2 term and the decoupled
     // decay folded into constants before the loop: fewer values live across the division's
@@ -134,11 +144,12 @@ extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     const float inv_sqrt_bc2 = 1.0f / sqrtf(hyper[HYPER_BIAS_CORRECTION2]);
     const float l2 = decoupled ? 0.0f : wd;
     const float decay = decoupled ? 1.0f - lr * wd : 1.0f;
+    const float gs = grad_scale[0];
     TensorCursor<4> cur(table, offsets, num_tensors);
     OPTIM_LOOP(i, offsets[num_tensors]) {
         const gpuml_i64 j = cur.seek(i);
         const float p = cur.slot[0][j];
-        const float g = cur.slot[1][j] + l2 * p;
+        const float g = __fmul_rn(cur.slot[1][j], gs) + l2 * p;
         const float m = beta1 * cur.slot[2][j] + one_minus_beta1 * g;
         const float v = beta2 * cur.slot[3][j] + one_minus_beta2 * g * g;
         cur.slot[2][j] = m;
@@ -149,19 +160,48 @@ extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
 
 extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
     rmsprop_step(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
-                 const float* __restrict__ hyper) {
+                 const float* __restrict__ hyper, const float* __restrict__ grad_scale) {
     const float lr = hyper[HYPER_LR];
     const float wd = hyper[HYPER_WEIGHT_DECAY];
     const float alpha = hyper[HYPER_ALPHA];
     const float one_minus_alpha = hyper[HYPER_ONE_MINUS_ALPHA];
     const float eps = hyper[HYPER_EPS];
+    const float gs = grad_scale[0];
     TensorCursor<3> cur(table, offsets, num_tensors);
     OPTIM_LOOP(i, offsets[num_tensors]) {
         const gpuml_i64 j = cur.seek(i);
         const float p = cur.slot[0][j];
-        const float g = cur.slot[1][j] + wd * p;
+        const float g = __fmul_rn(cur.slot[1][j], gs) + wd * p;
         const float s = alpha * cur.slot[2][j] + one_minus_alpha * g * g;
         cur.slot[2][j] = s;
         cur.slot[0][j] = p - lr * g / (sqrtf(s) + eps);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(OPTIM_THREADS, OPTIM_MIN_BLOCKS)
+    grad_clip_factor(float* const* __restrict__ table, const gpuml_i64* __restrict__ offsets, int num_tensors,
+                     double* __restrict__ partials, unsigned int* __restrict__ ticket, float* __restrict__ norm,
+                     float* __restrict__ factor, float max_norm) {
+    __shared__ double scratch[OPTIM_THREADS / 32];
+    __shared__ int last_flag;
+    double acc = 0.0;
+    int t = 0;
+    OPTIM_LOOP(i, offsets[num_tensors]) {
+        t = gpuml_tensor_of(offsets, t, i);
+        const float v = table[t][i - offsets[t]];
+        acc += (double)v * (double)v;
+    }
+    acc = gpuml_block_sum(acc, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+    if (!gpuml_last_block(ticket, gridDim.x, &last_flag)) return;
+    double sum = 0.0;
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += OPTIM_THREADS) sum += __ldcg(partials + b);
+    sum = gpuml_block_sum(sum, scratch);
+    if (threadIdx.x == 0) {
+        const float n = (float)sqrt(sum);
+        norm[0] = n;
+        factor[0] = fminf(1.0f, max_norm / (n + 1e-6f));
     }
 }

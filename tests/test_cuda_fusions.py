@@ -226,3 +226,47 @@ def test_cnn_stack_fuses_relu_backward_and_bias_gradient_into_the_conv_kernels()
     _, want = _grads(cpu, stack(), x, dy)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) <= gemm_tol(3 * 10 * 9)
+
+
+# ----------------------------------------------------------------------------- clipping
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipping, and a factor of exactly 1
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam", "rmsprop"])
+def test_clip_factor_read_inside_the_optimizer_kernel(opt: str, max_norm: float) -> None:
+    """grad_clip_factor (one launch: norm and factor) + step(grad_scale=factor) (one launch)
+    gives the same bits as clip_grad_norm_ (scaling the gradients in place) + step, and the
+    float64 reference's numbers; the gradients are left unscaled."""
+    cuda, cpu = backends()
+    gen = np.random.default_rng(len(opt))
+    shapes = [(37, 11), (11,), (5, 3, 3, 3), (1,)]
+    params = [_rand(gen, *s) for s in shapes]
+    grads = [_rand(gen, *s) for s in shapes]
+    kw = {"sgd": dict(lr=0.1), "momentum": dict(lr=0.1, momentum=0.9, nesterov=True),
+          "adam": dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, step=3, weight_decay=0.01),
+          "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8)}[opt]
+    n_state = {"sgd": 0, "momentum": 1, "adam": 2, "rmsprop": 1}[opt]
+
+    def run(be, fused: bool):
+        p = [be.asarray(a.astype(be.dtype)) for a in params]
+        g = [be.asarray(a.astype(be.dtype)) for a in grads]
+        state = [[be.zeros(a.shape) for a in params] for _ in range(n_state)]
+        before = getattr(be, "launch_count", 0)
+        if fused:
+            norm, factor = be.grad_clip_factor(g, max_norm)
+            getattr(be, f"{opt}_step")(p, g, *state, grad_scale=factor, **kw)
+            assert getattr(be, "launch_count", 2) - before == 2
+        else:
+            norm = be.clip_grad_norm_(g, max_norm)
+            getattr(be, f"{opt}_step")(p, g, *state, **kw)
+        return float(be.to_numpy(norm)), [be.to_numpy(a) for a in p], [be.to_numpy(a) for a in g]
+
+    norm, fused_p, fused_g = run(cuda, True)
+    norm_unfused, unfused_p, _ = run(cuda, False)
+    assert norm == norm_unfused
+    for a, b in zip(fused_p, unfused_p, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(fused_g, grads, strict=True):
+        np.testing.assert_array_equal(a, b)  # the gradients themselves are not scaled
+    want_norm, want_p, _ = run(cpu, True)
+    assert rel_err(norm, want_norm) <= 1e-6
+    for a, b in zip(fused_p, want_p, strict=True):
+        assert rel_err(a, b) <= 1e-5

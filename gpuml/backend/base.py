@@ -375,7 +375,9 @@ class Backend(ABC):
     # Each updates *all* parameters in place in a single fused pass over each tensor (one launch
     # for the whole list on CUDA). `params`, `grads` and the state lists are parallel lists.
     # weight_decay adds wd*p to the gradient (L2), except in AdamW where the update subtracts
-    # lr*wd*p (decoupled, Loshchilov & Hutter).
+    # lr*wd*p (decoupled, Loshchilov & Hutter). grad_scale (a 0-d device array, e.g. the factor
+    # of grad_clip_factor) multiplies every gradient first, g = g * grad_scale rounded once, as
+    # scale_ would have stored it: clipping without a pass over the gradients.
 
     @abstractmethod
     def sgd_step(
@@ -385,6 +387,7 @@ class Backend(ABC):
         *,
         lr: float,
         weight_decay: float = 0.0,
+        grad_scale: Array | None = None,
     ) -> None:
         """p -= lr * (g + wd p)"""
 
@@ -399,6 +402,7 @@ class Backend(ABC):
         momentum: float,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        grad_scale: Array | None = None,
     ) -> None:
         """PyTorch's SGD-with-momentum: g' = g + wd p; v = mu v + g';
         p -= lr * (g' + mu v if nesterov else v)."""
@@ -418,6 +422,7 @@ class Backend(ABC):
         step: int,
         weight_decay: float = 0.0,
         decoupled: bool = False,
+        grad_scale: Array | None = None,
     ) -> None:
         """Adam (decoupled=False: L2 folded into g) or AdamW (decoupled=True: p *= 1 - lr wd
         first). step is 1-based: m_hat = m / (1 - beta1^step), v_hat likewise;
@@ -434,6 +439,7 @@ class Backend(ABC):
         alpha: float,
         eps: float,
         weight_decay: float = 0.0,
+        grad_scale: Array | None = None,
     ) -> None:
         """g' = g + wd p; s = alpha s + (1 - alpha) g'^2; p -= lr g' / (sqrt(s) + eps)."""
 
@@ -441,11 +447,17 @@ class Backend(ABC):
     def global_norm(self, arrays: list[Array]) -> Array:
         """0-d array: sqrt(sum of squares over every element of every array)."""
 
+    def grad_clip_factor(self, grads: list[Array], max_norm: float) -> tuple[Array, Array]:
+        """(norm, factor), 0-d arrays: the grads' global norm and min(1, max_norm / (norm +
+        1e-6)), without a host round trip; the grads are left alone (pass factor to the
+        optimizer step's grad_scale: the trainer's clipping, fused into the update)."""
+        norm = self.global_norm(grads)
+        return norm, self.xp.minimum(max_norm / (norm + 1e-6), 1.0).astype(self.dtype)
+
     def clip_grad_norm_(self, grads: list[Array], max_norm: float) -> Array:
         """Scale all grads in place by min(1, max_norm / (norm + 1e-6)) where norm is their
         global norm, without a host round trip; returns the (pre-clip) norm as a 0-d array."""
-        norm = self.global_norm(grads)
-        factor = self.xp.minimum(max_norm / (norm + 1e-6), 1.0).astype(self.dtype)
+        norm, factor = self.grad_clip_factor(grads, max_norm)
         for g in grads:
             self.scale_(g, factor)
         return norm

@@ -28,11 +28,13 @@ class Optimizer:
             s: [backend.zeros(p.shape) for p in params] for s in self.state_names
         }
 
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, grad_scale: Array | None = None) -> None:
+        """One update; `grad_scale` (0-d device array, e.g. Backend.grad_clip_factor's factor)
+        multiplies the gradients inside the update kernel."""
         self.step_count += 1
-        self._update(lr)
+        self._update(lr, grad_scale)
 
-    def _update(self, lr: float) -> None:
+    def _update(self, lr: float, grad_scale: Array | None) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -64,8 +66,8 @@ class Optimizer:
 class SGD(Optimizer):
     name = "sgd"
 
-    def _update(self, lr: float) -> None:
-        self.backend.sgd_step(self.params, self.grads, lr=lr, weight_decay=self.weight_decay)
+    def _update(self, lr: float, grad_scale: Array | None) -> None:
+        self.backend.sgd_step(self.params, self.grads, lr=lr, weight_decay=self.weight_decay, grad_scale=grad_scale)
 
 
 class Momentum(Optimizer):
@@ -78,10 +80,10 @@ class Momentum(Optimizer):
         self.momentum = momentum
         self.nesterov = nesterov
 
-    def _update(self, lr: float) -> None:
+    def _update(self, lr: float, grad_scale: Array | None) -> None:
         self.backend.momentum_step(self.params, self.grads, self.state["velocity"], lr=lr,
                                    momentum=self.momentum, nesterov=self.nesterov,
-                                   weight_decay=self.weight_decay)
+                                   weight_decay=self.weight_decay, grad_scale=grad_scale)
 
 
 class Adam(Optimizer):
@@ -95,11 +97,11 @@ class Adam(Optimizer):
         super().__init__(backend, params, grads, weight_decay)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
-    def _update(self, lr: float) -> None:
+    def _update(self, lr: float, grad_scale: Array | None) -> None:
         self.backend.adam_step(self.params, self.grads, self.state["m"], self.state["v"], lr=lr,
                                beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                step=self.step_count, weight_decay=self.weight_decay,
-                               decoupled=self.decoupled)
+                               decoupled=self.decoupled, grad_scale=grad_scale)
 
 
 class AdamW(Adam):
@@ -116,9 +118,10 @@ class RMSprop(Optimizer):
         super().__init__(backend, params, grads, weight_decay)
         self.alpha, self.eps = alpha, eps
 
-    def _update(self, lr: float) -> None:
+    def _update(self, lr: float, grad_scale: Array | None) -> None:
         self.backend.rmsprop_step(self.params, self.grads, self.state["square_avg"], lr=lr,
-                                  alpha=self.alpha, eps=self.eps, weight_decay=self.weight_decay)
+                                  alpha=self.alpha, eps=self.eps, weight_decay=self.weight_decay,
+                                  grad_scale=grad_scale)
 
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {

@@ -96,9 +96,8 @@ class TrainStep:
         for hook in t.grad_hooks:  # e.g. the data-parallel gradient all-reduce
             hook()
         clip = t.cfg["trainer"]["grad_clip_norm"]
-        if clip is not None:
-            be.clip_grad_norm_(t.grads, clip)
-        t.optimizer.step(lr)
+        scale = None if clip is None else be.grad_clip_factor(t.grads, clip)[1]  # applied in the update
+        t.optimizer.step(lr, grad_scale=scale)
         be.advance_(self.counters, self.increments)
 
     def _augmented(self, x: Array, rng: Array, lo: int) -> Array:

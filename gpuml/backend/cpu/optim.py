@@ -132,6 +132,15 @@ def _update(loop: Callable[..., None], groups: list[tuple[np.ndarray, ...]], *sc
 class OptimizerSteps(Checks):
     """The Backend's optimizer methods on the loops above, mixed into CpuBackend."""
 
+    def _scaled(self, grads: list[np.ndarray], grad_scale: np.ndarray | None) -> list[np.ndarray]:
+        """grads * grad_scale in scratch buffers (each product rounded once, as scale_ stores
+        it), or grads themselves."""
+        if grad_scale is None:
+            return grads
+        factor = np.asarray(grad_scale, dtype=self.dtype)
+        return [np.multiply(g, factor, out=self._ws.scratch(f"scaled_grad{i}", g.shape, self.dtype))
+                for i, g in enumerate(grads)]
+
     def _groups(self, op: str, params: list, *others: list) -> list[tuple[np.ndarray, ...]]:
         """(p, g, state...) flat views per parameter, checked once per signature of the lists."""
         c = self.checks(op, params, *others)
@@ -140,9 +149,11 @@ class OptimizerSteps(Checks):
         return groups
 
     def sgd_step(
-        self, params: list[np.ndarray], grads: list[np.ndarray], *, lr: float, weight_decay: float = 0.0
+        self, params: list[np.ndarray], grads: list[np.ndarray], *, lr: float, weight_decay: float = 0.0,
+        grad_scale: np.ndarray | None = None,
     ) -> None:
         t = self.dtype.type
+        grads = self._scaled(grads, grad_scale)
         _update(sgd_update, self._groups("sgd_step", params, grads), t(lr), t(weight_decay))
 
     def momentum_step(
@@ -155,8 +166,10 @@ class OptimizerSteps(Checks):
         momentum: float,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        grad_scale: np.ndarray | None = None,
     ) -> None:
         t = self.dtype.type
+        grads = self._scaled(grads, grad_scale)
         groups = self._groups("momentum_step", params, grads, velocities)
         _update(momentum_update, groups, t(lr), t(momentum), t(weight_decay), bool(nesterov))
 
@@ -174,10 +187,12 @@ class OptimizerSteps(Checks):
         step: int,
         weight_decay: float = 0.0,
         decoupled: bool = False,
+        grad_scale: np.ndarray | None = None,
     ) -> None:
         if step < 1:
             raise ValueError(f"adam_step: step is 1-based, got {step}")
         t = self.dtype.type
+        grads = self._scaled(grads, grad_scale)
         lr_t = t(lr / (1.0 - beta1**step))
         inv_sqrt_bc2 = t(1.0 / np.sqrt(1.0 - beta2**step))
         l2 = t(0.0 if decoupled else weight_decay)
@@ -197,8 +212,10 @@ class OptimizerSteps(Checks):
         alpha: float,
         eps: float,
         weight_decay: float = 0.0,
+        grad_scale: np.ndarray | None = None,
     ) -> None:
         t = self.dtype.type
+        grads = self._scaled(grads, grad_scale)
         groups = self._groups("rmsprop_step", params, grads, sq)
         _update(rmsprop_update, groups, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay))
 

@@ -130,9 +130,21 @@ class MultiTensorOps:
                 del tables[oldest]
         return table
 
-    def _optimizer_launch(self, name: str, table: TensorTable, hyper: np.ndarray, *extra: Any) -> None:
+    def _grad_scale(self, grad_scale: Array | None) -> Array:
+        """The kernels' gradient multiplier: the caller's 0-d factor, or a device 1.0 (made once)."""
+        if grad_scale is not None:
+            return self._dev_in("grad_scale", "grad_scale", grad_scale, shape=())
+        one = self.__dict__.get("_unit_grad_scale")
+        if one is None:
+            one = self._unit_grad_scale = self.xp.zeros((), dtype=np.float32)
+            one.fill(1.0)
+        return one
+
+    def _optimizer_launch(self, name: str, table: TensorTable, hyper: np.ndarray, *extra: Any,
+                          grad_scale: Array | None = None) -> None:
         if table.total == 0:
             return
+        scale = self._grad_scale(grad_scale)
         source = self.__dict__.get("_hyper_source")  # set by graph.GraphRunner around a step
         if source is not None:
             if not source(table, hyper):
@@ -141,12 +153,14 @@ class MultiTensorOps:
             table.set_hyper(hyper)
         self._launch(
             "optim", name, grid_1d(table.total), (THREADS, 1, 1),
-            (table.table, table.offsets, table.num_tensors, table.hyper, *extra),
+            (table.table, table.offsets, table.num_tensors, table.hyper, scale, *extra),
         )  # fmt: skip
 
-    def sgd_step(self, params: list[Array], grads: list[Array], *, lr: float, weight_decay: float = 0.0) -> None:
+    def sgd_step(self, params: list[Array], grads: list[Array], *, lr: float, weight_decay: float = 0.0,
+                 grad_scale: Array | None = None) -> None:
         table = self._tensor_table("sgd_step", [params, grads])
-        self._optimizer_launch("sgd_step", table, hyper_vector(lr=lr, weight_decay=weight_decay))
+        self._optimizer_launch("sgd_step", table, hyper_vector(lr=lr, weight_decay=weight_decay),
+                               grad_scale=grad_scale)
 
     def momentum_step(
         self,
@@ -158,10 +172,11 @@ class MultiTensorOps:
         momentum: float,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        grad_scale: Array | None = None,
     ) -> None:
         table = self._tensor_table("momentum_step", [params, grads, velocities])
         hyper = hyper_vector(lr=lr, weight_decay=weight_decay, momentum=momentum)
-        self._optimizer_launch("momentum_step", table, hyper, np.int32(bool(nesterov)))
+        self._optimizer_launch("momentum_step", table, hyper, np.int32(bool(nesterov)), grad_scale=grad_scale)
 
     def adam_step(
         self,
@@ -177,6 +192,7 @@ class MultiTensorOps:
         step: int,
         weight_decay: float = 0.0,
         decoupled: bool = False,
+        grad_scale: Array | None = None,
     ) -> None:
         if step < 1:
             raise ValueError(f"adam_step: step is 1-based, got {step}")
@@ -186,7 +202,7 @@ class MultiTensorOps:
             bias_correction1=1.0 - beta1**step, bias_correction2=1.0 - beta2**step,
             one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
         )  # fmt: skip
-        self._optimizer_launch("adam_step", table, hyper, np.int32(bool(decoupled)))
+        self._optimizer_launch("adam_step", table, hyper, np.int32(bool(decoupled)), grad_scale=grad_scale)
 
     def rmsprop_step(
         self,
@@ -198,10 +214,11 @@ class MultiTensorOps:
         alpha: float,
         eps: float,
         weight_decay: float = 0.0,
+        grad_scale: Array | None = None,
     ) -> None:
         table = self._tensor_table("rmsprop_step", [params, grads, sq])
         hyper = hyper_vector(lr=lr, weight_decay=weight_decay, alpha=alpha, eps=eps, one_minus_alpha=1.0 - alpha)
-        self._optimizer_launch("rmsprop_step", table, hyper)
+        self._optimizer_launch("rmsprop_step", table, hyper, grad_scale=grad_scale)
 
     def global_norm(self, arrays: list[Array]) -> Array:
         """sqrt of the sum of squares of every element, deterministic (fixed partial grid,
@@ -220,6 +237,23 @@ class MultiTensorOps:
                 self._launch("elementwise", "scale_inplace_by_device", grid_1d(g.size), (THREADS, 1, 1),
                              (g, factor, np.int64(g.size)))
         return norm
+
+    def grad_clip_factor(self, grads: list[Array], max_norm: float) -> tuple[Array, Array]:
+        """As Backend.grad_clip_factor, in ONE launch (optim.cu grad_clip_factor: the norm's
+        partials added by the last block, in block order); both results are scratch views,
+        valid until the next call."""
+        norm = self._scratch("clip_norm", 1).reshape(())
+        factor = self._scratch("clip_factor", 1).reshape(())
+        table = self._tensor_table("global_norm", [grads])
+        if table.total == 0:
+            norm.fill(0)
+            factor.fill(1)
+            return norm, factor
+        grid = partials_grid(table.total)
+        self._launch("optim", "grad_clip_factor", grid, (THREADS, 1, 1), (
+            table.table, table.offsets, table.num_tensors, self._scratch("norm_partials", grid[0], np.float64),
+            self._tickets(1), norm, factor, np.float32(max_norm)))  # fmt: skip
+        return norm, factor
 
     def _global_norm_into(self, arrays: list[Array], out: Array) -> Array:
         table = self._tensor_table("global_norm", [arrays])
