@@ -22,9 +22,9 @@ import functools
 import itertools
 import math
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,9 @@ _U = np.uint64
 #: pooling layer and its backward at batch 32 (250 Ki elements) run on two cores)
 MIN_PART = 1 << 16
 _WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-_pool: ThreadPoolExecutor | None = None
+#: one inbox per helper thread, made on first need; a job is (fn, args, context, index, done queue)
+_inboxes: list[queue.SimpleQueue] = []
+_inboxes_lock = threading.Lock()
 
 
 def part_cuts(count: int, work: int) -> list[int]:
@@ -49,24 +51,47 @@ def part_cuts(count: int, work: int) -> list[int]:
     return [count * i // parts for i in range(parts + 1)]
 
 
+def _helper(inbox: queue.SimpleQueue) -> None:
+    while True:
+        fn, args, context, index, done = inbox.get()
+        try:
+            context.run(fn, *args)
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            done.put((index, exc))
+        else:
+            done.put((index, None))
+
+
+def _helper_inboxes(count: int) -> list[queue.SimpleQueue]:
+    if len(_inboxes) < count:
+        with _inboxes_lock:
+            while len(_inboxes) < count:
+                inbox: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=_helper, args=(inbox,), name=f"gpuml-cpu-{len(_inboxes)}", daemon=True).start()
+                _inboxes.append(inbox)
+    return _inboxes[:count]
+
+
 def run_calls(calls: list[tuple[Callable[..., object], Sequence[object]]]) -> None:
     """Runs calls[0] on the calling thread and the others on helper threads; returns when all are
-    done (re-raising the first error), so no helper still writes into a buffer afterwards."""
-    global _pool
+    done (re-raising the error of the first call that failed), so no helper still writes into a
+    buffer afterwards. Helpers are plain threads blocked on their own SimpleQueue: a hand-off is
+    one put and one get (a ThreadPoolExecutor's futures cost about 25 Python calls each)."""
     if len(calls) == 1:
         calls[0][0](*calls[0][1])
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="gpuml-cpu")
+    done: queue.SimpleQueue = queue.SimpleQueue()
     # Each helper runs in a copy of the caller's context, so the caller's np.errstate (the
     # trainer silences overflow warnings: its NaN check reports) holds there too.
-    futures = [_pool.submit(contextvars.copy_context().run, fn, *a) for fn, a in calls[1:]]
+    for i, (inbox, (fn, args)) in enumerate(zip(_helper_inboxes(len(calls) - 1), calls[1:]), 1):
+        inbox.put((fn, args, contextvars.copy_context(), i, done))
     try:
         calls[0][0](*calls[0][1])
     finally:
-        wait(futures)
-    for future in futures:
-        future.result()
+        errors = sorted((done.get() for _ in range(len(calls) - 1)), key=lambda r: r[0])
+    for _, exc in errors:
+        if exc is not None:
+            raise exc
 
 
 def run_parts(loop: Callable[..., object], args: Sequence[object], sliced: Sequence[int], work: int) -> None:
