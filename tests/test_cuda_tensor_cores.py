@@ -106,3 +106,50 @@ def test_precision_bf16_before_sm80_is_an_error_naming_the_gpu(monkeypatch: pyte
     with pytest.raises(DeviceError, match=message):
         cuda.set_precision("bf16")
     assert cuda.precision == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_mlp_training_steps_tf32_bf16_match_rounded_reference(precision: str) -> None:
+    """The e2e MLP steps of test_cuda_e2e_mlp (forward, dx, dW through gemm_tc; the rest FP32)
+    against the CPU reference rounding the same operands."""
+    from tests.test_cuda_e2e_mlp import _train
+
+    cuda, cpu = _backends(precision)
+    gen = np.random.default_rng(0)
+    x = gen.random((32, 784)).astype(np.float32)
+    y = gen.integers(0, 10, 32)
+    params = [
+        (gen.standard_normal((784, 64)) * np.sqrt(2 / 784)).astype(np.float32), np.zeros(64, np.float32),
+        (gen.standard_normal((64, 10)) * np.sqrt(2 / 64)).astype(np.float32), np.zeros(10, np.float32),
+    ]  # fmt: skip
+    got_losses, got_params = _train(cuda, params, x, y, steps=5)
+    want_losses, want_params = _train(cpu, [p.astype(np.float64) for p in params], x.astype(np.float64), y, 5)
+    # FP32 differences upstream can flip an operand's rounding (one TF32/BF16 step on that element)
+    # and that compounds over 5 steps: a quarter of one rounding (seen: 5.5e-5 tf32, 1.5e-7 bf16)
+    bound = ROUNDING[precision] / 4
+    assert rel_err(got_losses, want_losses) <= bound
+    assert got_losses[-1] < got_losses[0]
+    for g, w in zip(got_params, want_params, strict=True):
+        assert rel_err(g, w) <= bound
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_trainer_tf32_bf16_graph_replay_gives_the_eager_bits(precision: str, tmp_path) -> None:
+    """precision in the config reaches the CUDA backend, and the tensor-core launches capture and
+    replay in the step graph like the FP32 ones (same bits as eager)."""
+    from gpuml.train.trainer import Trainer
+    from tests.test_cuda_graph import _config, _dataset, _same
+
+    runs = {}
+    for graph in ("on", "off"):
+        cfg = _config(graph)
+        cfg["precision"] = precision
+        logs: list[str] = []
+        t = Trainer(cfg, tmp_path / graph, log=logs.append, dataset=_dataset())
+        t.fit(progress=False)
+        assert t.backend.precision == precision and f"precision: {precision}" in logs[0]
+        # the kernels the backend fetched for its launches (DevicePlumbing._launch's memo)
+        assert any(family == "gemm_tc" for family, _ in t.backend._kernel_memo), "no tensor-core kernel ran"
+        runs[graph] = t
+    _same(runs["on"], runs["off"])
+
