@@ -194,8 +194,8 @@ struct MathBf16 {
     }
 };
 
-// The stages of one block, declared by the entry point (a __shared__ inside an inline template
-// would be a unique object that the CPU emulator cannot see as shared memory).
+// The stages of one block: the entry point declares them, so each kernel's static shared memory
+// is visible in one place (gemm_tiles.h keeps it under the 48 KiB needing no opt-in).
 template <class Tile>
 struct GemmTcShared {
     float a[Tile::STAGES][Tile::A_STAGE];
