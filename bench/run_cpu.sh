@@ -10,6 +10,7 @@
 #   OUT=bench bench/run_cpu.sh                  # write next to RESULTS.md (default OUT: bench/out-cpu)
 #   EPOCHS=3 LIMIT=20000 bench/run_cpu.sh       # more / shorter measured epochs (default 2, all images)
 #   PYTHON=.venv/bin/python bench/run_cpu.sh    # the interpreter with gpuml, torch and matplotlib
+#   QUICK=1 LIMIT=512 EPOCHS=1 bench/run_cpu.sh # a smoke run of the script (quick kernel sweep)
 # About 10 minutes on 2 idle cores (kernels about 6, training about 4); each step prints its time.
 # Fashion-MNIST is found through $GPUML_DATA (a folder holding fashion-mnist/), the user cache, or
 # downloaded.
@@ -24,6 +25,8 @@ mkdir -p "$OUT"
 status=0
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
+quick=()
+[ -n "${QUICK:-}" ] && quick=(--quick)
 
 step() {  # step NAME COMMAND...: run it, say how long it took, remember a failure
     local name="$1" t0=$SECONDS
@@ -47,7 +50,7 @@ EOF
 
 machine > "$OUT/machine-cpu.txt" || status=1
 head -2 "$OUT/machine-cpu.txt"
-step "kernels (full sweep)" "$PYTHON" -m gpuml.cli bench kernels --device cpu --json "$OUT/kernels-cpu.json" \
+step "kernels" "$PYTHON" -m gpuml.cli bench kernels --device cpu "${quick[@]}" --json "$OUT/kernels-cpu.json" \
     --markdown "$OUT/kernels-cpu.md" --plot "$OUT/kernels-cpu.png" --plot-dir "$OUT"
 step "training (mlp, cnn at batch 32 and 128)" "$PYTHON" -m gpuml.cli bench train --device cpu --models mlp,cnn \
     --batch-sizes 32,128 --epochs "$EPOCHS" "${limit[@]}" --json "$OUT/train-cpu.json" --markdown "$OUT/train-cpu.md"
