@@ -132,6 +132,7 @@ def test_the_same_error_on_every_rank_is_printed_once(tmp_path: Path, fashion_ro
     assert proc.stderr.count("gpuml: error:") == 1
 
 
+@pytest.mark.slow  # four mpiexec runs: 7 s on an idle 2-core machine, 14 s on a busy one
 def test_sigterm_on_one_rank_stops_all_and_resume_equals_uninterrupted(tmp_path: Path, fashion_root: Path) -> None:
     cfg = config(tmp_path, fashion_root, "float64")
     full, _ = mpirun(2, "train", cfg, "--out", tmp_path / "full", "--no-progress")
