@@ -1,12 +1,14 @@
 """What machine a benchmark ran on, and the hardware limits its rates are drawn against.
 
 Limits: the FP32 peak (for GEMM and convolution) and the copy bandwidth (for the bandwidth-bound
-ops). On a GPU the peak is SMs x FP32 lanes per SM x 2 x clock, from the device attributes; the
-copy bandwidth is measured in the run (a device-to-device memcpy far larger than the L2). On a
-CPU the peak is estimated as cores x clock x FLOP/cycle, assuming two FMA pipes of the widest
-vector unit the CPU flags show (AVX-512: 64 FP32 FLOP/cycle, AVX2: 32); a CPU that runs
-AVX-512 on 256-bit units (AMD Zen 4) reaches half of that, which is why the best measured BLAS
-GEMM rate is recorded next to it. The copy bandwidth is a parallel copy measured in the run.
+ops). On a GPU the datasheet peak is SMs x FP32 lanes per SM x 2 x clock, from the device
+attributes; the copy bandwidth is measured in the run (a device-to-device memcpy far larger than
+the L2). On a CPU an estimate, cores x clock x FLOP/cycle for two FMA pipes of the widest vector
+unit the flags show, is only recorded: turbo clocks put measured GEMMs above it (473-484 against
+332 GFLOP/s on one machine here) and AVX-512 on 256-bit units (AMD Zen 4) below it, so `gpuml bench
+kernels` draws its floors from the best GEMM rate it measures. The copy bandwidth is a parallel
+copy measured in the run. The machine is named by its model, vendor/family/model numbers, vector
+extensions (from /proc/cpuinfo flags) and numpy's BLAS kernel.
 """
 
 from __future__ import annotations
