@@ -11,7 +11,10 @@
 #   EPOCHS=3 LIMIT=20000 bench/run_cpu.sh       # more / shorter measured epochs (default 2, all images)
 #   PYTHON=.venv/bin/python bench/run_cpu.sh    # the interpreter with gpuml, torch and matplotlib
 #   QUICK=1 LIMIT=512 EPOCHS=1 bench/run_cpu.sh # a smoke run of the script (quick kernel sweep)
-# About 10 minutes on 2 idle cores (kernels about 6, training about 4); each step prints its time.
+# Each step prints its time. Expected on 2 idle cores: 6-8 minutes (kernel sweep about 3: the 215 s
+# sweep of 819ab29 less its 64 s of 8192^3 GEMMs; training about 3-4). Measured on a 2-core Xeon
+# shared with 4-5 busy processes (copy bandwidth 8 GB/s instead of about 45): kernels 375 s; the
+# smoke run (QUICK=1 LIMIT=512 EPOCHS=1) 17 s + 49 s.
 # Fashion-MNIST is found through $GPUML_DATA (a folder holding fashion-mnist/), the user cache, or
 # downloaded.
 set -uo pipefail
