@@ -92,7 +92,7 @@ def test_a_wrong_result_fails_its_row(family: str, monkeypatch: pytest.MonkeyPat
     off by one part in 1e3): every anchor's check of the row says MISMATCH and problems() says it."""
     from gpuml.backend.cpu import CpuBackend
     from gpuml.benchmark import hardware
-    from gpuml.benchmark import kernel_cases as kc
+    from gpuml.benchmark import memory_cases as kc
     from gpuml.benchmark.kernels import Env, problems, run_case
 
     if family == "adam":
