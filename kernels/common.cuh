@@ -115,7 +115,10 @@ __device__ __forceinline__ bool gpuml_last_block(unsigned int* counter, unsigned
     if (threadIdx.x == 0) {
         const unsigned int ticket = atomicAdd(counter, 1u);
         *is_last = ticket == count - 1u;
-        if (*is_last) *counter = 0u;
+        if (*is_last) {
+            *counter = 0u;
+            __threadfence();  // acquire side: the others' partials are read after the ticket
+        }
     }
     __syncthreads();
     return *is_last != 0;
