@@ -31,9 +31,10 @@
 //                               K % 4 == 0 and logits, dlogits are 16-byte aligned.
 //   Both take row_loss float (B,), row_correct int (B,) scratch, loss (1,), acc (2,) (read
 //   only with accumulate != 0) and a zeroed unsigned ticket counter.
-//   count_correct_rows          8 warps per block, warp per row, rows grid-strided; writes one
-//                               int per block (rows whose first argmax equals the label).
-//   count_correct_final         one block of 256 threads: out[0] = (float) sum of block counts.
+//   count_correct               8 warps per block, warp per row, rows grid-strided; each block
+//                               writes its count of rows whose first argmax equals the label
+//                               to block_counts, the last block (ticket) writes out[0] =
+//                               (float) their sum. One launch.
 // Precision: float32 with accurate expf / logf (no fast-math).
 #include "common.cuh"
 
@@ -75,7 +76,7 @@ __device__ __forceinline__ OnlineSoftmax warp_merge(OnlineSoftmax v) {
 }
 
 // First argmax of a row: a thread keeps its first maximum (strict >, the first element always
-// taken), partners merge by (larger value, then smaller index). count_correct_rows' rule.
+// taken), partners merge by (larger value, then smaller index). count_correct's rule.
 struct ArgMax {
     float best;
     int k;  // K (larger than any index) while the thread has seen nothing
@@ -296,44 +297,26 @@ extern "C" __global__ void __launch_bounds__(XENT_THREADS)
 // Accuracy: rows whose first argmax equals the label. Integer sums are exact in any order.
 
 extern "C" __global__ void __launch_bounds__(XENT_THREADS)
-    count_correct_rows(const float* __restrict__ logits, const int* __restrict__ labels, int B, int K,
-                       int* __restrict__ block_counts) {
+    count_correct(const float* __restrict__ logits, const int* __restrict__ labels, int B, int K,
+                  int* __restrict__ block_counts, unsigned int* __restrict__ ticket, float* __restrict__ out) {
     __shared__ int scratch[XENT_THREADS / 32];
+    __shared__ int last_flag;
     const int lane = threadIdx.x & 31;
     const int warps_per_block = XENT_THREADS / 32;
     int correct = 0;
     for (int row = blockIdx.x * warps_per_block + (threadIdx.x >> 5); row < B;
          row += gridDim.x * warps_per_block) {
         const float* x = logits + (gpuml_i64)row * K;
-        float best = GPUML_NEG_INF;
-        int best_k = K;  // sentinel: larger than any index
-        for (int k = lane; k < K; k += 32) {
-            const float v = x[k];
-            if (v > best || best_k == K) {  // strict: a lane keeps its first maximum
-                best = v;
-                best_k = k;
-            }
-        }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            const float other = __shfl_xor_sync(GPUML_FULL_MASK, best, offset);
-            const int other_k = __shfl_xor_sync(GPUML_FULL_MASK, best_k, offset);
-            if (other > best || (other == best && other_k < best_k)) {
-                best = other;
-                best_k = other_k;
-            }
-        }
-        if (lane == 0 && best_k == labels[row]) ++correct;
+        ArgMax best = {GPUML_NEG_INF, K};
+        for (int k = lane; k < K; k += 32) argmax_add(best, x[k], k, K);
+        best = argmax_warp(best);
+        if (lane == 0 && best.k == labels[row]) ++correct;
     }
     correct = gpuml_block_sum(correct, scratch);
     if (threadIdx.x == 0) block_counts[blockIdx.x] = correct;
-}
-
-extern "C" __global__ void __launch_bounds__(XENT_THREADS)
-    count_correct_final(const int* __restrict__ block_counts, int num_blocks, float* __restrict__ out) {
-    __shared__ int scratch[XENT_THREADS / 32];
-    int acc = 0;
-    for (int i = threadIdx.x; i < num_blocks; i += XENT_THREADS) acc += block_counts[i];
-    acc = gpuml_block_sum(acc, scratch);
-    if (threadIdx.x == 0) out[0] = (float)acc;
+    if (!gpuml_last_block(ticket, gridDim.x, &last_flag)) return;
+    int total = 0;  // integers: exact in any order
+    for (int b = threadIdx.x; b < (int)gridDim.x; b += XENT_THREADS) total += __ldcg(block_counts + b);
+    total = gpuml_block_sum(total, scratch);
+    if (threadIdx.x == 0) out[0] = (float)total;
 }

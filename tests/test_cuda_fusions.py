@@ -270,3 +270,17 @@ def test_clip_factor_read_inside_the_optimizer_kernel(opt: str, max_norm: float)
     assert rel_err(norm, want_norm) <= 1e-6
     for a, b in zip(fused_p, want_p, strict=True):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("B,K", [(1, 3), (1000, 10), (77, 1500)])
+def test_count_correct_in_one_launch(B: int, K: int) -> None:
+    """The per-block counts added by the last block: one launch over many blocks (1000 rows:
+    125 blocks), the CPU backend's count (first max on ties)."""
+    cuda, cpu = backends()
+    gen = np.random.default_rng(B)
+    logits = np.round(_rand(gen, B, K), 1)  # rounded: ties happen
+    labels = gen.integers(0, K, B).astype(np.int32)
+    before = cuda.launch_count
+    got = cuda.count_correct(cuda.asarray(logits), cuda.asarray(labels), out=nan_filled(cuda, ()))
+    assert cuda.launch_count - before == 1
+    assert float(cuda.to_numpy(got)) == float(cpu.count_correct(logits.astype(np.float64), labels))

@@ -314,9 +314,8 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
             fail(op, f"logits {logits.shape} need 1 to 2^31 - 1 classes and rows")
         grid = plan.count_correct_grid(B)
         counts = self._scratch("correct_counts", grid[0], np.int32)
-        self._launch("softmax_xent", "count_correct_rows", grid, BLOCK,
-                     (logits, labels, np.int32(B), np.int32(K), counts))
-        self._launch("softmax_xent", "count_correct_final", (1, 1, 1), BLOCK, (counts, np.int32(grid[0]), out))
+        self._launch("softmax_xent", "count_correct", grid, BLOCK,
+                     (logits, labels, np.int32(B), np.int32(K), counts, self._tickets(1), out))
         return out
 
     # ------------------------------------------------------------------ elementwise
