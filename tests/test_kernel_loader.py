@@ -35,9 +35,14 @@ def test_resolve_includes_is_recursive_and_skips_comments(tmp_path: Path) -> Non
 
 
 def test_real_kernels_include_common() -> None:
-    for name in ("gemm", "softmax_xent", "elementwise", "optim"):
+    for name in ("softmax_xent", "elementwise", "optim"):
         found = k.resolve_includes(k.kernel_source_path(name), [kernel_dir()])
         assert [p.name for p in found] == ["common.cuh"]
+    # the GEMMs reach common.cuh through the shared epilogue (and the tensor-core core), depth first
+    found = k.resolve_includes(k.kernel_source_path("gemm"), [kernel_dir()])
+    assert [p.name for p in found] == ["gemm_epilogue.cuh", "common.cuh"]
+    found = k.resolve_includes(k.kernel_source_path("gemm_tc"), [kernel_dir()])
+    assert [p.name for p in found] == ["gemm_core.cuh", "gemm_epilogue.cuh", "common.cuh", "mma.cuh", "gemm_tiles.h"]
 
 
 def test_cache_key_and_prepared_source_change_with_a_header(tmp_path: Path) -> None:
