@@ -22,8 +22,9 @@
 // Both accumulate in FP32. The stage is FP32 in both: the BF16 products read FP32 operands and
 // round them, which gives the same values as BF16 copies in memory (rounding once either way).
 //
-// Launch: grid (ceil(N / BN), ceil(M / BM)), block 32 * WARPS_M * WARPS_N, no dynamic shared
-// memory, sm_80 or newer. Limits as gemm.cu: M, N, K < 2^31, 64-bit offsets.
+// Launch: grid (ceil(N / BN), ceil(M / BM), splits), block 32 * WARPS_M * WARPS_N, no dynamic
+// shared memory, sm_80 or newer (split-K: see gemm_core_tile). Limits as gemm.cu: M, N, K < 2^31,
+// 64-bit offsets.
 #pragma once
 #include "gemm_epilogue.cuh"
 #include "mma.cuh"
@@ -72,20 +73,23 @@ struct DenseGather {
     const float* A;
     const float* B;
     int M, N, K, lda, ldb, m0, n0;
+    int k_end;  // this block's K slice ends here (split-K): later k read as zero
     bool a16, b16;
 
-    __device__ __forceinline__ DenseGather(const float* A_, const float* B_, int M_, int N_, int K_, int m0_, int n0_)
-        : A(A_), B(B_), M(M_), N(N_), K(K_), lda(TRANS_A ? M_ : K_), ldb(TRANS_B ? K_ : N_), m0(m0_), n0(n0_) {
+    __device__ __forceinline__ DenseGather(const float* A_, const float* B_, int M_, int N_, int K_, int m0_, int n0_,
+                                           int k_end_)
+        : A(A_), B(B_), M(M_), N(N_), K(K_), lda(TRANS_A ? M_ : K_), ldb(TRANS_B ? K_ : N_), m0(m0_), n0(n0_),
+          k_end(k_end_) {
         a16 = lda % 4 == 0 && ((unsigned long long)A & 15) == 0;
         b16 = ldb % 4 == 0 && ((unsigned long long)B & 15) == 0;
     }
 
     // Issues the copies of K step [k0, k0 + BK) into one stage (not committed).
     __device__ __forceinline__ void load(float* sA, float* sB, int k0) const {
-        if (A_MK) gemm_core_stage_rows<Tile, Tile::BM, Tile::BK>(sA, A, M, K, lda, m0, k0, a16);
-        else gemm_core_stage_rows<Tile, Tile::BK, Tile::BM>(sA, A, K, M, lda, k0, m0, a16);
-        if (B_NK) gemm_core_stage_rows<Tile, Tile::BN, Tile::BK>(sB, B, N, K, ldb, n0, k0, b16);
-        else gemm_core_stage_rows<Tile, Tile::BK, Tile::BN>(sB, B, K, N, ldb, k0, n0, b16);
+        if (A_MK) gemm_core_stage_rows<Tile, Tile::BM, Tile::BK>(sA, A, M, k_end, lda, m0, k0, a16);
+        else gemm_core_stage_rows<Tile, Tile::BK, Tile::BM>(sA, A, k_end, M, lda, k0, m0, a16);
+        if (B_NK) gemm_core_stage_rows<Tile, Tile::BN, Tile::BK>(sB, B, N, k_end, ldb, n0, k0, b16);
+        else gemm_core_stage_rows<Tile, Tile::BK, Tile::BN>(sB, B, k_end, N, ldb, k0, n0, b16);
     }
 };
 
@@ -200,19 +204,30 @@ template <class Tile>
 struct GemmTcShared {
     float a[Tile::STAGES][Tile::A_STAGE];
     float b[Tile::STAGES][Tile::B_STAGE];
+    int last_flag;  // gpuml_last_block's answer (split-K)
 };
 
 // The mainloop and epilogue of one block tile. `flags`, bias, mask, col_sums: gemm_epilogue.cuh.
+//
+// Split-K (gridDim.z = splits > 1): block z covers K slice [k_begin, gather.k_end) and writes its
+// raw product to work + z * M * N (its column sums to work + splits * M * N + z * N); the last of
+// a tile's blocks to finish (gpuml_last_block on counters[tile], tile = blockIdx.y * gridDim.x +
+// blockIdx.x) adds the slices in the order z = 0, 1, ... and applies the epilogue: deterministic,
+// as gemm.cu's tile32x64. With splits = 1, work and counters are not touched.
 template <class Gather, class Math>
-__device__ __forceinline__ void gemm_core_tile(GemmTcShared<typename Gather::Tile>& smem, const Gather& gather, float* C, const float* bias,
-                                               const float* mask, float* col_sums, const float* B, int M, int N,
-                                               int K, int flags) {
+__device__ __forceinline__ void gemm_core_tile(GemmTcShared<typename Gather::Tile>& smem, const Gather& gather,
+                                               float* C, const float* bias, const float* mask, float* col_sums,
+                                               float* work, unsigned int* counters, int k_begin, int flags) {
     using Tile = typename Gather::Tile;
     auto& sA = smem.a;
     auto& sB = smem.b;
-    const int m0 = gather.m0, n0 = gather.n0;
+    const int m0 = gather.m0, n0 = gather.n0, M = gather.M, N = gather.N;
+    const int splits = gridDim.z;
+    const gpuml_i64 MN = (gpuml_i64)M * N;
     if ((flags & GEMM_COL_SUMS) && blockIdx.y == 0)  // sA[0] doubles as the scratch: not loaded yet
-        gemm_col_sums<Gather::B_NK, Tile::BN, Tile::THREADS>(B, N, gather.ldb, n0, 0, K, col_sums, sA[0]);
+        gemm_col_sums<Gather::B_NK, Tile::BN, Tile::THREADS>(
+            gather.B, N, gather.ldb, n0, k_begin, gather.k_end,
+            splits > 1 ? work + splits * MN + (gpuml_i64)blockIdx.z * N : col_sums, sA[0]);
 
     const int warp = threadIdx.x / 32;
     const int wm = (warp / Tile::WARPS_N) * Tile::WM, wn = (warp % Tile::WARPS_N) * Tile::WN;
@@ -227,17 +242,17 @@ __device__ __forceinline__ void gemm_core_tile(GemmTcShared<typename Gather::Til
     // Pipeline: STAGES - 1 steps in flight. Every iteration commits one group (empty past the
     // end), so wait<STAGES - 2> always means "step kt has landed"; the barrier after it makes all
     // threads' copies visible and frees the stage computed in the previous iteration for reuse.
-    const int steps = (K + Tile::BK - 1) / Tile::BK;
+    const int steps = (gather.k_end - k_begin + Tile::BK - 1) / Tile::BK;
 #pragma unroll
     for (int s = 0; s < Tile::STAGES - 1; ++s) {
-        if (s < steps) gather.load(sA[s], sB[s], s * Tile::BK);
+        if (s < steps) gather.load(sA[s], sB[s], k_begin + s * Tile::BK);
         gpuml_cp_async_commit();
     }
     for (int kt = 0; kt < steps; ++kt) {
         gpuml_cp_async_wait<Tile::STAGES - 2>();
         __syncthreads();
         const int next = kt + Tile::STAGES - 1;
-        if (next < steps) gather.load(sA[next % Tile::STAGES], sB[next % Tile::STAGES], next * Tile::BK);
+        if (next < steps) gather.load(sA[next % Tile::STAGES], sB[next % Tile::STAGES], k_begin + next * Tile::BK);
         gpuml_cp_async_commit();
         const float* a = sA[kt % Tile::STAGES];
         const float* b = sB[kt % Tile::STAGES];
@@ -248,6 +263,7 @@ __device__ __forceinline__ void gemm_core_tile(GemmTcShared<typename Gather::Til
     gpuml_cp_async_wait<0>();  // no copy may outlive the block (the last groups are empty)
 
     const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    float* partial = work + (gpuml_i64)blockIdx.z * MN;
 #pragma unroll
     for (int mi = 0; mi < Tile::MI; ++mi)
 #pragma unroll
@@ -258,7 +274,35 @@ __device__ __forceinline__ void gemm_core_tile(GemmTcShared<typename Gather::Til
                 const int col = n0 + wn + ni * 8 + 2 * t + (i & 1);
                 if (row < M && col < N) {
                     const gpuml_i64 idx = (gpuml_i64)row * N + col;
-                    C[idx] = gemm_epilogue(acc[mi][ni][i], C, bias, mask, idx, col, flags);
+                    if (splits > 1) partial[idx] = acc[mi][ni][i];
+                    else C[idx] = gemm_epilogue(acc[mi][ni][i], C, bias, mask, idx, col, flags);
                 }
             }
+    if (splits == 1 ||
+        !gpuml_last_block(counters + blockIdx.y * gridDim.x + blockIdx.x, (unsigned int)splits, &smem.last_flag))
+        return;
+    // The tile's last block: C = epilogue(sum of the slices, z = 0, 1, ...).
+#pragma unroll
+    for (int mi = 0; mi < Tile::MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < Tile::NI; ++ni)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = m0 + wm + mi * 16 + g + 8 * (i >> 1);
+                const int col = n0 + wn + ni * 8 + 2 * t + (i & 1);
+                if (row < M && col < N) {
+                    const gpuml_i64 idx = (gpuml_i64)row * N + col;
+                    float v = 0.0f;
+                    for (int z = 0; z < splits; ++z) v += __ldcg(work + z * MN + idx);
+                    C[idx] = gemm_epilogue(v, C, bias, mask, idx, col, flags);
+                }
+            }
+    if ((flags & GEMM_COL_SUMS) && blockIdx.y == 0) {
+        for (int c = threadIdx.x; c < Tile::BN && n0 + c < N; c += Tile::THREADS) {
+            const float* slices = work + splits * MN + n0 + c;
+            float v = 0.0f;
+            for (int z = 0; z < splits; ++z) v += __ldcg(slices + (gpuml_i64)z * N);
+            col_sums[n0 + c] = v;
+        }
+    }
 }

@@ -6,8 +6,10 @@
 //
 // Entry points gemm_tc_<ab>_<tf32|bf16>_<large|small>, <ab> in {nn, nt, tn, tt} as in gemm.cu,
 // the last part the row of gemm_tiles.h.
-// Launch: grid (ceil(N / BN), ceil(M / BM)), block 32 * WARPS_M * WARPS_N of that row, no dynamic
-// shared memory; sm_80 or newer (the launcher checks). Any shape and alignment: the copies fall
+// Launch: grid (ceil(N / BN), ceil(M / BM), splits), block 32 * WARPS_M * WARPS_N of that row, no
+// dynamic shared memory; sm_80 or newer (the launcher checks). k_per_split is a multiple of BK
+// with splits * k_per_split >= K (splits = 1: k_per_split >= K). With splits > 1 (gemm_core.cuh's
+// split-K), work holds splits * (M*N + N) floats and counters, one per output tile, are 0. Any shape and alignment: the copies fall
 // back to 4 bytes where 16 would be misaligned.
 #include "gemm_core.cuh"
 #include "gemm_tiles.h"
@@ -20,14 +22,17 @@ typedef TcTile<GEMM_TC_SMALL_BM, GEMM_TC_SMALL_BN, GEMM_TC_SMALL_BK, GEMM_TC_SMA
     TcSmall;
 
 #define GEMM_TC_ENTRY_POINT(AB, TRANS_A, TRANS_B, PREC, MATH, TILE, TILE_NAME)                          \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS)                                        \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, 1)                                      \
         gemm_tc_##AB##_##PREC##_##TILE_NAME(const float* A, const float* B, float* C, const float* bias, \
-                                            const float* mask, float* col_sums, int M, int N, int K,   \
+                                            const float* mask, float* col_sums, float* work,           \
+                                            unsigned int* counters, int M, int N, int K, int k_per_split, \
                                             int flags) {                                               \
         __shared__ __align__(16) GemmTcShared<TILE> smem;                                              \
         typedef DenseGather<TILE, TRANS_A, TRANS_B> Gather;                                            \
-        const Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN);              \
-        gemm_core_tile<Gather, MATH>(smem, gather, C, bias, mask, col_sums, B, M, N, K, flags);        \
+        const int k_begin = blockIdx.z * k_per_split;                                                  \
+        const Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN,               \
+                            min(K, k_begin + k_per_split));                                            \
+        gemm_core_tile<Gather, MATH>(smem, gather, C, bias, mask, col_sums, work, counters, k_begin, flags); \
     }
 
 #define GEMM_TC_ENTRY_POINTS(PREC, MATH)                                     \

@@ -19,9 +19,11 @@ pytestmark = GPU
 
 #: relative size of one operand rounding: half an ulp of the format's 10 / 7 mantissa bits
 ROUNDING = {"tf32": 2.0**-11, "bf16": 2.0**-8}
-#: the small tile (gemm_tiles.h; 3 stages) for all but the last, whose 11 x 12 grid of 128 x 128
-#: tiles takes the large one (2 stages)
-SHAPES = [(130, 70, 50), (64, 136, 40), (1, 9, 3), (129, 33, 0), (1290, 1500, 20)]
+#: the small tile (gemm_tiles.h; 3 stages) for all but the last two: (40, 70, 600) splits K in 4
+#: (the last block of each tile adds the slices), and an 11 x 12 grid of 128 x 128 tiles takes
+#: the large tile (2 stages)
+SHAPES = [(130, 70, 50), (64, 136, 40), (1, 9, 3), (129, 33, 0), (40, 70, 600),
+          pytest.param(1290, 1500, 20, marks=pytest.mark.slow)]  # 3-4 s each on the emulator
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 
 
@@ -69,13 +71,16 @@ def test_matmul_bf16_matches_rounded_reference(M: int, N: int, K: int, trans_a: 
     _matmul_case("bf16", M, N, K, trans_a, trans_b)
 
 
+@pytest.mark.parametrize("M,N,K", [(70, 130, 36), (20, 130, 300)], ids=["one-slice", "split-k"])
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_matmul_tf32_bf16_fused_epilogues(precision: str) -> None:
+def test_matmul_tf32_bf16_fused_epilogues(precision: str, M: int, N: int, K: int) -> None:
     """accumulate, relu_mask (ReLU backward into dx) and col_sums (bias gradient next to dW), the
-    sums in FP32 from the unrounded operand as gemm.cu computes them."""
+    sums in FP32 from the unrounded operand as gemm.cu computes them; with split-K too."""
+    from gpuml.backend.cuda import launch
+
+    assert (launch.gemm_tc_plan(M, N, K, True, False, precision).splits > 1) == (K == 300)
     cuda, cpu = _backends(precision)
     gen = np.random.default_rng(3)
-    M, N, K = 70, 130, 36
     x, dy, c0, mask = _rand(gen, K, M), _rand(gen, K, N), _rand(gen, M, N), _rand(gen, M, N)
     out = cuda.asarray(c0)
     cuda.matmul(cuda.asarray(x), cuda.asarray(dy), trans_a=True, accumulate=True, out=out)

@@ -53,12 +53,15 @@ def test_precision_config_key() -> None:
     assert "\n" not in str(exc.value)
 
 
-def test_fit_with_precision_bf16_trains_on_the_cpu(capsys: pytest.CaptureFixture) -> None:
+def test_fit_with_precision_bf16_trains_on_the_cpu(capsys: pytest.CaptureFixture, tmp_path) -> None:
     x, y = synthetic(64)
     model = gpuml.Sequential([layers.Flatten(), layers.Dense(16, activation="relu"), layers.Dense(4)])
     model.compile(optimizer="adam")
-    history = model.fit(x, y.astype(np.uint8), epochs=1, batch_size=32, device="cpu", precision="bf16", verbose=2)
+    history = model.fit(x, y.astype(np.uint8), epochs=1, batch_size=32, device="cpu", precision="bf16", verbose=2,
+                        run_dir=tmp_path / "run")
     assert np.isfinite(history.history["loss"]).all()
+    loaded = gpuml.load_model(tmp_path / "run", device="cpu")  # predicts as the run trained
+    assert loaded.backend.precision == "bf16"
     captured = capsys.readouterr()
     assert "precision: bf16" in captured.err + captured.out  # the first log line says so
     with pytest.raises(ConfigError, match="precision"):
@@ -73,7 +76,9 @@ def test_tensor_core_tile_comes_from_the_shared_table() -> None:
     assert list(tiles) == ["large", "small"] and tiles["large"]["BM"] == 128
     big = launch.gemm_tc_plan(4096, 4096, 4096, False, False, "tf32")
     assert big.kernel == "gemm_tc_nn_tf32_large" and big.grid == (32, 32, 1) and big.block == (256, 1, 1)
-    small = launch.gemm_tc_plan(32, 1024, 784, False, True, "bf16")
-    assert small.kernel == "gemm_tc_nt_bf16_small" and small.grid == (16, 1, 1) and small.block == (128, 1, 1)
+    small = launch.gemm_tc_plan(32, 1024, 784, False, True, "bf16")  # batch-32 Dense: 16 tiles, split K
+    assert small.kernel == "gemm_tc_nt_bf16_small" and small.grid == (16, 1, 6) and small.block == (128, 1, 1)
+    assert small.k_per_split % tiles["small"]["BK"] == 0 and small.splits * small.k_per_split >= 784
+    assert small.workspace_elems == 6 * 32 * 1024 and small.tiles == 16
     with pytest.raises(ValueError, match="precision"):
         launch.gemm_tc_plan(8, 8, 8, False, False, "fp32")

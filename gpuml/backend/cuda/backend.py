@@ -187,14 +187,13 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         epilogue = (out if bias is None else bias, out if relu_mask is None else relu_mask,
                     out if col_sums is None else col_sums)
         dims = (np.int32(M), np.int32(N), np.int32(K))
+        family = "gemm"
         if self.precision != "fp32":  # tensor cores (kernels/gemm_tc.cu): any M, including 0
-            tkey = (M, N, K, bool(trans_a), bool(trans_b), self.precision)
-            tp = self._gemm_plans.get(tkey)
-            if tp is None:
-                tp = self._gemm_plans[tkey] = plan.gemm_tc_plan(M, N, K, trans_a, trans_b, self.precision)
-            self._launch("gemm_tc", tp.kernel, tp.grid, tp.block, (a, b, out, *epilogue, *dims, np.int32(flags)))
-            return out
-        if M == 0:  # only the column sums: one 32-row tile
+            family, tkey = "gemm_tc", (M, N, K, bool(trans_a), bool(trans_b), self.precision)
+            gp = self._gemm_plans.get(tkey)
+            if gp is None:
+                gp = self._gemm_plans[tkey] = plan.gemm_tc_plan(M, N, K, trans_a, trans_b, self.precision)
+        elif M == 0:  # only the column sums: one 32-row tile
             gp = plan.gemm_plan(1, N, K, trans_a, trans_b, False)
         if not gp.small:
             self._launch("gemm", gp.kernel, gp.grid, gp.block, (a, b, out, *epilogue, *dims, np.int32(flags)))
@@ -205,7 +204,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         else:
             work, tickets = out, self._tickets(1)
         self._launch(
-            "gemm", gp.kernel, gp.grid, gp.block,
+            family, gp.kernel, gp.grid, gp.block,
             (a, b, out, *epilogue, work, tickets, *dims, np.int32(gp.k_per_split), np.int32(flags)),
         )  # fmt: skip
         return out

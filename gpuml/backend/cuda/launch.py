@@ -62,11 +62,22 @@ class GemmPlan:
     kernel: str  # entry point in kernels/gemm.cu
     grid: Grid
     block: Grid
-    small: bool  # the 32x64 kernel (takes work and k_per_split)
+    small: bool  # takes work and k_per_split: the 32x64 kernel and every gemm_tc kernel (split-K)
     splits: int
     k_per_split: int
     workspace_elems: int  # splits * M * N when splits > 1, else 0 (+ splits * N for column sums)
     tiles: int  # output tiles of the grid: the split-K ticket counters (gemm.cu)
+
+
+def split_k(blocks: int, K: int, k_step: int) -> tuple[int, int]:
+    """(splits, k_per_split) for a grid of `blocks` output tiles: split K until about
+    SPLITK_TARGET_BLOCKS blocks, each slice at least SPLITK_MIN_K deep and a multiple of k_step,
+    at most SPLITK_MAX slices; (1, >= K) when the grid is big enough or K too short."""
+    splits = 1
+    if blocks < SPLITK_TARGET_BLOCKS and K >= 2 * SPLITK_MIN_K:
+        splits = min(ceil_div(SPLITK_TARGET_BLOCKS, blocks), K // SPLITK_MIN_K, SPLITK_MAX)
+    k_per_split = ceil_div(ceil_div(max(K, 1), splits), k_step) * k_step
+    return ceil_div(max(K, 1), k_per_split), k_per_split  # rounding the slice up can leave one empty
 
 
 def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) -> GemmPlan:
@@ -89,11 +100,7 @@ def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) 
     gx, gy = ceil_div(N, SMALL_TILE_N), ceil_div(M, SMALL_TILE_M)
     if gy > MAX_GRID_YZ:  # unreachable in practice: fewer than 128 big tiles means M < 2^21
         raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
-    splits = 1
-    if gx * gy < SPLITK_TARGET_BLOCKS and K >= 2 * SPLITK_MIN_K:
-        splits = min(ceil_div(SPLITK_TARGET_BLOCKS, gx * gy), K // SPLITK_MIN_K, SPLITK_MAX)
-    k_per_split = ceil_div(ceil_div(max(K, 1), splits), SMALL_TILE_K) * SMALL_TILE_K
-    splits = ceil_div(max(K, 1), k_per_split)  # rounding up the slice can leave one empty
+    splits, k_per_split = split_k(gx * gy, K, SMALL_TILE_K)
     workspace = splits * M * N if splits > 1 else 0
     return GemmPlan(
         kernel=f"gemm_{ab}_tile32x64",
@@ -132,7 +139,7 @@ def tc_tiles() -> dict[str, dict[str, int]]:
 def gemm_tc_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, precision: str) -> GemmPlan:
     """The tensor-core kernel (kernels/gemm_tc.cu) for op(A) (M x K) @ op(B) (K x N) in `precision`
     (tf32 or bf16): the first tile of gemm_tiles.h whose grid has MIN_BLOCKS blocks (else the
-    last), one block per output tile, no split-K yet."""
+    last), then split-K by the FP32 small tile's rule (split_k) when that grid is still small."""
     if precision not in TENSOR_CORE_PRECISIONS:
         raise ValueError(f"gemm_tc_plan: precision must be one of {TENSOR_CORE_PRECISIONS}, got {precision!r}")
     for name, v in (("M", M), ("N", N), ("K", K)):
@@ -143,13 +150,14 @@ def gemm_tc_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, precision
 
     rows = list(tc_tiles().items())
     tile, t = next(((n, t) for n, t in rows if math.prod(grid_of(t)) >= t["MIN_BLOCKS"]), rows[-1])
-    grid = grid_of(t)
-    if grid[1] > MAX_GRID_YZ:
+    gx, gy, _ = grid_of(t)
+    if gy > MAX_GRID_YZ:
         raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
+    splits, k_per_split = split_k(gx * gy, K, t["BK"])
     ab = ("t" if trans_a else "n") + ("t" if trans_b else "n")
     threads = 32 * t["WARPS_M"] * t["WARPS_N"]
-    return GemmPlan(f"gemm_tc_{ab}_{precision}_{tile}", grid, (threads, 1, 1), False, 1, max(K, 1), 0,
-                    grid[0] * grid[1])
+    return GemmPlan(f"gemm_tc_{ab}_{precision}_{tile}", (gx, gy, splits), (threads, 1, 1), True, splits,
+                    k_per_split, splits * M * N if splits > 1 else 0, gx * gy)
 
 
 @dataclass(frozen=True)
