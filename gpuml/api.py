@@ -301,8 +301,9 @@ def load_model(path: str | Path, device: str = "auto") -> Sequential:
     model = Sequential([make_layer(spec) for spec in cfg["model"]["layers"]])
     init = dict(cfg["model"])
     cfg["model"].update(init_from=None, init_skip=[])  # the saved weights replace them
-    build_model(cfg, get_backend(cfg["device"], dtype=cfg["dtype"]), tuple(info["input_shape"]),
-                str(folder / "config.yaml"), model=model)
+    backend = get_backend(cfg["device"], dtype=cfg["dtype"])
+    backend.set_precision(cfg["precision"])  # the saved run's precision, as it trained
+    build_model(cfg, backend, tuple(info["input_shape"]), str(folder / "config.yaml"), model=model)
     model.init_from, model.init_skip = init["init_from"], init["init_skip"]
     model.load_state_dict(read_weights(folder), source=str(folder))  # weights.npz, else the last checkpoint
     model._optimizer, model._loss, model._compiled = cfg["optimizer"], cfg["loss"], True

@@ -282,6 +282,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     weights = _load_weights(args.run_dir, args.checkpoint)
     info = read_run_info(args.run_dir)
     backend = get_backend(cfg["device"], dtype=cfg["dtype"])
+    backend.set_precision(cfg["precision"])  # predict as the run trained and evaluated
     model = build_model(cfg, backend, tuple(info["input_shape"]), str(cfg_path))
     model.load_state_dict(weights, source=args.checkpoint)
     probs = predict_file(model, backend, info, args.input, args.out, args.batch_size)
