@@ -19,11 +19,11 @@ from gpuml.backend import augment
 from gpuml.backend.base import ACTIVATIONS, Backend, Pair, host_int
 from gpuml.backend.cpu import conv as cpu_conv
 from gpuml.backend.cpu import loops
-from gpuml.backend.cpu.precision import round_operand
 from gpuml.backend.cpu.checks import Checks, fail, first_outside
 from gpuml.backend.cpu.losses import LossOps
 from gpuml.backend.cpu.optim import OptimizerSteps
 from gpuml.backend.cpu.pool import PoolingOps
+from gpuml.backend.cpu.precision import round_operand
 
 _ACT_BWD = {"relu": loops.relu_bwd, "tanh": loops.tanh_bwd, "sigmoid": loops.sigmoid_bwd}
 
