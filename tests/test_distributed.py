@@ -191,3 +191,27 @@ def test_nccl_allreduce_imports_without_cupy_and_calls_nccl_in_place(monkeypatch
     reduce = nccl_mod.NcclAllreduce(World(), buf)
     reduce(buf)
     assert calls == [("init", 2, ("uid-of-rank-0",), 1), ("allReduce", 0xBEEF, 0xBEEF, 22, 7, 0, 1234)]
+
+
+def test_a_rank_other_than_0_writes_no_checkpoint_but_counts_it_as_saved(tmp_path: Path, fashion_root: Path) -> None:
+    """checkpoint_every.minutes is agreed over the ranks (any rank due: all save); a rank that
+    skipped the write but not the clock stayed due for ever, and every step was a checkpoint."""
+    import time
+
+    from gpuml.distributed import World
+    from gpuml.train.config import load_config
+    from gpuml.train.trainer import Trainer
+    from tests.test_trainer import tiny_config
+
+    class Rank1(World):
+        rank = 1
+
+    cfg = load_config(tiny_config(tmp_path, fashion_root))
+    trainer = Trainer(cfg, tmp_path / "run", log=lambda msg: None)
+    trainer.dist = Rank1()
+    trainer.cfg["trainer"]["checkpoint_every"] = {"steps": None, "minutes": 1.0}
+    trainer._last_save_t = time.perf_counter() - 120.0  # two minutes since the last one
+    assert trainer._checkpoint_due()
+    trainer.save_checkpoint()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not trainer._checkpoint_due()

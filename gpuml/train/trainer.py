@@ -179,7 +179,8 @@ class Trainer:
     def save_checkpoint(self, best: bool = False) -> Path:
         """The rolling step checkpoint, and best.npz too when `best` (one host copy for both)."""
         folder = self.run_dir / "checkpoints"
-        if not self.dist.is_root:
+        if not self.dist.is_root:  # rank 0 writes; the clock of checkpoint_every.minutes restarts on all
+            self._last_save_t = time.perf_counter()
             return ckpt.step_path(folder, self.global_step)
         state = (self.model.state_dict(), self.optimizer.state_dict(), self._meta())
         path = ckpt.save(ckpt.step_path(folder, self.global_step), *state)
