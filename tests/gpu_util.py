@@ -65,3 +65,14 @@ def rel_err(out: Any, ref: Any) -> float:
 def nan_filled(cuda: Any, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
     """An output buffer full of NaN, so an element the kernel forgets shows up."""
     return cuda.asarray(np.full(shape, np.nan, dtype=dtype))
+
+
+def rand_f32(gen: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    """Standard-normal float32 test data of `shape`, times `scale`."""
+    return (gen.standard_normal(shape) * scale).astype(np.float32)
+
+
+def on_both(x: np.ndarray) -> tuple[Any, Any]:
+    """`x` on the CUDA backend (float32) and on the CPU reference (float64)."""
+    cuda, cpu = backends()
+    return cuda.asarray(x), cpu.asarray(x.astype(np.float64))

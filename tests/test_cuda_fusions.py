@@ -10,18 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.gpu_util import GPU, backends, gemm_tol, nan_filled, rel_err
+from tests.gpu_util import GPU, backends, gemm_tol, nan_filled, on_both, rand_f32, rel_err
 
 pytestmark = GPU
 
 
-def _rand(gen: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (gen.standard_normal(shape) * scale).astype(np.float32)
-
-
-def _both(x: np.ndarray):
-    cuda, cpu = backends()
-    return cuda.asarray(x), cpu.asarray(x.astype(np.float64))
 
 
 # ----------------------------------------------------------------------------- GEMM epilogues
@@ -38,12 +31,12 @@ FUSED_SHAPES = [
 def test_matmul_relu_mask_and_col_sums(M: int, N: int, K: int, trans_a: bool, trans_b: bool) -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(M * 131 + N * 17 + K)
-    a = _rand(gen, *((K, M) if trans_a else (M, K)))
-    b = _rand(gen, *((N, K) if trans_b else (K, N)))
-    mask = _rand(gen, M, N)  # about half the entries > 0
-    a_d, a_c = _both(a)
-    b_d, b_c = _both(b)
-    mask_d, mask_c = _both(mask)
+    a = rand_f32(gen, *((K, M) if trans_a else (M, K)))
+    b = rand_f32(gen, *((N, K) if trans_b else (K, N)))
+    mask = rand_f32(gen, M, N)  # about half the entries > 0
+    a_d, a_c = on_both(a)
+    b_d, b_c = on_both(b)
+    mask_d, mask_c = on_both(mask)
     kw = dict(trans_a=trans_a, trans_b=trans_b)
     out, sums = nan_filled(cuda, (M, N)), nan_filled(cuda, (N,))
     got = cuda.matmul(a_d, b_d, relu_mask=mask_d, col_sums=sums, out=out, **kw)
@@ -69,10 +62,10 @@ def test_split_k_in_one_launch_is_deterministic(M: int, N: int, K: int) -> None:
     cuda, cpu = backends()
     assert launch.gemm_plan(M, N, K, False, False, False).splits > 1
     gen = np.random.default_rng(K)
-    a, b, bias = _rand(gen, M, K), _rand(gen, K, N), _rand(gen, N)
-    a_d, a_c = _both(a)
-    b_d, b_c = _both(b)
-    bias_d, bias_c = _both(bias)
+    a, b, bias = rand_f32(gen, M, K), rand_f32(gen, K, N), rand_f32(gen, N)
+    a_d, a_c = on_both(a)
+    b_d, b_c = on_both(b)
+    bias_d, bias_c = on_both(bias)
     before = cuda.launch_count
     first = cuda.to_numpy(cuda.matmul(a_d, b_d, bias=bias_d, activation="relu", out=nan_filled(cuda, (M, N))))
     assert cuda.launch_count - before == 1
@@ -90,7 +83,7 @@ def test_softmax_xent_accumulates_loss_sum_and_correct_count(B: int, K: int, ali
     and to the separate count_correct / add_ it replaces."""
     cuda, cpu = backends()
     gen = np.random.default_rng(B + K)
-    logits = _rand(gen, B, K, scale=3.0)
+    logits = rand_f32(gen, B, K, scale=3.0)
     labels = gen.integers(0, K, B).astype(np.int32)
     logits[: B // 2, 0] = logits[: B // 2].max(axis=1) + 1.0  # some rows predict class 0 ...
     labels[: B // 3] = 0  # ... and some of those are labelled 0
@@ -137,7 +130,7 @@ def test_dense_relu_stack_fuses_the_relu_backward_and_bias_gradient() -> None:
 
     cuda, cpu = backends()
     gen = np.random.default_rng(11)
-    x, dy = _rand(gen, 13, 45), _rand(gen, 13, 10)
+    x, dy = rand_f32(gen, 13, 45), rand_f32(gen, 13, 10)
 
     def stack():
         return [Dense(37, activation="relu"), Dense(29, activation="relu"), Dense(10)]
@@ -176,8 +169,8 @@ def test_conv_backward_with_relu_mask_and_bias_gradient(case: tuple) -> None:
     y_shape = (x_shape[0], w_shape[0], conv_out_size(x_shape[2], w_shape[2], stride[0], padding[0]),
                conv_out_size(x_shape[3], w_shape[3], stride[1], padding[1]))
     gen = np.random.default_rng(sum(x_shape) + sum(w_shape))
-    x, w, dy, y = _rand(gen, *x_shape), _rand(gen, *w_shape), _rand(gen, *y_shape), _rand(gen, *y_shape)
-    (x_d, x_c), (w_d, w_c), (dy_d, dy_c), (y_d, y_c) = (_both(a) for a in (x, w, dy, y))
+    x, w, dy, y = rand_f32(gen, *x_shape), rand_f32(gen, *w_shape), rand_f32(gen, *y_shape), rand_f32(gen, *y_shape)
+    (x_d, x_c), (w_d, w_c), (dy_d, dy_c), (y_d, y_c) = (on_both(a) for a in (x, w, dy, y))
 
     dw, db = nan_filled(cuda, w_shape), nan_filled(cuda, (w_shape[0],))
     before = cuda.launch_count
@@ -212,7 +205,7 @@ def test_cnn_stack_fuses_relu_backward_and_bias_gradient_into_the_conv_kernels()
 
     cuda, cpu = backends()
     gen = np.random.default_rng(12)
-    x, dy = _rand(gen, 3, 2, 12, 11), _rand(gen, 3, 5)
+    x, dy = rand_f32(gen, 3, 2, 12, 11), rand_f32(gen, 3, 5)
 
     def stack():
         return [Conv2D(6, 3, activation="relu"), MaxPool2D(2), Conv2D(7, 3, padding=1, activation="relu"),
@@ -238,8 +231,8 @@ def test_clip_factor_read_inside_the_optimizer_kernel(opt: str, max_norm: float)
     cuda, cpu = backends()
     gen = np.random.default_rng(len(opt))
     shapes = [(37, 11), (11,), (5, 3, 3, 3), (1,)]
-    params = [_rand(gen, *s) for s in shapes]
-    grads = [_rand(gen, *s) for s in shapes]
+    params = [rand_f32(gen, *s) for s in shapes]
+    grads = [rand_f32(gen, *s) for s in shapes]
     kw = {"sgd": dict(lr=0.1), "momentum": dict(lr=0.1, momentum=0.9, nesterov=True),
           "adam": dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, step=3, weight_decay=0.01),
           "rmsprop": dict(lr=0.01, alpha=0.99, eps=1e-8)}[opt]
@@ -278,7 +271,7 @@ def test_count_correct_in_one_launch(B: int, K: int) -> None:
     125 blocks), the CPU backend's count (first max on ties)."""
     cuda, cpu = backends()
     gen = np.random.default_rng(B)
-    logits = np.round(_rand(gen, B, K), 1)  # rounded: ties happen
+    logits = np.round(rand_f32(gen, B, K), 1)  # rounded: ties happen
     labels = gen.integers(0, K, B).astype(np.int32)
     before = cuda.launch_count
     got = cuda.count_correct(cuda.asarray(logits), cuda.asarray(labels), out=nan_filled(cuda, ()))

@@ -8,18 +8,11 @@ import pytest
 
 from gpuml.backend import rng
 from gpuml.errors import ShapeError
-from tests.gpu_util import ELEMENTWISE_TOL, GPU, U32, backends, gemm_tol, nan_filled, rel_err
+from tests.gpu_util import ELEMENTWISE_TOL, GPU, U32, backends, gemm_tol, nan_filled, on_both, rand_f32, rel_err
 
 pytestmark = GPU
 
 
-def _rand(gen: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
-    return (gen.standard_normal(shape) * scale).astype(np.float32)
-
-
-def _both(x: np.ndarray):
-    cuda, cpu = backends()
-    return cuda.asarray(x), cpu.asarray(x.astype(np.float64))
 
 
 # ----------------------------------------------------------------------------- matmul
@@ -37,12 +30,12 @@ EPILOGUES = [(False, None), (True, None), (True, "relu"), (False, "relu")]
 def test_matmul_matches_reference(M: int, N: int, K: int, trans_a: bool, trans_b: bool) -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(M * 7919 + N * 31 + K)
-    a = _rand(gen, *((K, M) if trans_a else (M, K)))
-    b = _rand(gen, *((N, K) if trans_b else (K, N)))
-    bias = _rand(gen, N)
-    a_d, a_c = _both(a)
-    b_d, b_c = _both(b)
-    bias_d, bias_c = _both(bias)
+    a = rand_f32(gen, *((K, M) if trans_a else (M, K)))
+    b = rand_f32(gen, *((N, K) if trans_b else (K, N)))
+    bias = rand_f32(gen, N)
+    a_d, a_c = on_both(a)
+    b_d, b_c = on_both(b)
+    bias_d, bias_c = on_both(bias)
     for use_bias, act in EPILOGUES:
         out = nan_filled(cuda, (M, N))
         kw = dict(trans_a=trans_a, trans_b=trans_b, activation=act)
@@ -56,7 +49,7 @@ def test_matmul_matches_reference(M: int, N: int, K: int, trans_a: bool, trans_b
 def test_matmul_accumulate(M: int, N: int, K: int) -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(5)
-    a, b, c0 = _rand(gen, K, M), _rand(gen, K, N), _rand(gen, M, N)
+    a, b, c0 = rand_f32(gen, K, M), rand_f32(gen, K, N), rand_f32(gen, M, N)
     out = cuda.asarray(c0)
     cuda.matmul(cuda.asarray(a), cuda.asarray(b), trans_a=True, accumulate=True, out=out)
     want = c0.astype(np.float64) + a.astype(np.float64).T @ b.astype(np.float64)
@@ -68,7 +61,7 @@ def test_matmul_misaligned_views_take_the_scalar_path() -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(9)
     M, N, K = 1536, 1540, 68
-    a, b = _rand(gen, M, K), _rand(gen, K, N)
+    a, b = rand_f32(gen, M, K), rand_f32(gen, K, N)
     a_buf = cuda.asarray(np.concatenate([[0.0], a.ravel()]).astype(np.float32))
     a_view = a_buf[1:].reshape(M, K)
     got = cuda.matmul(a_view, cuda.asarray(b))
@@ -93,7 +86,7 @@ def test_matmul_shape_errors() -> None:
 def test_softmax_xent(B: int, K: int, eps: float, alias: bool) -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(B * K)
-    logits = _rand(gen, B, K, scale=3.0)
+    logits = rand_f32(gen, B, K, scale=3.0)
     labels = gen.integers(0, K, B).astype(np.int32)
     want_loss, want_d = cpu.softmax_xent(logits.astype(np.float64), labels, label_smoothing=eps)
     x = cuda.asarray(logits)
@@ -111,7 +104,7 @@ def test_count_correct_first_max_on_ties() -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(3)
     for B, K in [(1, 10), (37, 10), (1000, 10), (5, 32000)]:
-        logits = np.round(_rand(gen, B, K)).astype(np.float32)  # many ties
+        logits = np.round(rand_f32(gen, B, K)).astype(np.float32)  # many ties
         labels = gen.integers(0, K, B).astype(np.int32)
         labels[: B // 2] = np.argmax(logits[: B // 2], axis=1)
         got = cuda.count_correct(cuda.asarray(logits), cuda.asarray(labels), out=nan_filled(cuda, ()))
@@ -123,7 +116,7 @@ def test_mse() -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(4)
     for shape in [(1,), (7, 33), (1000, 3, 5)]:
-        p, t = _rand(gen, *shape), _rand(gen, *shape)
+        p, t = rand_f32(gen, *shape), rand_f32(gen, *shape)
         loss, d = cuda.mse(cuda.asarray(p), cuda.asarray(t), loss=nan_filled(cuda, ()),
                            dpred=nan_filled(cuda, shape))
         wl, wd = cpu.mse(p.astype(np.float64), t.astype(np.float64))
@@ -137,7 +130,7 @@ def test_mse() -> None:
 def test_activations(kind: str, shape: tuple[int, ...]) -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(len(shape))
-    x, dy = _rand(gen, *shape, scale=2.0), _rand(gen, *shape)
+    x, dy = rand_f32(gen, *shape, scale=2.0), rand_f32(gen, *shape)
     y = cuda.activation_fwd(kind, cuda.asarray(x), out=nan_filled(cuda, shape))
     y_ref = cpu.activation_fwd(kind, x.astype(np.float64))
     assert rel_err(cuda.to_numpy(y), y_ref) <= ELEMENTWISE_TOL
@@ -155,7 +148,7 @@ def test_activations(kind: str, shape: tuple[int, ...]) -> None:
 def test_dropout_mask_is_bit_identical_to_rng(n: int, offset: int, p: float) -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(n)
-    x, dy = _rand(gen, n), _rand(gen, n)
+    x, dy = rand_f32(gen, n), rand_f32(gen, n)
     seed = 0xDEADBEEF12345678
     y, mask = cuda.dropout_fwd(cuda.asarray(x), p, seed, offset, out=nan_filled(cuda, (n,)))
     want_mask = rng.keep_mask(seed, offset, n, p)
@@ -170,7 +163,7 @@ def test_dropout_mask_is_bit_identical_to_rng(n: int, offset: int, p: float) -> 
 @pytest.mark.parametrize("shape", [(1, 1), (1000, 33), (7, 4097), (3, 5, 7, 9), (1, 1, 1, 1), (64, 32, 14, 14)])
 def test_bias_grad(shape: tuple[int, ...]) -> None:
     cuda, cpu = backends()
-    dy = _rand(np.random.default_rng(sum(shape)), *shape)
+    dy = rand_f32(np.random.default_rng(sum(shape)), *shape)
     got = cuda.bias_grad(cuda.asarray(dy), out=nan_filled(cuda, (shape[1],)))
     want = cpu.bias_grad(dy.astype(np.float64))
     # float32 sums of N * H * W terms: the gemm bound with K = that count
@@ -182,7 +175,7 @@ def test_bias_grad(shape: tuple[int, ...]) -> None:
 def test_add_and_scale() -> None:
     cuda, _ = backends()
     gen = np.random.default_rng(6)
-    a, b = _rand(gen, 33, 127), _rand(gen, 33, 127)
+    a, b = rand_f32(gen, 33, 127), rand_f32(gen, 33, 127)
     d = cuda.asarray(a)
     cuda.add_(d, cuda.asarray(b), alpha=-0.5)
     assert rel_err(cuda.to_numpy(d), a.astype(np.float64) - 0.5 * b) <= ELEMENTWISE_TOL
@@ -194,7 +187,7 @@ def test_add_and_scale() -> None:
 def test_global_norm() -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(7)
-    arrays = [_rand(gen, *s) for s in [(7, 33), (1,), (4097,), (1000, 3)]]
+    arrays = [rand_f32(gen, *s) for s in [(7, 33), (1,), (4097,), (1000, 3)]]
     got = cuda.global_norm([cuda.asarray(a) for a in arrays])
     want = cpu.global_norm([a.astype(np.float64) for a in arrays])
     assert rel_err(cuda.to_numpy(got), want) <= 1e-6  # double accumulation: one final rounding
@@ -204,7 +197,7 @@ def test_global_norm() -> None:
 def test_clip_grad_norm(max_norm: float) -> None:
     cuda, cpu = backends()
     gen = np.random.default_rng(9)
-    arrays = [_rand(gen, *s) for s in [(7, 33), (1,), (1000, 3)]]
+    arrays = [rand_f32(gen, *s) for s in [(7, 33), (1,), (1000, 3)]]
     dev = [cuda.asarray(a) for a in arrays]
     ref = [a.astype(np.float64) for a in arrays]
     norm = cuda.clip_grad_norm_(dev, max_norm)
@@ -236,8 +229,8 @@ PARAM_SHAPES = [(7, 33), (33,), (1,), (1000, 3)]
 
 def _param_sets(n_state: int, seed: int):
     gen = np.random.default_rng(seed)
-    host = [[_rand(gen, *s) for s in PARAM_SHAPES] for _ in range(2)]
-    host += [[np.abs(_rand(gen, *s)) * 0.1 for s in PARAM_SHAPES] for _ in range(n_state)]
+    host = [[rand_f32(gen, *s) for s in PARAM_SHAPES] for _ in range(2)]
+    host += [[np.abs(rand_f32(gen, *s)) * 0.1 for s in PARAM_SHAPES] for _ in range(n_state)]
     cuda, cpu = backends()
     return ([[cuda.asarray(a) for a in group] for group in host],
             [[cpu.asarray(a.astype(np.float64)) for a in group] for group in host], host[0])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.gpu_util import GPU, gemm_tol, nan_filled, rel_err
+from tests.gpu_util import GPU, gemm_tol, nan_filled, rand_f32, rel_err
 
 pytestmark = GPU
 
@@ -37,16 +37,13 @@ def _backends(precision: str):
     return cuda, cpu
 
 
-def _rand(gen: np.random.Generator, *shape: int) -> np.ndarray:
-    return gen.standard_normal(shape).astype(np.float32)
-
 
 def _matmul_case(precision: str, M: int, N: int, K: int, trans_a: bool, trans_b: bool) -> None:
     cuda, cpu = _backends(precision)
     gen = np.random.default_rng(M * 131 + N * 7 + K)
-    a = _rand(gen, *((K, M) if trans_a else (M, K)))
-    b = _rand(gen, *((N, K) if trans_b else (K, N)))
-    bias = _rand(gen, N)
+    a = rand_f32(gen, *((K, M) if trans_a else (M, K)))
+    b = rand_f32(gen, *((N, K) if trans_b else (K, N)))
+    bias = rand_f32(gen, N)
     kw = dict(trans_a=trans_a, trans_b=trans_b)
     out = nan_filled(cuda, (M, N))
     got = cuda.matmul(cuda.asarray(a), cuda.asarray(b), bias=cuda.asarray(bias), activation="relu", out=out, **kw)
@@ -81,7 +78,7 @@ def test_matmul_tf32_bf16_fused_epilogues(precision: str, M: int, N: int, K: int
     assert (launch.gemm_tc_plan(M, N, K, True, False, precision).splits > 1) == (K == 300)
     cuda, cpu = _backends(precision)
     gen = np.random.default_rng(3)
-    x, dy, c0, mask = _rand(gen, K, M), _rand(gen, K, N), _rand(gen, M, N), _rand(gen, M, N)
+    x, dy, c0, mask = rand_f32(gen, K, M), rand_f32(gen, K, N), rand_f32(gen, M, N), rand_f32(gen, M, N)
     out = cuda.asarray(c0)
     cuda.matmul(cuda.asarray(x), cuda.asarray(dy), trans_a=True, accumulate=True, out=out)
     want = cpu.matmul(x.astype(np.float64), dy.astype(np.float64), trans_a=True, accumulate=True,

@@ -32,6 +32,18 @@ Pair = tuple[int, int]
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
 
 
+def check_activation(op: str, kind: str) -> None:
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def dropout_scale(op: str, p: float) -> float:
+    """1 / (1 - p), the scale of the kept activations; p outside [0, 1) is refused."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: drop probability p must be in [0, 1), got {p}")
+    return 1.0 / (1.0 - p)
+
+
 def fail(op: str, message: str) -> NoReturn:
     """Raise the one-line ShapeError every backend uses: "<op>: <what is wrong>"."""
     raise ShapeError(f"{op}: {message}")

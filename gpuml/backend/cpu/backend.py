@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from gpuml.backend import augment
-from gpuml.backend.base import ACTIVATIONS, Backend, Pair, host_int
+from gpuml.backend.base import Backend, Pair, check_activation, dropout_scale, host_int
 from gpuml.backend.cpu import conv as cpu_conv
 from gpuml.backend.cpu import loops
 from gpuml.backend.cpu.checks import Checks, fail, first_outside
@@ -202,7 +202,7 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
     # ------------------------------------------------------------------ elementwise
     def activation_fwd(self, kind: str, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         c = self.checks("activation_fwd", kind, x, out)
-        _check_kind("activation_fwd", kind)
+        check_activation("activation_fwd", kind)
         x = c.float_in("x", x)
         out = c.out_buf("out", out, x.shape)
         c.done()
@@ -217,7 +217,7 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
 
     def activation_bwd(self, kind: str, y: np.ndarray, dy: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         c = self.checks("activation_bwd", kind, y, dy, out)
-        _check_kind("activation_bwd", kind)
+        check_activation("activation_bwd", kind)
         y = c.float_in("y", y)
         dy = c.float_in("dy", dy, shape=y.shape)
         out = c.out_buf("out", out, y.shape)
@@ -243,7 +243,7 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         mask = c.out_buf("mask", mask, x.shape, np.uint8)
         c.done()
         offset = host_int(offset, offset_counter)
-        scale = _dropout_scale(op, p)
+        scale = dropout_scale(op, p)
         if not 0 <= offset < 2**64 - x.size:
             raise ValueError(f"dropout_fwd: offset must be in [0, 2**64 - x.size), got {offset}")
         loops.dropout_fwd(
@@ -258,7 +258,7 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         mask = c.typed_in("mask", mask, np.uint8, dy.shape)
         out = c.out_buf("out", out, dy.shape)
         c.done()
-        scale = _dropout_scale("dropout_bwd", p)
+        scale = dropout_scale("dropout_bwd", p)
         args = (dy.reshape(-1), mask.reshape(-1), self.dtype.type(scale), out.reshape(-1))
         loops.run_parts(loops.mask_scale, args, (0, 1, 3), dy.size)
         return out
@@ -354,17 +354,3 @@ def _blas_threads() -> int:
     if fns is not None:
         return int(fns[0]())
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _check_kind(op: str, kind: str) -> None:
-    if kind not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
-
-
-def _dropout_scale(op: str, p: float) -> float:
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: drop probability p must be in [0, 1), got {p}")
-    return 1.0 / (1.0 - p)
-
-
-__all__ = ["CpuBackend"]

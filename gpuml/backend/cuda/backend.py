@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuml.backend.base import ACTIVATIONS, Array, Backend, fail
+from gpuml.backend.base import Array, Backend, check_activation, dropout_scale, fail
 from gpuml.backend.cuda import launch as plan
 from gpuml.backend.cuda.augment import AugmentOps
 from gpuml.backend.cuda.common import DevicePlumbing, aligned16
@@ -320,7 +320,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
     # ------------------------------------------------------------------ elementwise
     def activation_fwd(self, kind: str, x: Array, *, out: Array | None = None) -> Array:
         op = "activation_fwd"
-        _check_kind(op, kind)
+        check_activation(op, kind)
         x = self._dev_in(op, "x", x)
         out = self._dev_out(op, "out", out, x.shape)
         self._out_may_alias(op, "out", out, "x", x)
@@ -330,7 +330,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
 
     def activation_bwd(self, kind: str, y: Array, dy: Array, *, out: Array | None = None) -> Array:
         op = "activation_bwd"
-        _check_kind(op, kind)
+        check_activation(op, kind)
         y = self._dev_in(op, "y", y)
         dy = self._dev_in(op, "dy", dy, shape=y.shape)
         out = self._dev_out(op, "out", out, y.shape)
@@ -346,7 +346,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
     ) -> tuple[Array, Array]:
         op = "dropout_fwd"
         x = self._dev_in(op, "x", x)
-        scale = _dropout_scale(op, p)
+        scale = dropout_scale(op, p)
         host_offset, offset_at = self._offset_args(op, "offset", offset, offset_counter, x.size)
         out = self._dev_out(op, "out", out, x.shape)
         mask = self._dev_out(op, "mask", mask, x.shape, np.uint8)
@@ -365,7 +365,7 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
         op = "dropout_bwd"
         dy = self._dev_in(op, "dy", dy)
         mask = self._dev_in(op, "mask", mask, shape=dy.shape, dtype=np.uint8)
-        scale = _dropout_scale(op, p)
+        scale = dropout_scale(op, p)
         out = self._dev_out(op, "out", out, dy.shape)
         self._out_may_alias(op, "out", out, "dy", dy)
         self._no_alias(op, "out", out, mask=mask)
@@ -451,14 +451,3 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
             np.int32(indices.dtype == np.int64), np.int32(_LABEL_KINDS[labels.dtype]),
             np.float32(scale), np.float32(shift)))  # fmt: skip
         return out_x, out_y
-
-
-def _check_kind(op: str, kind: str) -> None:
-    if kind not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {kind!r}; choose one of {', '.join(ACTIVATIONS)}")
-
-
-def _dropout_scale(op: str, p: float) -> float:
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{op}: drop probability p must be in [0, 1), got {p}")
-    return 1.0 / (1.0 - p)
