@@ -56,11 +56,14 @@ def momentum_update(p, g, vel, lr, mu, wd, nesterov, tiny):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def adam_update(p, g, m, v, lr_t, beta1, one_m_beta1, beta2, one_m_beta2, inv_sqrt_bc2, eps, wd, decay, sq_min, tiny):
+def adam_update(p, g, m, v, lr_t, beta1, one_m_beta1, beta2, one_m_beta2, inv_sqrt_bc2, eps, wd, decay, sq_min, m_min,
+                tiny):
     """Adam/AdamW in PyTorch's arrangement: g' = g + wd p (wd = 0 for AdamW); p *= decay
     (1 - lr wd for AdamW, else 1); m, v moments; p -= lr_t m / (sqrt(v) inv_sqrt_bc2 + eps) with
     lr_t = lr / (1 - beta1^t) and inv_sqrt_bc2 = 1 / sqrt(1 - beta2^t), which is
-    lr m_hat / (sqrt(v_hat) + eps). g' enters v's square as zero below sq_min (square_min)."""
+    lr m_hat / (sqrt(v_hat) + eps). g' enters v's square as zero below sq_min (square_min), and m
+    the step as zero below m_min = tiny / lr_t, where lr_t m would be subnormal: that step is
+    below tiny / eps (1.2e-30 in float32) and changes only a parameter below 2^24 times it."""
     for i in range(p.size):
         gi = g[i] + wd * p[i]
         mi = flush_subnormal(beta1 * m[i] + one_m_beta1 * gi, tiny)
@@ -68,7 +71,8 @@ def adam_update(p, g, m, v, lr_t, beta1, one_m_beta1, beta2, one_m_beta2, inv_sq
         vi = flush_subnormal(beta2 * v[i] + one_m_beta2 * gs * gs, tiny)
         m[i] = mi
         v[i] = vi
-        p[i] = flush_subnormal(p[i] * decay - lr_t * mi / (math.sqrt(vi) * inv_sqrt_bc2 + eps), tiny)
+        mu = flush_subnormal(mi, m_min)
+        p[i] = flush_subnormal(p[i] * decay - lr_t * mu / (math.sqrt(vi) * inv_sqrt_bc2 + eps), tiny)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -216,6 +220,7 @@ class OptimizerSteps(Checks):
         _update(
             adam_update, self._groups("adam_step", params, grads, m, v), lr_t, t(beta1), t(1.0 - beta1),
             t(beta2), t(1.0 - beta2), inv_sqrt_bc2, t(eps), l2, decay, square_min(self.dtype, 1.0 - beta2),
+            t(float(smallest_normal(self.dtype)) / float(lr_t)) if lr_t > 0 else t(np.inf),
         )  # fmt: skip
 
     def rmsprop_step(
