@@ -220,7 +220,7 @@ class OptimizerSteps(Checks):
         _update(
             adam_update, self._groups("adam_step", params, grads, m, v), lr_t, t(beta1), t(1.0 - beta1),
             t(beta2), t(1.0 - beta2), inv_sqrt_bc2, t(eps), l2, decay, square_min(self.dtype, 1.0 - beta2),
-            t(float(smallest_normal(self.dtype)) / float(lr_t)) if lr_t > 0 else t(np.inf),
+            t(float(smallest_normal(self.dtype)) / abs(float(lr_t))) if lr_t != 0 else t(np.inf),
         )  # fmt: skip
 
     def rmsprop_step(
