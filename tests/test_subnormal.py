@@ -6,8 +6,6 @@ smallest normal are flushed to zero; everything else is computed as before."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -100,35 +98,27 @@ def test_sigmoid_underflow_is_flushed(dt: str) -> None:
 
 
 @pytest.mark.parametrize("name,kw,value", [("adam", {}, 1e-20), ("rmsprop", {}, 1e-20), ("adam", {}, 1e-36)])
-def test_subnormal_intermediates_do_not_slow_the_update(name: str, kw: dict, value: float) -> None:
-    """Flushing what an update stores does not stop the microcode assist of computing a subnormal
-    on the way (issue 15: the seed MLP's epochs grew 1.22-1.30x over 10 epochs, all of it in
-    adam_step, as more gradients and moments got this small). A float32 gradient of 1e-20 has a
-    subnormal square (1e-40; 20% of them made Adam's loop 8x slower); an m of 1e-36 (held there
-    by gradients of 1e-36) a subnormal lr_t * m. Such a step takes about as long as one with
-    zero gradients and state; the values still reach Adam's m as before."""
+def test_tiny_gradients_and_moments_leave_no_subnormal_state(name: str, kw: dict, value: float) -> None:
+    """Gradients whose square is subnormal (1e-20 in float32) and moments whose step lr_t * m is
+    (1e-36) enter the update as zero where they would only produce subnormals (issue 15: computing
+    those on the way, even when the stored value was flushed, made Adam's loop up to 8x slower and
+    the seed MLP's epochs 1.22-1.30x slower over 10 epochs). The state stays free of subnormals and
+    the tiny gradients still reach Adam's m. The speed itself is a benchmark, not a unit test:
+    `bench/subnormal_check.py` (figures in bench/RESULTS.md)."""
     be = CpuBackend(dtype="float32")
     rng = np.random.default_rng(0)
-    n = 1 << 20
+    n = 1 << 16
     tiny_g = rng.random(n) < 0.25
-
-    def best_step_seconds(value: float) -> tuple[float, object]:
-        params = [be.asarray(rng.standard_normal(n))]
-        grads = [be.asarray(np.where(tiny_g, value, rng.standard_normal(n) * 1e-3))]
-        opt = OPTIMIZERS[name](be, params, grads, **kw)
-        opt.step(1e-3)  # compiled, state allocated
-        if "m" in opt.state:  # where the gradients have held m: their own value
-            opt.state["m"][0][...] = np.where(tiny_g, value, opt.state["m"][0])
-        times = []
-        for _ in range(7):
-            t0 = time.perf_counter()
-            opt.step(1e-3)
-            times.append(time.perf_counter() - t0)
-        return min(times), opt
-
-    base, _ = best_step_seconds(0.0)
-    slow, opt = best_step_seconds(value)
-    assert slow < 2.5 * base, f"{name}: {slow * 1e3:.2f} ms a step at {value}, {base * 1e3:.2f} ms with zeros"
+    params = [be.asarray(rng.standard_normal(n))]
+    grads = [be.asarray(np.where(tiny_g, value, rng.standard_normal(n) * 1e-3))]
+    opt = OPTIMIZERS[name](be, params, grads, **kw)
+    opt.step(1e-3)
+    if "m" in opt.state:  # where the gradients have held m: their own value
+        opt.state["m"][0][...] = np.where(tiny_g, value, opt.state["m"][0])
+    before = np.array(params[0], copy=True)
+    for _ in range(3):
+        opt.step(1e-3)
+    assert np.all(np.isfinite(params[0])) and not np.array_equal(params[0][~tiny_g], before[~tiny_g])
     for state, arrays in opt.state.items():
         assert subnormal_count(arrays[0]) == 0, f"{name} {state}: subnormal values"
         if state == "m":
