@@ -1,4 +1,4 @@
-// gemm_tiles.h: the tile shapes of the tensor-core GEMM (gemm_core.cuh, gemm_tc.cu), in ONE place:
+// gemm_tiles.h: the tile shapes of the tensor-core GEMM (gemm_core.cuh, gemm_tc.cuh), in ONE place:
 // the kernels include this file and gpuml/backend/cuda/launch.py parses its
 // `#define GEMM_TC_<TILE>_<FIELD> <integer>` lines, so a grid and its kernel cannot disagree.
 //

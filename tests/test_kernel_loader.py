@@ -41,7 +41,7 @@ def test_real_kernels_include_common() -> None:
     # the GEMMs reach common.cuh through the shared epilogue (and the tensor-core core), depth first
     found = k.resolve_includes(k.kernel_source_path("gemm"), [kernel_dir()])
     assert [p.name for p in found] == ["gemm_epilogue.cuh", "common.cuh"]
-    found = k.resolve_includes(k.kernel_source_path("gemm_tc"), [kernel_dir()])
+    found = k.resolve_includes(k.kernel_source_path("gemm_tc_tf32"), [kernel_dir()])
     assert [p.name for p in found] == ["gemm_core.cuh", "gemm_epilogue.cuh", "common.cuh", "mma.cuh", "gemm_tiles.h"]
 
 

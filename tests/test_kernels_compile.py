@@ -143,10 +143,11 @@ def test_common_uniform_matches_rng_module(tmp_path: Path) -> None:
 
 #: what the tensor-core kernels must emit: (source, instruction) pairs, checked in the PTX
 TENSOR_CORE_PTX = {
-    "gemm_tc.cu": ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
-                   "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
-                   "cvt.rna.tf32.f32", "cvt.rn.bf16x2.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
-                   "cp.async.cg.shared.global", "cp.async.wait_group"),
+    "gemm_tc_tf32.cu": ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "cvt.rna.tf32.f32",
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global",
+                        "cp.async.wait_group"),
+    "gemm_tc_bf16.cu": ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "cvt.rn.bf16x2.f32",
+                        "cp.async.cg.shared.global", "cp.async.wait_group"),
 }
 
 

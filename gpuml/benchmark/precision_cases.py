@@ -1,5 +1,5 @@
 """The tensor-core GEMM cases of `gpuml bench kernels` (issue 13): ours with precision tf32 or
-bf16 (kernels/gemm_tc.cu) next to cuBLAS computing with the same operand type, in the same run.
+bf16 (kernels/gemm_tc_<precision>.cu) next to cuBLAS computing with the same operand type, in the same run.
 
 - tf32: cuBLAS through `cupy.matmul` with CuPy's float32 compute type switched to TF32 for the
   anchor's call only (the FP32 rows keep COMPUTE_TYPE_FP32, kernels.import_cupy_fp32).

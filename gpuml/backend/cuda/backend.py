@@ -188,8 +188,8 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
                     out if col_sums is None else col_sums)
         dims = (np.int32(M), np.int32(N), np.int32(K))
         family = "gemm"
-        if self.precision != "fp32":  # tensor cores (kernels/gemm_tc.cu): any M, including 0
-            family, tkey = "gemm_tc", (M, N, K, bool(trans_a), bool(trans_b), self.precision)
+        if self.precision != "fp32":  # tensor cores (kernels/gemm_tc_<precision>.cu): any M, including 0
+            family, tkey = f"gemm_tc_{self.precision}", (M, N, K, bool(trans_a), bool(trans_b), self.precision)
             gp = self._gemm_plans.get(tkey)
             if gp is None:
                 gp = self._gemm_plans[tkey] = plan.gemm_tc_plan(M, N, K, trans_a, trans_b, self.precision)

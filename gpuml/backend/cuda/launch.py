@@ -114,7 +114,7 @@ def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) 
     )
 
 
-#: the model precisions with a tensor-core GEMM (kernels/gemm_tc.cu); fp32 is gemm.cu
+#: the model precisions with a tensor-core GEMM (kernels/gemm_tc_<precision>.cu); fp32 is gemm.cu
 TENSOR_CORE_PRECISIONS = ("tf32", "bf16")
 _DEFINE_RE = re.compile(r"^#define\s+GEMM_TC_([A-Z0-9]+)_([A-Z_]+)\s+(\d+)\s*$", re.M)
 _TILE_FIELDS = {"BM", "BN", "BK", "WARPS_M", "WARPS_N", "STAGES", "MIN_BLOCKS"}
@@ -137,7 +137,7 @@ def tc_tiles() -> dict[str, dict[str, int]]:
 
 
 def gemm_tc_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, precision: str) -> GemmPlan:
-    """The tensor-core kernel (kernels/gemm_tc.cu) for op(A) (M x K) @ op(B) (K x N) in `precision`
+    """The tensor-core kernel (kernels/gemm_tc_<precision>.cu) for op(A) (M x K) @ op(B) (K x N) in `precision`
     (tf32 or bf16): the first tile of gemm_tiles.h whose grid has MIN_BLOCKS blocks (else the
     last), then split-K by the FP32 small tile's rule (split_k) when that grid is still small."""
     if precision not in TENSOR_CORE_PRECISIONS:

@@ -1,16 +1,18 @@
-// gemm_tc.cu: tensor-core GEMM (TF32 and BF16 mma.sync, FP32 accumulate) for Dense layers when
+// gemm_tc.cuh: tensor-core GEMM (TF32 and BF16 mma.sync, FP32 accumulate) for Dense layers when
 // the model's precision is tf32 or bf16. Same contract as gemm.cu (layouts, transposes, epilogue
 // flags, column sums) except the arithmetic: operands are rounded to TF32 (cvt.rna: nearest, ties
 // away) or BF16 (nearest even) before each product; sums are FP32. The mainloop is gemm_core.cuh
 // (dense gather x TF32 / BF16 math); tile shapes in gemm_tiles.h.
 //
-// Entry points gemm_tc_<ab>_<tf32|bf16>_<large|small>, <ab> in {nn, nt, tn, tt} as in gemm.cu,
+// Entry points gemm_tc_<ab>_<tf32|bf16>_<large|small> (kernels/gemm_tc_tf32.cu and gemm_tc_bf16.cu:
+// one file per precision, so a run compiles only the one it uses, in half the time), <ab> in {nn, nt, tn, tt} as in gemm.cu,
 // the last part the row of gemm_tiles.h.
 // Launch: grid (ceil(N / BN), ceil(M / BM), splits), block 32 * WARPS_M * WARPS_N of that row, no
 // dynamic shared memory; sm_80 or newer (the launcher checks). k_per_split is a multiple of BK
 // with splits * k_per_split >= K (splits = 1: k_per_split >= K). With splits > 1 (gemm_core.cuh's
 // split-K), work holds splits * (M*N + N) floats and counters, one per output tile, are 0. Any shape and alignment: the copies fall
 // back to 4 bytes where 16 would be misaligned.
+#pragma once
 #include "gemm_core.cuh"
 #include "gemm_tiles.h"
 
@@ -44,6 +46,3 @@ typedef TcTile<GEMM_TC_SMALL_BM, GEMM_TC_SMALL_BN, GEMM_TC_SMALL_BK, GEMM_TC_SMA
     GEMM_TC_ENTRY_POINT(nt, false, true, PREC, MATH, TcSmall, small)         \
     GEMM_TC_ENTRY_POINT(tn, true, false, PREC, MATH, TcSmall, small)         \
     GEMM_TC_ENTRY_POINT(tt, true, true, PREC, MATH, TcSmall, small)
-
-GEMM_TC_ENTRY_POINTS(tf32, MathTf32)
-GEMM_TC_ENTRY_POINTS(bf16, MathBf16)
