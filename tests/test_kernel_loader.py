@@ -42,7 +42,8 @@ def test_real_kernels_include_common() -> None:
     found = k.resolve_includes(k.kernel_source_path("gemm"), [kernel_dir()])
     assert [p.name for p in found] == ["gemm_epilogue.cuh", "common.cuh"]
     found = k.resolve_includes(k.kernel_source_path("gemm_tc_tf32"), [kernel_dir()])
-    assert [p.name for p in found] == ["gemm_core.cuh", "gemm_epilogue.cuh", "common.cuh", "mma.cuh", "gemm_tiles.h"]
+    assert [p.name for p in found] == ["gemm_tc.cuh", "gemm_core.cuh", "gemm_epilogue.cuh", "common.cuh", "mma.cuh",
+                                      "gemm_tiles.h"]
 
 
 def test_cache_key_and_prepared_source_change_with_a_header(tmp_path: Path) -> None:
