@@ -2,12 +2,19 @@
 same random inputs (never zeros), plus the sweeps of sizes `gpuml bench kernels` runs. GEMM and
 convolution cases are here; pooling, softmax cross-entropy and Adam in memory_cases.py.
 
-Anchors by device: on CUDA, cuBLAS through `cupy.matmul` (TF32 off) for GEMM, PyTorch (cuDNN, TF32
-off) for conv, pooling, cross-entropy and Adam, and a device-to-device copy of the op's minimum
-bytes for the bandwidth-bound ops. On CPU, NumPy where a straightforward NumPy version is natural,
-PyTorch CPU, and a parallel host copy. Every case returns its implementations as `Impl`s, ours
-first; `result` gives the array(s) an implementation produced, for the agreement check, which
-every implementation of an op has (only copies have none).
+Anchors by device: on CUDA, cuBLAS through `cupy.matmul` for GEMM, PyTorch (cuDNN for conv) for
+conv, pooling, cross-entropy and Adam, and a device-to-device copy of the op's minimum bytes for
+the bandwidth-bound ops. All compute in FP32, TF32 off: cuBLAS through CuPy by CUPY_TF32=0 and
+the float32 compute type COMPUTE_TYPE_FP32 (kernels.import_cupy_fp32; the TF32 anchor of
+precision_cases.py switches it for its own call and back), torch.matmul by import_torch's
+torch.backends.cuda.matmul.allow_tf32 = False (nothing switches it on), and cuDNN by
+torch.backends.cudnn.allow_tf32 = False set around every conv anchor call (torch_conv_impl). A
+TF32 leak would also fail the rows' 1e-4 agreement check: TF32 operand rounding alone moves these
+products by about 3e-4 of their largest value (tests/test_bench_conv_precision.py).
+On CPU, NumPy where a straightforward NumPy version is natural, PyTorch CPU, and a parallel host
+copy. Every case returns its implementations as `Impl`s, ours first; `result` gives the array(s)
+an implementation produced, for the agreement check, which every implementation of an op has
+(only copies have none).
 
 Fair anchors: each writes into outputs allocated once, as ours writes into `out=` buffers, through
 the `out=` overloads of PyTorch's ATen ops (torch.ops.aten.<op>.out / .grad_input; conv2d bwd_data
@@ -97,80 +104,111 @@ def dense_gemms(batch: int, fan_in: int, fan_out: int) -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------- conv2d
-def conv_cases(n: int, c: int, h: int, k: int, r: int, pad: int, tag: str) -> list[Case]:
-    """fwd (with bias), bwd_data and bwd_weight of a stride-1 r x r convolution on h x h inputs."""
+CONV_OPS = ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight")
+
+
+def conv_label(n: int, c: int, h: int, k: int, r: int, pad: int, tag: str) -> str:
+    return f"{tag}: N={n} {c}->{k} {r}x{r} pad {pad} on {h}x{h}"
+
+
+def conv_inputs(env: Any, n: int, c: int, h: int, k: int, r: int, pad: int) -> tuple[Any, Any, Any, Any]:
+    """x (N,C,H,W), w (K,C,R,S) scaled by 0.1, bias (K,), dy (N,K,P,Q): all four for every op, so
+    the three ops of a layer see the same values."""
     p = fm.conv_out(h, r, 1, pad)
-    label = f"{tag}: N={n} {c}->{k} {r}x{r} pad {pad} on {h}x{h}"
+    return env.rand((n, c, h, h)), env.rand((k, c, r, r)) * 0.1, env.rand((k,)), env.rand((n, k, p, p))
+
+
+def ours_conv_impl(be: Any, op: str, x: Any, w: Any, b: Any, dy: Any, pad: int) -> Impl:
+    """`op` (one of CONV_OPS, stride 1) through the backend's public API, into a buffer made here."""
     geo = ((1, 1), (pad, pad))
+    if op == "conv2d_fwd":
+        y = be.empty(dy.shape)
+        return Impl(OURS, lambda: be.conv2d_fwd(x, w, b, *geo, out=y), lambda: y)
+    if op == "conv2d_bwd_data":
+        dx = be.empty(x.shape)
+        return Impl(OURS, lambda: be.conv2d_bwd_data(dy, w, x.shape, *geo, out=dx), lambda: dx)
+    dw = be.empty(w.shape)
+    return Impl(OURS, lambda: be.conv2d_bwd_weight(x, dy, w.shape, *geo, out=dw), lambda: dw)
+
+
+def with_cudnn_tf32(torch: Any, enabled: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run with torch.backends.cudnn.allow_tf32 = enabled and the previous setting restored
+    after, also when `fn` raises. PyTorch reads the flag when the op is dispatched (and keys its
+    cuDNN algorithm cache on it), so the switch is per call. Setting two flags costs about a
+    microsecond of host time, hidden on a GPU: the timer queues the cache flush (tens of
+    microseconds of GPU work) before each timed call."""
+
+    def run() -> Any:
+        flags = torch.backends.cudnn
+        before = flags.allow_tf32
+        flags.allow_tf32 = enabled
+        try:
+            return fn()
+        finally:
+            flags.allow_tf32 = before
+
+    return run
+
+
+def torch_conv_impl(env: Any, op: str, x: Any, w: Any, b: Any, dy: Any, pad: int, *, name: str = "torch",
+                    dtype: Any = None, tf32: bool = False) -> Impl | None:
+    """PyTorch's ATen op for `op` (cuDNN on a GPU), or None without torch. Inputs: ours shared
+    through DLPack, or copies in `dtype` (torch.bfloat16) made here, outside the timing; outputs in
+    the same dtype, allocated here (bwd_weight excepted, see the module docstring). Every call runs
+    with cuDNN's TF32 switch set to `tf32`: off for the FP32 rows, explicitly rather than trusting
+    the process-wide setting of import_torch, which a TF32 anchor's switch restores anyway."""
+    torch = env.torch
+    if torch is None:
+        return None
+
+    def tensor(a: Any) -> Any:
+        t = env.as_torch(a)
+        return t if dtype is None else t.to(dtype)
+
+    tx, tw, tb, tdy = (tensor(a) for a in (x, w, b, dy))
+    aten, geo = torch.ops.aten, ([1, 1], [pad, pad], [1, 1])
+    held: dict[str, Any] = {}
+    if op == "conv2d_bwd_weight":  # no out= overload for one gradient: it allocates dw (small)
+        def call() -> None:
+            held["out"] = aten.convolution_backward(tdy, tx, tw, None, *geo, False, [0, 0], 1, [False, True, False])[1]
+    else:
+        held["out"] = torch.empty(tuple(dy.shape if op == "conv2d_fwd" else x.shape),
+                                  dtype=dtype or torch.float32, device=env.torch_device)
+        if op == "conv2d_fwd":
+            def call() -> None:
+                aten.convolution.out(tx, tw, tb, *geo, False, [0, 0], 1, out=held["out"])
+        else:  # dx is the transposed convolution of dy
+            def call() -> None:
+                aten.convolution.out(tdy, tw, None, *geo, True, [0, 0], 1, out=held["out"])
+
+    def result() -> Any:
+        return held["out"] if dtype is None else held["out"].float()
+
+    return Impl(name, with_cudnn_tf32(torch, tf32, call), result, "torch")
+
+
+def conv_cases(n: int, c: int, h: int, k: int, r: int, pad: int, tag: str) -> list[Case]:
+    """fwd (with bias), bwd_data and bwd_weight of a stride-1 r x r convolution on h x h inputs, in
+    FP32: ours next to PyTorch (cuDNN with TF32 off on a GPU) and, on a CPU, NumPy."""
+    label = conv_label(n, c, h, k, r, pad, tag)
     flops = fm.conv_flops(n, c, h, h, k, r, r, 1, pad)
 
-    def inputs(env: Any) -> tuple[Any, Any, Any, Any]:
-        return env.rand((n, c, h, h)), env.rand((k, c, r, r)) * 0.1, env.rand((k,)), env.rand((n, k, p, p))
+    def build(op: str) -> Callable[[Any], list[Impl]]:
+        def impls(env: Any) -> list[Impl]:
+            x, w, b, dy = conv_inputs(env, n, c, h, k, r, pad)
+            out = [ours_conv_impl(env.backend, op, x, w, b, dy, pad)]
+            if env.device == "cpu":
+                out.append(_NUMPY_CONV[op](x, w, b, dy, pad))
+            anchor = torch_conv_impl(env, op, x, w, b, dy, pad)
+            return out + ([anchor] if anchor else [])
 
-    def torch_bwd(env: Any, x: Any, w: Any, dy: Any, which: int) -> Callable[[], Any]:
-        tx, tw, tdy = env.as_torch(x), env.as_torch(w), env.as_torch(dy)
-        aten = env.torch.ops.aten
-        if which == 0:  # dx is the transposed convolution of dy, written into a buffer
-            tdx = env.as_torch(env.backend.empty(x.shape))
-            return lambda: aten.convolution.out(tdy, tw, None, [1, 1], [pad, pad], [1, 1], True, [0, 0], 1, out=tdx)
-        # dw: convolution_backward has no out= overload for one gradient; it allocates dw (small)
-        return lambda: aten.convolution_backward(
-            tdy, tx, tw, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [False, True, False])[1]
-
-    def fwd(env: Any) -> list[Impl]:
-        be = env.backend
-        x, w, b, _ = inputs(env)
-        y = be.empty((n, k, p, p))
-        impls = [Impl(OURS, lambda: be.conv2d_fwd(x, w, b, *geo, out=y), lambda: y)]
-        if env.device == "cpu":
-            impls.append(_numpy_conv_fwd(x, w, b, pad))
-        if env.torch is not None:
-            tx, tw, tb = env.as_torch(x), env.as_torch(w), env.as_torch(b)
-            ty = env.as_torch(be.empty((n, k, p, p)))
-            conv = env.torch.ops.aten.convolution.out
-            impls.append(Impl("torch", lambda: conv(tx, tw, tb, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, out=ty),
-                              lambda: ty, "torch"))
         return impls
 
-    def bwd_data(env: Any) -> list[Impl]:
-        be = env.backend
-        x, w, _, dy = inputs(env)
-        dx = be.empty(x.shape)
-        impls = [Impl(OURS, lambda: be.conv2d_bwd_data(dy, w, x.shape, *geo, out=dx), lambda: dx)]
-        if env.device == "cpu":
-            impls.append(_numpy_conv_bwd_data(dy, w, pad))
-        return impls + _torch_impl(env, torch_bwd, x, w, dy, 0)
-
-    def bwd_weight(env: Any) -> list[Impl]:
-        be = env.backend
-        x, w, _, dy = inputs(env)
-        dw = be.empty(w.shape)
-        impls = [Impl(OURS, lambda: be.conv2d_bwd_weight(x, dy, w.shape, *geo, out=dw), lambda: dw)]
-        if env.device == "cpu":
-            impls.append(_numpy_conv_bwd_weight(x, dy, w.shape, pad))
-        return impls + _torch_impl(env, torch_bwd, x, w, dy, 1)
-
     shape = (n, c, h, h, k, r, r, 1, pad)
-    return [
-        Case("conv2d", "conv2d_fwd", label, flops, fm.conv_bytes("conv2d_fwd", *shape), fwd),
-        Case("conv2d", "conv2d_bwd_data", label, flops, fm.conv_bytes("conv2d_bwd_data", *shape), bwd_data),
-        Case("conv2d", "conv2d_bwd_weight", label, flops, fm.conv_bytes("conv2d_bwd_weight", *shape), bwd_weight),
-    ]
+    return [Case("conv2d", op, label, flops, fm.conv_bytes(op, *shape), build(op)) for op in CONV_OPS]
 
 
-def _torch_impl(env: Any, make: Callable[..., Callable[[], Any]], *args: Any) -> list[Impl]:
-    if env.torch is None:
-        return []
-    held: dict[str, Any] = {}
-    fn = make(env, *args)
-
-    def run() -> None:
-        held["out"] = fn()
-
-    return [Impl("torch", run, lambda: held["out"], "torch")]
-
-
-def _numpy_conv_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> Impl:
+def _numpy_conv_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray, dy: np.ndarray, pad: int) -> Impl:
     """Straightforward NumPy: a sliding-window view contracted with tensordot (im2col + BLAS)."""
     held: dict[str, np.ndarray] = {}
     kh, kw = w.shape[2], w.shape[3]
@@ -185,7 +223,7 @@ def _numpy_conv_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray, pad: int) -> Im
     return Impl("numpy", run, lambda: held["y"])
 
 
-def _numpy_conv_bwd_data(dy: np.ndarray, w: np.ndarray, pad: int) -> Impl:
+def _numpy_conv_bwd_data(x: np.ndarray, w: np.ndarray, b: np.ndarray, dy: np.ndarray, pad: int) -> Impl:
     """Stride 1: dx is dy, padded by R-1-pad, correlated with the flipped kernel (C and K swapped)."""
     held: dict[str, np.ndarray] = {}
     kh, kw = w.shape[2], w.shape[3]
@@ -201,10 +239,10 @@ def _numpy_conv_bwd_data(dy: np.ndarray, w: np.ndarray, pad: int) -> Impl:
     return Impl("numpy", run, lambda: held["dx"])
 
 
-def _numpy_conv_bwd_weight(x: np.ndarray, dy: np.ndarray, w_shape: tuple[int, ...], pad: int) -> Impl:
+def _numpy_conv_bwd_weight(x: np.ndarray, w: np.ndarray, b: np.ndarray, dy: np.ndarray, pad: int) -> Impl:
     """dw[k, c, r, s] = sum over n, p, q of dy[n, k, p, q] * window[n, c, p, q, r, s]."""
     held: dict[str, np.ndarray] = {}
-    kh, kw = w_shape[2], w_shape[3]
+    kh, kw = w.shape[2], w.shape[3]
 
     def run() -> None:
         xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))) if pad else x
@@ -214,8 +252,18 @@ def _numpy_conv_bwd_weight(x: np.ndarray, dy: np.ndarray, w_shape: tuple[int, ..
     return Impl("numpy", run, lambda: held["dw"])
 
 
+_NUMPY_CONV = {"conv2d_fwd": _numpy_conv_fwd, "conv2d_bwd_data": _numpy_conv_bwd_data,
+               "conv2d_bwd_weight": _numpy_conv_bwd_weight}
+
+
 # ------------------------------------------------------------------------------------- sweeps
 MLP_LAYERS = [(784, 1024), (1024, 1024), (1024, 10)]
+#: the seed CNN's Dense layers (64 channels x 5 x 5 after the second pool -> 64 -> 10)
+CNN_DENSE_LAYERS = [(1600, 64), (64, 10)]
+#: the seed CNN's convolutions and a ResNet 3x3 block layer: (N, C, H, K, R, pad, tag)
+SEED_CONV_LAYERS = [(n, *layer) for n in (32, 256) for layer in
+                    ((1, 28, 32, 3, 0, "seed CNN conv1"), (32, 13, 64, 3, 0, "seed CNN conv2"))]
+RESNET_CONV_LAYER = (64, 64, 56, 64, 3, 1, "ResNet-like")
 
 
 def full_sweep(device: str) -> list[Case]:
@@ -233,9 +281,11 @@ def full_sweep(device: str) -> list[Case]:
     for batch in (32, 256, 4096):
         for fan_in, fan_out in MLP_LAYERS:
             cases += dense_gemms(batch, fan_in, fan_out)
-    cases += conv_cases(256, 1, 28, 32, 3, 0, "seed CNN conv1")
-    cases += conv_cases(256, 32, 13, 64, 3, 0, "seed CNN conv2")
-    cases += conv_cases(64, 64, 56, 64, 3, 1, "ResNet-like")
+    for batch in (32, 256):
+        for fan_in, fan_out in CNN_DENSE_LAYERS:
+            cases += dense_gemms(batch, fan_in, fan_out)
+    for layer in (*SEED_CONV_LAYERS, RESNET_CONV_LAYER):
+        cases += conv_cases(*layer)
     cases += pool_cases(256, 64, 56, 2)
     cases += [softmax_xent_case(256, 10), softmax_xent_case(8192, 10), softmax_xent_case(4096, 32000)]
     cases += [adam_case(MLP_PARAM_SHAPES, "seed MLP"), adam_case(LARGE_PARAM_SHAPES, "25M")]
@@ -254,7 +304,7 @@ def quick_sweep(device: str) -> list[Case]:
         cases += [softmax_xent_case(256, 10), softmax_xent_case(1024, 1000)]
         return cases + [adam_case(MLP_PARAM_SHAPES, "seed MLP")]
     cases = [square_gemm(4096), *dense_gemms(256, 1024, 1024)]
-    cases += conv_cases(64, 64, 56, 64, 3, 1, "ResNet-like")
+    cases += conv_cases(*RESNET_CONV_LAYER)
     cases += pool_cases(256, 64, 56, 2)
     cases += [softmax_xent_case(8192, 10), softmax_xent_case(4096, 32000)]
     return cases + [adam_case(MLP_PARAM_SHAPES, "seed MLP")] + _precision_sweep(device, quick=True)
