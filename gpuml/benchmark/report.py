@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gpuml.benchmark.kernel_cases import CONV_OPS
+
 
 def fmt_time(seconds: float | None) -> str:
     if seconds is None:
@@ -99,7 +101,48 @@ def kernels_markdown(result: dict[str, Any]) -> str:
         out += ["", f"#### {fam}", "", _table(
             ["op", "shape", "ours", "ours rate", "of floor", "anchor", "anchor time", "anchor rate",
              "ours/anchor speed", "check"], table)]
+    out += conv_fwd_bwd_markdown(rows)
     return "\n".join(out) + "\n"
+
+
+def conv_fwd_bwd(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training cost of each convolution layer per precision and anchor: the sum of the median
+    times of its three ops (fwd, bwd_data, bwd_weight) on each side, from the measured rows only.
+    A layer lacking a measured row of one of the ops for that anchor (an error, no anchor) gets no
+    entry. `time_ratio` = ours / anchor (< 1: ours is faster); `speed` = anchor / ours, as the
+    rows' ratio (issue 13's target for the ResNet layer: speed >= 0.8 against cuDNN)."""
+    times: dict[tuple[str, str, str], dict[str, tuple[float, float]]] = {}
+    for r in rows:
+        family = r["family"]
+        if not family.startswith("conv2d") or "error" in r or r.get("anchor_median_s") is None:
+            continue
+        op = r["op"].removesuffix(f"_{_conv_precision(family)}")
+        if op in CONV_OPS:
+            times.setdefault((family, r["shape"], r["anchor"]), {})[op] = (r["ours_median_s"], r["anchor_median_s"])
+    out = []
+    for (family, shape, anchor), ops in times.items():
+        if len(ops) == len(CONV_OPS):
+            ours, theirs = (sum(t[i] for t in ops.values()) for i in (0, 1))
+            out.append({"family": family, "precision": _conv_precision(family),
+                        "shape": shape, "anchor": anchor, "ours_s": ours, "anchor_s": theirs,
+                        "time_ratio": ours / theirs, "speed": theirs / ours})
+    return out
+
+
+def _conv_precision(family: str) -> str:
+    """conv2d -> fp32, conv2d_tf32 -> tf32 (precision_cases.PRECISION_FAMILIES)."""
+    return family.removeprefix("conv2d").lstrip("_") or "fp32"
+
+
+def conv_fwd_bwd_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    entries = conv_fwd_bwd(rows)
+    if not entries:
+        return []
+    table = [[e["shape"], e["precision"], fmt_time(e["ours_s"]), e["anchor"], fmt_time(e["anchor_s"]),
+              f"{e['time_ratio']:.2f}", f"{e['speed']:.2f}x"] for e in entries]
+    return ["", "#### conv2d fwd+bwd per layer", "",
+            "Sum of the median times of the layer's fwd, bwd_data and bwd_weight rows above, each side.", "",
+            _table(["layer", "precision", "ours", "anchor", "anchor time", "ours/anchor time", "speed"], table)]
 
 
 def train_markdown(result: dict[str, Any]) -> str:
