@@ -142,20 +142,23 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / np.abs(ref).max())
 
 
-CONV_KS = sorted(_reduction_lengths([*SEED_CONV_LAYERS, RESNET_CONV_LAYER]))
+CONV_KS = _reduction_lengths([*SEED_CONV_LAYERS, RESNET_CONV_LAYER])
+#: K of the GEMM rows: squares, and the Dense products' fan-in, fan-out and batch
+GEMM_KS = {256, 512, 1024, 2048, 4096, 8192, 784, 1600, 64, 10, 32}
 
 
-@pytest.mark.parametrize("K", CONV_KS)
+@pytest.mark.parametrize("K", sorted(CONV_KS | GEMM_KS))
 def test_bounds_cover_the_operand_rounding_and_catch_tf32_in_fp32_rows(K: int) -> None:
     """The measure max |ours - anchor| / max |anchor| for products of the rows' distributions
-    (normal x 0.1 normal, plus a normal bias) at each row's reduction length, every plausible pair
+    (normal x 0.1 normal, plus a normal bias) at each row's reduction length (conv and GEMM; the
+    GEMM rows' bounds are the same per precision), every plausible pair
     of roundings: ours exact FP32 (conv not yet on tensor cores) or rounded as our kernels round
     (tf32 ties away, bf16 nearest even); cuDNN's TF32 rounded to nearest even or truncated, its
     BF16 with the output (and bias) rounded to BF16 too. The precision bounds hold with a margin of
     3 or more, and TF32 in an FP32 row moves the result past the FP32 rows' 1e-4: a leak fails
     their check."""
     gen = np.random.default_rng(K)
-    m = 24 if K < 10_000 else 6  # fewer outputs for the long weight-gradient sums (fast)
+    m = 24 if K < 10_000 else 12  # fewer outputs for the long weight-gradient sums (fast)
     a = gen.standard_normal((m, K)).astype(np.float32)
     b = (0.1 * gen.standard_normal((K, m))).astype(np.float32)
     bias = gen.standard_normal(m).astype(np.float32)
