@@ -33,6 +33,7 @@ FP32 summation order and cuDNN's algorithms (Winograd, FFT).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -115,7 +116,7 @@ def precision_conv_cases(precision: str, n: int, c: int, h: int, k: int, r: int,
     label = conv_label(n, c, h, k, r, pad, tag)
     flops = fm.conv_flops(n, c, h, h, k, r, r, 1, pad)
 
-    def build(op: str) -> Any:
+    def build(op: str) -> Callable[[Any], list[Impl]]:
         def impls(env: Any) -> list[Impl]:
             from gpuml.backend import get_backend
 
