@@ -1,5 +1,5 @@
-// gemm_epilogue.cuh: the fused epilogue and the column sums every GEMM kernel shares (gemm.cu's
-// FFMA tiles and gemm_core.cuh's tensor-core tiles), so the flags mean the same everywhere. The
+// gemm_epilogue.cuh: the fused epilogue and the column sums every GEMM kernel shares (gemm_core.cuh:
+// FP32 FFMA and tensor-core tiles), so the flags mean the same everywhere. The
 // flag values are EPILOGUE_* in gpuml/backend/cuda/launch.py; the semantics are in gemm.cu's header.
 #pragma once
 #include "common.cuh"
@@ -18,6 +18,29 @@ __device__ __forceinline__ float gemm_epilogue(float acc, const float* C, const 
     if (flags & GEMM_RELU) acc = gpuml_relu(acc);
     if (flags & GEMM_RELU_MASK) acc = mask[idx] > 0.0f ? acc : 0.0f;
     return acc;
+}
+
+// The same for the 4 consecutive outputs idx..idx + 3 (columns col..col + 3), loaded and stored as
+// float4 (the caller checked that N % 4 == 0 and the pointers are 16-byte aligned).
+__device__ __forceinline__ void gemm_epilogue4(float4 v, float* C, const float* bias, const float* mask,
+                                               gpuml_i64 idx, int col, int flags) {
+    if (flags & GEMM_ACCUMULATE) {
+        const float4 c = *reinterpret_cast<const float4*>(C + idx);
+        v.x += c.x; v.y += c.y; v.z += c.z; v.w += c.w;
+    }
+    if (flags & GEMM_BIAS) {
+        const float4 b = *reinterpret_cast<const float4*>(bias + col);
+        v.x += b.x; v.y += b.y; v.z += b.z; v.w += b.w;
+    }
+    if (flags & GEMM_RELU) {
+        v.x = gpuml_relu(v.x); v.y = gpuml_relu(v.y); v.z = gpuml_relu(v.z); v.w = gpuml_relu(v.w);
+    }
+    if (flags & GEMM_RELU_MASK) {
+        const float4 m = *reinterpret_cast<const float4*>(mask + idx);
+        v.x = m.x > 0.0f ? v.x : 0.0f; v.y = m.y > 0.0f ? v.y : 0.0f;
+        v.z = m.z > 0.0f ? v.z : 0.0f; v.w = m.w > 0.0f ? v.w : 0.0f;
+    }
+    __stwb(reinterpret_cast<float4*>(C + idx), v);
 }
 
 // out[n] = sum over k in [k_begin, k_end) of op(B)[k, n] for the COLS columns n0 .. n0+COLS-1

@@ -16,12 +16,8 @@
 #include "gemm_core.cuh"
 #include "gemm_tiles.h"
 
-typedef TcTile<GEMM_TC_LARGE_BM, GEMM_TC_LARGE_BN, GEMM_TC_LARGE_BK, GEMM_TC_LARGE_WARPS_M, GEMM_TC_LARGE_WARPS_N,
-               GEMM_TC_LARGE_STAGES>
-    TcLarge;
-typedef TcTile<GEMM_TC_SMALL_BM, GEMM_TC_SMALL_BN, GEMM_TC_SMALL_BK, GEMM_TC_SMALL_WARPS_M, GEMM_TC_SMALL_WARPS_N,
-               GEMM_TC_SMALL_STAGES>
-    TcSmall;
+typedef GEMM_TILE(TC, LARGE) TcLarge;
+typedef GEMM_TILE(TC, SMALL) TcSmall;
 
 #define GEMM_TC_ENTRY_POINT(AB, TRANS_A, TRANS_B, PREC, MATH, TILE, TILE_NAME)                          \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, 1)                                      \
@@ -29,10 +25,10 @@ typedef TcTile<GEMM_TC_SMALL_BM, GEMM_TC_SMALL_BN, GEMM_TC_SMALL_BK, GEMM_TC_SMA
                                             const float* mask, float* col_sums, float* work,           \
                                             unsigned int* counters, int M, int N, int K, int k_per_split, \
                                             int flags) {                                               \
-        __shared__ __align__(16) GemmTcShared<TILE> smem;                                              \
+        __shared__ __align__(16) GemmShared<TILE> smem;                                              \
         typedef DenseGather<TILE, TRANS_A, TRANS_B> Gather;                                            \
         const int k_begin = blockIdx.z * k_per_split;                                                  \
-        const Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN,               \
+        Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN,               \
                             min(K, k_begin + k_per_split));                                            \
         gemm_core_tile<Gather, MATH>(smem, gather, C, bias, mask, col_sums, work, counters, k_begin, flags); \
     }

@@ -22,7 +22,9 @@
 // of the 16 destination bytes (both addresses 16-byte aligned); gpuml_cp_async_4 copies 4 bytes or
 // (src_bytes = 0) writes 4 zero bytes. The data is in shared memory only after the group that
 // holds the copy has been waited for (gpuml_cp_async_wait<n>: all but the n most recent committed
-// groups are complete) AND a __syncthreads makes other threads' copies visible.
+// groups are complete) AND a __syncthreads makes other threads' copies visible. Before sm_80 (only
+// the FP32 GEMM runs there) both are synchronous copies and the group calls do nothing, which
+// keeps the same contract.
 #pragma once
 
 #if !defined(GPUML_CUDA_EMULATOR)
@@ -103,8 +105,14 @@ __device__ __forceinline__ void gpuml_cp_async_16(void* smem, const void* gmem, 
 #if GPUML_HAS_MMA
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(gpuml_smem_addr(smem)), "l"(gmem),
                  "r"(src_bytes));
-#else
-    __trap();
+#else  // before sm_80 (the FP32 GEMM only): a synchronous copy with the same zero fill
+    const float* s = static_cast<const float*>(gmem);
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (src_bytes >= 4) v.x = s[0];
+    if (src_bytes >= 8) v.y = s[1];
+    if (src_bytes >= 12) v.z = s[2];
+    if (src_bytes >= 16) v.w = s[3];
+    *static_cast<float4*>(smem) = v;
 #endif
 }
 
@@ -113,7 +121,7 @@ __device__ __forceinline__ void gpuml_cp_async_4(void* smem, const void* gmem, i
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(gpuml_smem_addr(smem)), "l"(gmem),
                  "r"(src_bytes));
 #else
-    __trap();
+    *static_cast<float*>(smem) = src_bytes > 0 ? *static_cast<const float*>(gmem) : 0.0f;
 #endif
 }
 

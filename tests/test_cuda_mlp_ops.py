@@ -19,8 +19,9 @@ pytestmark = GPU
 GEMM_SHAPES = [
     (1, 1, 1), (7, 33, 5), (33, 127, 1000), (127, 33, 7), (32, 1024, 784), (32, 10, 1024),
     (784, 1024, 32), (1, 4097, 3), (130, 257, 0),
-    (1500, 1409, 33),   # 12 x 12 big tiles: the 128x128 kernel, ragged edges
-    (1536, 1540, 68),   # the same kernel's float4 variant (ld % 4 == 0)
+    (520, 1030, 20),    # 9 x 17 tiles of 64 x 64: the medium tile (gemm_tiles.h), ragged edges
+    (1500, 1409, 33),   # 12 x 12 big tiles: the 128x128 tile, ragged edges, scalar stores
+    (1536, 1540, 68),   # the same tile with 16-byte copies and float4 stores (ld % 4 == 0)
 ]  # fmt: skip
 EPILOGUES = [(False, None), (True, None), (True, "relu"), (False, "relu")]
 

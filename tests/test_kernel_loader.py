@@ -39,11 +39,11 @@ def test_real_kernels_include_common() -> None:
         found = k.resolve_includes(k.kernel_source_path(name), [kernel_dir()])
         assert [p.name for p in found] == ["common.cuh"]
     # the GEMMs reach common.cuh through the shared epilogue (and the tensor-core core), depth first
+    core = ["gemm_core.cuh", "gemm_epilogue.cuh", "common.cuh", "gemm_math.cuh", "mma.cuh"]
     found = k.resolve_includes(k.kernel_source_path("gemm"), [kernel_dir()])
-    assert [p.name for p in found] == ["gemm_epilogue.cuh", "common.cuh"]
+    assert [p.name for p in found] == [*core, "gemm_tiles.h"]
     found = k.resolve_includes(k.kernel_source_path("gemm_tc_tf32"), [kernel_dir()])
-    assert [p.name for p in found] == ["gemm_tc.cuh", "gemm_core.cuh", "gemm_epilogue.cuh", "common.cuh", "mma.cuh",
-                                      "gemm_tiles.h"]
+    assert [p.name for p in found] == ["gemm_tc.cuh", *core, "gemm_tiles.h"]
 
 
 def test_cache_key_and_prepared_source_change_with_a_header(tmp_path: Path) -> None:
@@ -114,29 +114,55 @@ def test_kernel_family_names_are_identifiers() -> None:
 
 # ----------------------------------------------------------------------------- launch plans
 def test_gemm_plan_picks_tile_and_split() -> None:
-    big = plan.gemm_plan(4096, 4096, 4096, False, False, vec4=True)
-    assert big.kernel == "gemm_nn_tile128_vec4" and big.grid == (32, 32, 1) and not big.small
-    scalar = plan.gemm_plan(1500, 1409, 33, True, False, vec4=False)
-    assert scalar.kernel == "gemm_tn_tile128" and scalar.grid == (12, 12, 1)
-    batch32 = plan.gemm_plan(32, 1024, 784, False, True, vec4=True)
-    assert batch32.kernel == "gemm_nt_tile32x64" and batch32.small
-    assert batch32.splits > 1 and batch32.k_per_split % plan.SMALL_TILE_K == 0
+    big = plan.gemm_plan(4096, 4096, 4096, False, False)
+    assert big.kernel == "gemm_nn_fp32_large" and big.grid == (32, 32, 1) and big.block == (256, 1, 1)
+    assert big.splits == 1 and big.workspace_elems == 0
+    scalar = plan.gemm_plan(1500, 1409, 33, True, False)
+    assert scalar.kernel == "gemm_tn_fp32_large" and scalar.grid == (12, 12, 1)
+    batch32 = plan.gemm_plan(32, 1024, 784, False, True)
+    assert batch32.kernel == "gemm_nt_fp32_small" and batch32.block == (128, 1, 1)
+    small_k = plan.gemm_tiles("F32")["small"]["BK"]
+    assert batch32.splits > 1 and batch32.k_per_split % small_k == 0
     assert (batch32.splits - 1) * batch32.k_per_split < 784 <= batch32.splits * batch32.k_per_split
     assert batch32.grid == (16, 1, batch32.splits)
     assert batch32.workspace_elems == batch32.splits * 32 * 1024
-    no_split = plan.gemm_plan(784, 1024, 32, True, False, vec4=True)
+    no_split = plan.gemm_plan(784, 1024, 32, True, False)
     assert no_split.splits == 1 and no_split.workspace_elems == 0 and no_split.grid[2] == 1
-    empty_k = plan.gemm_plan(5, 7, 0, False, False, vec4=False)
+    empty_k = plan.gemm_plan(5, 7, 0, False, False)
     assert empty_k.splits == 1 and empty_k.grid == (1, 1, 1)
+    only_col_sums = plan.gemm_plan(0, 7, 5, True, False)
+    assert only_col_sums.grid == (1, 1, 1)
     with pytest.raises(ShapeError):
-        plan.gemm_plan(2**31, 4, 4, False, False, vec4=False)
+        plan.gemm_plan(2**31, 4, 4, False, False)
+    with pytest.raises(ValueError):
+        plan.gemm_plan(4, 4, 4, False, False, "fp16")
 
 
-@pytest.mark.parametrize("K", [1, 200, 256, 257, 784, 1024, 4097, 100000])
-def test_gemm_split_covers_k_exactly_once(K: int) -> None:
-    p = plan.gemm_plan(32, 10, K, False, False, vec4=False)
-    assert 1 <= p.splits <= plan.SPLITK_MAX
-    assert p.splits * p.k_per_split >= K > (p.splits - 1) * p.k_per_split
+@pytest.mark.parametrize("M,N,K,tile,tiles,splits", [
+    (512, 512, 512, "small", 128, 2), (768, 768, 768, "medium", 144, 2), (1024, 1024, 1024, "medium", 256, 1),
+    (2048, 2048, 2048, "large", 256, 1), (4096, 4096, 4096, "large", 1024, 1)])
+def test_gemm_plan_fp32_tile_table(M: int, N: int, K: int, tile: str, tiles: int, splits: int) -> None:
+    """Issue 13 item 2: 512^3-1024^3 no longer run the old tile32x64 with scalar loads: 1024^3 takes
+    64 x 64 tiles, 512^3 the 32 x 64 tile with 16-byte cp.async copies split 2-way along K; every
+    grid has at least SPLITK_TARGET_BLOCKS blocks."""
+    p = plan.gemm_plan(M, N, K, False, False)
+    assert p.kernel == f"gemm_nn_fp32_{tile}" and p.tiles == p.grid[0] * p.grid[1] == tiles
+    assert p.splits == splits and p.grid[2] == splits and tiles * splits >= plan.SPLITK_TARGET_BLOCKS
+
+
+def test_gemm_tile_table_matches_the_kernels_contract() -> None:
+    """Every F32 row fits MathFfma (warp tile 8 TM x 4 TN, TN % 4 == 0, TM % 4 == 0) and the 48 KiB of
+    static shared memory; the table is what kernels/gemm_tiles.h says, largest first."""
+    f32 = plan.gemm_tiles("F32")
+    assert list(f32) == ["large", "medium", "small"]
+    for t in f32.values():
+        wm, wn = t["BM"] // t["WARPS_M"], t["BN"] // t["WARPS_N"]
+        assert wm % 32 == 0 and wn % 16 == 0 and t["BK"] % 8 == 0
+        bk, bm, bn = t["BK"], t["BM"], t["BN"]
+        stage = max(bm * (bk + 4), bk * (bm + 4)) + max(bn * (bk + 4), bk * (bn + 4))
+        assert stage * 4 * t["STAGES"] + 4 <= 48 * 1024
+    areas = [t["BM"] * t["BN"] for t in f32.values()]
+    assert areas == sorted(areas, reverse=True)
 
 
 def test_softmax_xent_plan() -> None:

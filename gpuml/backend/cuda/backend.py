@@ -177,35 +177,23 @@ class CudaBackend(AugmentOps, MultiTensorOps, ConvPoolOps, DevicePlumbing, Backe
             | (plan.EPILOGUE_RELU_MASK if relu_mask is not None else 0)
             | (plan.EPILOGUE_COL_SUMS if col_sums is not None else 0)
         )
-        lda, ldb = a.shape[1], b.shape[1]
-        vec4 = lda % 4 == 0 and ldb % 4 == 0 and N % 4 == 0 and aligned16(a, b, out, bias, relu_mask)
-        key = (M, N, K, bool(trans_a), bool(trans_b), vec4)
+        key = (M, N, K, bool(trans_a), bool(trans_b), self.precision)
         gp = self._gemm_plans.get(key)
-        if gp is None:
-            gp = self._gemm_plans[key] = plan.gemm_plan(M, N, K, trans_a, trans_b, vec4)
+        if gp is None:  # any M, including 0 (only the column sums: block row 0 writes them)
+            gp = self._gemm_plans[key] = plan.gemm_plan(M, N, K, trans_a, trans_b, self.precision)
         # Pointers the flags say are never read are passed as `out` (a valid device pointer).
         epilogue = (out if bias is None else bias, out if relu_mask is None else relu_mask,
                     out if col_sums is None else col_sums)
-        dims = (np.int32(M), np.int32(N), np.int32(K))
-        family = "gemm"
-        if self.precision != "fp32":  # tensor cores (kernels/gemm_tc_<precision>.cu): any M, including 0
-            family, tkey = f"gemm_tc_{self.precision}", (M, N, K, bool(trans_a), bool(trans_b), self.precision)
-            gp = self._gemm_plans.get(tkey)
-            if gp is None:
-                gp = self._gemm_plans[tkey] = plan.gemm_tc_plan(M, N, K, trans_a, trans_b, self.precision)
-        elif M == 0:  # only the column sums: one 32-row tile
-            gp = plan.gemm_plan(1, N, K, trans_a, trans_b, False)
-        if not gp.small:
-            self._launch("gemm", gp.kernel, gp.grid, gp.block, (a, b, out, *epilogue, *dims, np.int32(flags)))
-            return out
-        if gp.splits > 1:  # one launch: the last block of each tile adds the K slices (gemm.cu)
+        if gp.splits > 1:  # one launch: the last block of each tile adds the K slices (gemm_core.cuh)
             work = self._scratch("gemm_splitk", gp.workspace_elems + gp.splits * N)
             tickets = self._tickets(gp.tiles)
         else:
             work, tickets = out, self._tickets(1)
+        family = "gemm" if self.precision == "fp32" else f"gemm_tc_{self.precision}"
         self._launch(
             family, gp.kernel, gp.grid, gp.block,
-            (a, b, out, *epilogue, work, tickets, *dims, np.int32(gp.k_per_split), np.int32(flags)),
+            (a, b, out, *epilogue, work, tickets, np.int32(M), np.int32(N), np.int32(K),
+             np.int32(gp.k_per_split), np.int32(flags)),
         )  # fmt: skip
         return out
 

@@ -27,14 +27,8 @@ MAX_PARTIALS = 1024
 INT32_MAX = 2**31 - 1
 MAX_GRID_YZ = 65535
 
-# GEMM tiles (kernels/gemm.cu)
-TILE128 = 128
-TILE128_THREADS = 256
-SMALL_TILE_M, SMALL_TILE_N, SMALL_TILE_K = 32, 64, 16
-SMALL_THREADS = 128
-#: below this many 128x128 tiles (about one wave on an A100/H100) the small tile is used
-TILE128_MIN_BLOCKS = 128
-#: the small-tile grid is split along K until it has about this many blocks ...
+# GEMM tiles: kernels/gemm_tiles.h (gemm_tiles()); split-K of any tile whose grid is small:
+#: a grid is split along K until it has about this many blocks ...
 SPLITK_TARGET_BLOCKS = 256
 #: ... giving each slice at least this much of K ...
 SPLITK_MIN_K = 128
@@ -59,14 +53,13 @@ def grid_1d(n: int, cap: int = MAX_BLOCKS) -> Grid:
 
 @dataclass(frozen=True)
 class GemmPlan:
-    kernel: str  # entry point in kernels/gemm.cu
+    kernel: str  # entry point in kernels/gemm.cu or kernels/gemm_tc_<precision>.cu
     grid: Grid
     block: Grid
-    small: bool  # takes work and k_per_split: the 32x64 kernel and every gemm_tc kernel (split-K)
     splits: int
     k_per_split: int
     workspace_elems: int  # splits * M * N when splits > 1, else 0 (+ splits * N for column sums)
-    tiles: int  # output tiles of the grid: the split-K ticket counters (gemm.cu)
+    tiles: int  # output tiles of the grid: the split-K ticket counters (gemm_core.cuh)
 
 
 def split_k(blocks: int, K: int, k_step: int) -> tuple[int, int]:
@@ -80,84 +73,70 @@ def split_k(blocks: int, K: int, k_step: int) -> tuple[int, int]:
     return ceil_div(max(K, 1), k_per_split), k_per_split  # rounding the slice up can leave one empty
 
 
-def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, vec4: bool) -> GemmPlan:
-    """Which gemm kernel covers op(A) (M x K) @ op(B) (K x N), and its grid.
-
-    vec4: the caller checked that lda, ldb, N are multiples of 4 and every pointer is 16-byte
-    aligned (only the 128x128 kernel has a float4 variant).
-    """
-    for name, v in (("M", M), ("N", N), ("K", K)):
-        if not 0 <= v <= INT32_MAX:
-            raise ShapeError(f"matmul: {name} = {v} is past the kernels' 32-bit indexing")
-    ab = ("t" if trans_a else "n") + ("t" if trans_b else "n")
-    tiles128 = ceil_div(M, TILE128) * ceil_div(N, TILE128)
-    if tiles128 >= TILE128_MIN_BLOCKS:
-        grid = (ceil_div(N, TILE128), ceil_div(M, TILE128), 1)
-        if grid[1] > MAX_GRID_YZ:
-            raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
-        name = f"gemm_{ab}_tile128" + ("_vec4" if vec4 else "")
-        return GemmPlan(name, grid, (TILE128_THREADS, 1, 1), False, 1, max(K, 1), 0, grid[0] * grid[1])
-    gx, gy = ceil_div(N, SMALL_TILE_N), ceil_div(M, SMALL_TILE_M)
-    if gy > MAX_GRID_YZ:  # unreachable in practice: fewer than 128 big tiles means M < 2^21
-        raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
-    splits, k_per_split = split_k(gx * gy, K, SMALL_TILE_K)
-    workspace = splits * M * N if splits > 1 else 0
-    return GemmPlan(
-        kernel=f"gemm_{ab}_tile32x64",
-        grid=(gx, gy, splits),
-        block=(SMALL_THREADS, 1, 1),
-        small=True,
-        splits=splits,
-        k_per_split=k_per_split,
-        workspace_elems=workspace,
-        tiles=gx * gy,
-    )
-
-
 #: the model precisions with a tensor-core GEMM (kernels/gemm_tc_<precision>.cu); fp32 is gemm.cu
 TENSOR_CORE_PRECISIONS = ("tf32", "bf16")
-_DEFINE_RE = re.compile(r"^#define\s+GEMM_TC_([A-Z0-9]+)_([A-Z_]+)\s+(\d+)\s*$", re.M)
+#: tile-table kind of each precision (the GEMM_<KIND>_ rows of kernels/gemm_tiles.h)
+TILE_KIND = {"fp32": "F32", "tf32": "TC", "bf16": "TC"}
+_DEFINE_RE = re.compile(r"^#define\s+GEMM_(F32|TC|CONV)_([A-Z0-9]+)_([A-Z_]+)\s+(\d+)\s*$", re.M)
 _TILE_FIELDS = {"BM", "BN", "BK", "WARPS_M", "WARPS_N", "STAGES", "MIN_BLOCKS"}
 
 
 @functools.cache
-def tc_tiles() -> dict[str, dict[str, int]]:
-    """The tensor-core tile table, read from kernels/gemm_tiles.h (the kernels include the same
-    file, so a grid cannot disagree with its kernel's tile): {"large": {"BM": 128, ...}, ...},
-    in file order (largest first)."""
+def gemm_tiles(kind: str) -> dict[str, dict[str, int]]:
+    """The tile table of one kind ("F32", "TC" or "CONV"), read from kernels/gemm_tiles.h (the kernels
+    include the same file, so a grid cannot disagree with its kernel's tile): {"large": {"BM": 128,
+    ...}, ...}, in file order (largest first)."""
     tiles: dict[str, dict[str, int]] = {}
-    for name, field, value in _DEFINE_RE.findall((kernel_dir() / "gemm_tiles.h").read_text()):
-        tiles.setdefault(name.lower(), {})[field] = int(value)
+    for k, name, field, value in _DEFINE_RE.findall((kernel_dir() / "gemm_tiles.h").read_text()):
+        if k == kind:
+            tiles.setdefault(name.lower(), {})[field] = int(value)
     for name, fields in tiles.items():
         if fields.keys() != _TILE_FIELDS:
-            raise RuntimeError(f"kernels/gemm_tiles.h: tile {name} has {sorted(fields)}, needs {sorted(_TILE_FIELDS)}")
+            raise RuntimeError(
+                f"kernels/gemm_tiles.h: tile {kind} {name} has {sorted(fields)}, needs {sorted(_TILE_FIELDS)}")
     if not tiles:
-        raise RuntimeError("kernels/gemm_tiles.h defines no tile")
+        raise RuntimeError(f"kernels/gemm_tiles.h defines no {kind} tile")
     return tiles
 
 
-def gemm_tc_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, precision: str) -> GemmPlan:
-    """The tensor-core kernel (kernels/gemm_tc_<precision>.cu) for op(A) (M x K) @ op(B) (K x N) in `precision`
-    (tf32 or bf16): the first tile of gemm_tiles.h whose grid has MIN_BLOCKS blocks (else the
-    last), then split-K by the FP32 small tile's rule (split_k) when that grid is still small."""
-    if precision not in TENSOR_CORE_PRECISIONS:
-        raise ValueError(f"gemm_tc_plan: precision must be one of {TENSOR_CORE_PRECISIONS}, got {precision!r}")
+def tc_tiles() -> dict[str, dict[str, int]]:
+    """The tensor-core rows of gemm_tiles.h (gemm_tiles("TC"))."""
+    return gemm_tiles("TC")
+
+
+def gemm_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, precision: str = "fp32") -> GemmPlan:
+    """The kernel for op(A) (M x K) @ op(B) (K x N) in `precision`: fp32 -> gemm_<ab>_fp32_<tile>
+    (kernels/gemm.cu), tf32 / bf16 -> gemm_tc_<ab>_<precision>_<tile> (kernels/gemm_tc_<precision>.cu).
+    The tile is the first row of the precision's kind in gemm_tiles.h whose grid has MIN_BLOCKS blocks
+    (else the last), then K is split (split_k) while that grid is still small. Shapes only: no
+    device property enters, so the bits are the same on every GPU."""
+    if precision not in TILE_KIND:
+        raise ValueError(f"gemm_plan: precision must be one of {tuple(TILE_KIND)}, got {precision!r}")
     for name, v in (("M", M), ("N", N), ("K", K)):
         if not 0 <= v <= INT32_MAX:
             raise ShapeError(f"matmul: {name} = {v} is past the kernels' 32-bit indexing")
+
     def grid_of(t: dict[str, int]) -> Grid:
         return (max(1, ceil_div(N, t["BN"])), max(1, ceil_div(M, t["BM"])), 1)
 
-    rows = list(tc_tiles().items())
+    rows = list(gemm_tiles(TILE_KIND[precision]).items())
     tile, t = next(((n, t) for n, t in rows if math.prod(grid_of(t)) >= t["MIN_BLOCKS"]), rows[-1])
     gx, gy, _ = grid_of(t)
     if gy > MAX_GRID_YZ:
         raise ShapeError(f"matmul: M = {M} rows are more than one launch covers")
     splits, k_per_split = split_k(gx * gy, K, t["BK"])
     ab = ("t" if trans_a else "n") + ("t" if trans_b else "n")
+    kernel = f"gemm_{ab}_fp32_{tile}" if precision == "fp32" else f"gemm_tc_{ab}_{precision}_{tile}"
     threads = 32 * t["WARPS_M"] * t["WARPS_N"]
-    return GemmPlan(f"gemm_tc_{ab}_{precision}_{tile}", (gx, gy, splits), (threads, 1, 1), True, splits,
-                    k_per_split, splits * M * N if splits > 1 else 0, gx * gy)
+    return GemmPlan(kernel, (gx, gy, splits), (threads, 1, 1), splits, k_per_split,
+                    splits * M * N if splits > 1 else 0, gx * gy)
+
+
+def gemm_tc_plan(M: int, N: int, K: int, trans_a: bool, trans_b: bool, precision: str) -> GemmPlan:
+    """gemm_plan for a tensor-core precision (tf32 or bf16); ValueError for any other."""
+    if precision not in TENSOR_CORE_PRECISIONS:
+        raise ValueError(f"gemm_tc_plan: precision must be one of {TENSOR_CORE_PRECISIONS}, got {precision!r}")
+    return gemm_plan(M, N, K, trans_a, trans_b, precision)
 
 
 @dataclass(frozen=True)
