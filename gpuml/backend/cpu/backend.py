@@ -160,15 +160,9 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
             relu_mask = c.float_in("relu_mask", relu_mask, shape=y_shape)
         out = c.out_buf("out", out, x_shape)
         c.done()
-        cpu_conv.conv2d_bwd_data(self._ws, self._relu_dz(dy, relu_mask), w, geom, out)
+        # the ReLU backward (activation_bwd's select) rides in the pass laying dz out for the GEMMs
+        cpu_conv.conv2d_bwd_data(self._ws, cpu_conv.Dz(dy, relu_mask), w, geom, out)
         return out
-
-    def _relu_dz(self, dy: np.ndarray, relu_mask: np.ndarray | None) -> np.ndarray:
-        """dy through the ReLU backward of relu_mask (the conv's output), in a scratch buffer:
-        the fused conv backward ops' semantics (activation_bwd's select)."""
-        if relu_mask is None:
-            return dy
-        return self.activation_bwd("relu", relu_mask, dy, out=self._ws.scratch("relu_dz", dy.shape, self.dtype))
 
     def conv2d_bwd_weight(
         self,
@@ -193,10 +187,8 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
             db = c.out_buf("db", db, (w_shape[0],))
         out = c.out_buf("out", out, w_shape)
         c.done()
-        dz = self._relu_dz(dy, relu_mask)
-        cpu_conv.conv2d_bwd_weight(self._ws, x, dz, geom, out)
-        if db is not None:
-            self.bias_grad(dz, out=db)
+        # the ReLU backward and the bias gradient ride in the pass laying dz out for the GEMMs
+        cpu_conv.conv2d_bwd_weight(self._ws, x, cpu_conv.Dz(dy, relu_mask, db), geom, out)
         return out
 
     # ------------------------------------------------------------------ elementwise

@@ -27,20 +27,27 @@ import math
 import numpy as np
 
 from gpuml.backend.cpu.conv_loops import (
-    batch_to_channel_major,
     bias_act_planes,
     col2im,
     col2im_nhwc,
     conv_epilogue,
+    gather_dz,
     im2col,
     im2col_nhwc,
+    lane_sums,
 )
 from gpuml.backend.cpu.loops import run_tasks
+from gpuml.backend.cpu.precision import round_operand
 
 #: the size one im2col matrix aims at; a batch is split into equal chunks of whole images
 COL_BUDGET_BYTES = 4 << 20
-#: chunks a batch is cut into at least (where it has that many images), so every core gets some
-MIN_CHUNKS = 8
+#: chunks a batch is cut into at least (where it has that many images), so that two cores get
+#: some; more chunks at a small batch cost more in hand-offs and smaller GEMMs than they balance
+#: (the seed CNN at batch 32: 8 chunks 6.9 ms a step, 4 chunks 6.4 ms, 2 chunks 5.9-6.2 ms on 2 cores)
+MIN_CHUNKS = 2
+#: the chunk count is rounded up to a multiple of this, so that two workers finish together (3
+#: chunks on 2 cores left one idle for a third of the op: 6.7 ms a step)
+CHUNK_GRAIN = 2
 #: from this many input channels on, fwd and bwd_weight build im2col from a channels-last copy
 NHWC_MIN_CHANNELS = 8
 
@@ -71,7 +78,8 @@ def _chunks(n_images: int, rows: int, cols_per_image: int, itemsize: int) -> lis
     so that every core gets chunks. Fixed by the shapes alone, never by the core count: the
     weight gradient sums over the chunks."""
     per_image = rows * cols_per_image * itemsize
-    count = max(1, min(n_images, max(MIN_CHUNKS, -(-n_images * per_image // COL_BUDGET_BYTES))))
+    count = max(MIN_CHUNKS, -(-n_images * per_image // COL_BUDGET_BYTES))
+    count = max(1, min(n_images, -(-count // CHUNK_GRAIN) * CHUNK_GRAIN))
     size = -(-n_images // count)
     return [(n0, min(n_images, n0 + size)) for n0 in range(0, n_images, size)]
 
@@ -103,11 +111,60 @@ def _im2col_chunk(ws: Workspace, worker: int, x: np.ndarray, geom: Geometry, L: 
     return col
 
 
-def _channel_major(ws: Workspace, worker: int, dy3: np.ndarray) -> np.ndarray:
-    n, K, L = dy3.shape
-    dyt = ws.scratch(f"gemm{worker}", (K, n * L), dy3.dtype)
-    batch_to_channel_major(dy3, dyt)
-    return dyt
+class Dz:
+    """How the backward ops get their dz from dy: through the ReLU backward of `mask` (the conv's
+    output) when given, and with the bias gradient summed into `db` when given, both in the pass
+    that lays dz out for the GEMMs (conv_loops.gather_dz), chunk by chunk, so no pass over the
+    whole batch writes dz or reads it for the sums. `precision` (tf32 / bf16) rounds the GEMM
+    operand after the sums: the bias gradient comes from the unrounded dz, as on the GPU."""
+
+    def __init__(self, dy: np.ndarray, mask: np.ndarray | None = None, db: np.ndarray | None = None,
+                 precision: str = "fp32") -> None:
+        self.dy3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
+        self.mask3 = None if mask is None else mask.reshape(self.dy3.shape)
+        self.db = db
+        self.precision = precision
+
+    @property
+    def plain(self) -> bool:
+        """dz is dy as it is: the GEMMs may read dy in place."""
+        return self.mask3 is None and self.db is None and self.precision == "fp32"
+
+    def gather(self, ws: Workspace, worker: int, chunk: int, n0: int, n1: int, channel_major: bool,
+               sums: np.ndarray | None) -> np.ndarray:
+        """dz of images [n0, n1): (K, n*L) channel-major or (n, K, L), in the worker's scratch;
+        with a db, its float64 partial sums go to sums[chunk]."""
+        dy = self.dy3[n0:n1]
+        n, K, L = dy.shape
+        shape = (K, n * L) if channel_major else (n, K, L)
+        dst = ws.scratch(f"gemm{worker}" if channel_major else f"dz{worker}", shape, dy.dtype)
+        with_sums = self.db is not None
+        acc = ws.scratch(f"dz_lanes{worker}", (K * L,), np.dtype(np.float64)) if with_sums else _NO_LANES
+        if with_sums:
+            acc.fill(0)
+        mask = dy if self.mask3 is None else self.mask3[n0:n1]
+        gather_dz(dy, mask, self.mask3 is not None, dst, channel_major, acc, with_sums)
+        if with_sums:
+            lane_sums(acc, K, L, sums[chunk])  # type: ignore[index]
+        if self.precision != "fp32":
+            np.copyto(dst, round_operand(dst, self.precision))
+        return dst
+
+    def sums_buffer(self, ws: Workspace, chunks: int) -> np.ndarray | None:
+        if self.db is None:
+            return None
+        return ws.scratch("db_parts", (chunks, self.dy3.shape[1]), np.dtype(np.float64))
+
+    def finish(self, sums: np.ndarray | None) -> None:
+        """db = the chunks' partial sums added in chunk order (float64), then rounded once."""
+        if self.db is not None and sums is not None:
+            total = sums[0].copy()
+            for part in sums[1:]:
+                total += part
+            np.copyto(self.db, total, casting="same_kind")
+
+
+_NO_LANES = np.zeros(1, np.float64)
 
 
 def conv2d_fwd(
@@ -141,58 +198,57 @@ def conv2d_fwd(
     run_tasks(chunk, len(chunks))
 
 
-def conv2d_bwd_data(ws: Workspace, dy: np.ndarray, w: np.ndarray, geom: Geometry, dx: np.ndarray) -> None:
-    N, K, P, Q = dy.shape
-    L = P * Q
+def conv2d_bwd_data(ws: Workspace, dz: Dz, w: np.ndarray, geom: Geometry, dx: np.ndarray) -> None:
+    N, K, L = dz.dy3.shape
     nhwc = _use_nhwc(dx.shape[1])
     w2 = _weight_rsc(ws, w) if nhwc else w.reshape(K, -1)
     crs = w2.shape[1]
-    dy3 = dy.reshape(N, K, L)
-    chunks = _chunks(N, max(crs, K), L, dy.itemsize)
+    chunks = _chunks(N, max(crs, K), L, dx.itemsize)
 
     def chunk(worker: int, i: int) -> None:
         n0, n1 = chunks[i]
         n = n1 - n0
-        dyt = _channel_major(ws, worker, dy3[n0:n1])
+        dyt = dz.gather(ws, worker, i, n0, n1, True, None)
         if nhwc:
             # channels-last dcol: col2im then adds runs of kw*C entries, not of Q
-            dcol = ws.scratch(f"col{worker}", (n * L, crs), dy.dtype)
+            dcol = ws.scratch(f"col{worker}", (n * L, crs), dx.dtype)
             np.matmul(dyt.T, w2, out=dcol)
             col2im_nhwc(dcol.reshape(n, L, crs), *geom, dx[n0:n1])
         else:
-            dcol = ws.scratch(f"col{worker}", (crs, n * L), dy.dtype)
+            dcol = ws.scratch(f"col{worker}", (crs, n * L), dx.dtype)
             np.matmul(w2.T, dyt, out=dcol)
             col2im(dcol, *geom, dx[n0:n1])
 
     run_tasks(chunk, len(chunks))
 
 
-def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dy: np.ndarray, geom: Geometry, dw: np.ndarray) -> None:
-    N, K, P, Q = dy.shape
-    L = P * Q
+def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dz: Dz, geom: Geometry, dw: np.ndarray) -> None:
+    N, K, L = dz.dy3.shape
     C = x.shape[1]
     nhwc = _use_nhwc(C)
     crs = dw[0].size
-    dy3 = dy.reshape(N, K, L)
     chunks = _chunks(N, max(crs, K), L, x.itemsize)
     # one dW per chunk, in im2col's column order ((K, C*R*S), or (K, R*S*C) channels-last),
     # summed in chunk order below so the result does not depend on which thread ran which chunk
     parts = ws.scratch("dw_parts", (len(chunks), K, crs), dw.dtype)
+    sums = dz.sums_buffer(ws, len(chunks))
 
     def chunk(worker: int, i: int) -> None:
         n0, n1 = chunks[i]
         col = _im2col_chunk(ws, worker, x[n0:n1], geom, L)
         if nhwc:
-            np.matmul(_channel_major(ws, worker, dy3[n0:n1]), col, out=parts[i])
+            np.matmul(dz.gather(ws, worker, i, n0, n1, True, sums), col, out=parts[i])
             return
         # few input channels: col has few rows, so the GEMM is cheap next to copying dy into
-        # channel-major order; one small GEMM per image on dy as it is, summed in image order
+        # channel-major order; one small GEMM per image on dz laid out as dy, summed in image order
         n = n1 - n0
+        dz3 = dz.dy3[n0:n1] if dz.plain else dz.gather(ws, worker, i, n0, n1, False, sums)
         per_image = ws.scratch(f"dw_images{worker}", (n, K, crs), dw.dtype)
-        np.matmul(dy3[n0:n1], col.reshape(crs, n, L).transpose(1, 2, 0), out=per_image)
+        np.matmul(dz3, col.reshape(crs, n, L).transpose(1, 2, 0), out=per_image)
         np.sum(per_image, axis=0, out=parts[i])
 
     run_tasks(chunk, len(chunks))
+    dz.finish(sums)
     dw2 = ws.scratch("dw_rsc", (K, crs), dw.dtype) if nhwc else dw.reshape(K, crs)
     np.copyto(dw2, parts[0])
     for i in range(1, len(chunks)):

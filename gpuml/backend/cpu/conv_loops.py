@@ -217,9 +217,46 @@ def bias_act_planes(y, bias, relu):
 
 
 @njit(cache=True, nogil=True)
-def batch_to_channel_major(dy, dyt):
-    """dyt (K, N*L) from dy (N, K, L): the layout the weight- and data-gradient GEMMs need."""
+def gather_dz(dy, mask, masked, dst, channel_major, acc, sums):
+    """The backward ops' dz, in one pass over dy (N, K, L) with the ReLU backward and the bias
+    gradient's sums riding along (no separate pass writes dz or reads it for the sums):
+    dz = mask > 0 ? dy : 0 where `masked` (a select: a NaN dy under a closed mask gives 0), else dy;
+    written to dst (contiguous) channel-major (K, N*L) or, not channel_major, as dy (N, K, L).
+    With `sums`, acc (K*L, float64) += dz for each n in order: one accumulator per (k, l), so the
+    loop vectorises without reassociating (lane_sums then adds the lanes). mask and acc are not
+    read when their flag is off (pass any array of the right rank)."""
     N, K, L = dy.shape
+    df = dst.reshape(-1)
     for n in range(N):
         for k in range(K):
-            dyt[k, n * L : (n + 1) * L] = dy[n, k]
+            src = dy[n, k]
+            base = _U(k) * _U(N * L) + _U(n * L) if channel_major else _U(n * K + k) * _U(L)
+            a0 = _U(k) * _U(L)
+            if masked:
+                m = mask[n, k]
+                if sums:
+                    for i in range(L):
+                        v = src[i] if m[i] > 0 else src.dtype.type(0)
+                        df[base + _U(i)] = v
+                        acc[a0 + _U(i)] += v
+                else:
+                    for i in range(L):
+                        df[base + _U(i)] = src[i] if m[i] > 0 else src.dtype.type(0)
+            elif sums:
+                for i in range(L):
+                    v = src[i]
+                    df[base + _U(i)] = v
+                    acc[a0 + _U(i)] += v
+            else:
+                for i in range(L):
+                    df[base + _U(i)] = src[i]
+
+
+@njit(cache=True, nogil=True)
+def lane_sums(acc, K, L, out):
+    """out[k] (float64) = sum of the L lanes acc[k*L : (k+1)*L], in lane order."""
+    for k in range(K):
+        s = 0.0
+        for i in range(L):
+            s += acc[k * L + i]
+        out[k] = s
