@@ -1,11 +1,12 @@
 """Convolution and pooling of the CUDA backend: check -> output buffer -> launch of the kernels in
-kernels/conv2d.cu and kernels/pool.cu (their header comments give the tile maps and contracts).
+kernels/conv2d[_tf32|_bf16].cu (contract: kernels/conv_core.cuh; the one per the backend's precision)
+and kernels/pool.cu.
 
-The first half is pure Python (geometry, argument checks, grids, the bwd_weight split plan) and
-runs without CuPy, so it is unit-tested on any machine. The second half is `ConvPoolOps`, the
+The first half is pure Python (geometry, argument checks, the per-shape tile / split plans and the
+index tables) and runs without CuPy, so it is unit-tested on any machine. The second half is `ConvPoolOps`, the
 mixin that gives `CudaBackend` its seven conv/pool methods. It never synchronises, never calls
 cuDNN or cuBLAS, and after the first call for a shape it allocates nothing unless the caller
-leaves `out=` unset: the bwd_weight workspace is cached on the backend.
+leaves `out=` unset: the plans, tables and the bwd_weight workspace are cached on the backend.
 """
 
 from __future__ import annotations
@@ -17,14 +18,9 @@ from typing import Any
 import numpy as np
 
 from gpuml.backend.base import Array, Pair, check_pair, conv_out_size, fail
-from gpuml.backend.cuda.launch import ceil_div
+from gpuml.backend.cuda.launch import TILE_KIND, ceil_div, gemm_tiles
 
-THREADS = 256
-#: conv2d_fwd / conv2d_bwd_data output tile: (pixels, channels) per block
-WIDE_TILE = (128, 64)
-#: conv2d_bwd_weight output tile (C*R*S, K) per block and its reduction slice depth
-WGRAD_TILE = (64, 64)
-WGRAD_SLICE = 16
+THREADS = 256  # the pooling kernels' blocks
 #: bwd_weight splits its N*P*Q reduction until the grid has about this many blocks (a constant,
 #: not the device's SM count, so that dw has the same bits on every GPU: the split changes the
 #: summation order) ...
@@ -34,15 +30,18 @@ WGRAD_MIN_STEPS = 512
 #: the kernels index with 32-bit ints
 INDEX_LIMIT = 2**31 - 1
 MAX_GRID_YZ = 65535
+#: the per-shape tables pack r and s (and r % sh, s % sw) in 16 bits
+MAX_KERNEL_SIZE = 2**15 - 1
+#: conv tiles (the CONV rows of kernels/gemm_tiles.h) are not wider than the GEMM's N rounded up to this
+TILE_N_GRAIN = 32
 
 Grid = tuple[int, int, int]
 BLOCK: Grid = (THREADS, 1, 1)
-#: conv2d.cu backward flags
+#: conv_core.cuh backward flags
 CONV_RELU_MASK, CONV_BIAS_GRAD = 1, 2
-
-
-
-
+CONV_OPS = ("fwd", "bwd_data", "bwd_weight")
+#: the precisions with conv kernels (kernels/conv2d.cu is fp32; tf32 / bf16 convs run fp32 for now)
+CONV_PRECISIONS = ("fp32",)
 
 
 def _dims4(op: str, name: str, shape: Sequence[int]) -> tuple[int, int, int, int]:
@@ -111,6 +110,8 @@ def conv_geometry(
     if P < 1 or Q < 1:
         fail(op, f"{x_name} {(N, C, H, W)} padded by {(ph, pw)} is smaller than the {R}x{S} kernel")
     _fits_int32(op, **{x_name: (N, C, H, W), w_name: (K, C, R, S), "y": (N, K, P, Q)})
+    if max(R, S) > MAX_KERNEL_SIZE:
+        fail(op, f"{w_name} {(K, C, R, S)}: a kernel side past {MAX_KERNEL_SIZE} is not supported")
     return ConvGeometry(N, C, H, W, K, R, S, P, Q, sh, sw, ph, pw)
 
 
@@ -162,59 +163,99 @@ def pool_geometry(op: str, x_shape: Sequence[int], kernel: Any, stride: Any, pad
 # ------------------------------------------------------------------------------------ launch plans
 
 
-def _wide_grid(op: str, pixels: int, channels: int) -> Grid:
-    grid = (ceil_div(pixels, WIDE_TILE[0]), ceil_div(channels, WIDE_TILE[1]), 1)
-    if grid[1] > MAX_GRID_YZ:
-        fail(op, f"{channels} channels are more than one launch covers ({MAX_GRID_YZ * WIDE_TILE[1]})")
-    return grid
-
-
-def conv_fwd_grid(g: ConvGeometry, op: str = "conv2d_fwd") -> Grid:
-    """Blocks of conv2d_fwd: 128 output pixels (of N*P*Q) x 64 filters each."""
-    return _wide_grid(op, g.N * g.P * g.Q, g.K)
-
-
-def conv_bwd_data_grid(g: ConvGeometry, op: str = "conv2d_bwd_data") -> Grid:
-    """Blocks of conv2d_bwd_data: 128 input pixels (of N*H*W) x 64 input channels each."""
-    return _wide_grid(op, g.N * g.H * g.W, g.C)
-
-
 def elementwise_grid(total: int) -> Grid:
     """One thread per element, THREADS per block (the pooling kernels)."""
     return (ceil_div(total, THREADS), 1, 1)
 
 
-@dataclass(frozen=True)
-class WgradPlan:
-    """How conv2d_bwd_weight splits its N*P*Q reduction: split z sums steps
-    [z*chunk, min((z+1)*chunk, N*P*Q)) into workspace slice z, then, in the same launch, the
-    last block of each output tile adds the slices in a fixed order. With one split the kernel
-    writes dw directly (no workspace)."""
+def conv_gemm_dims(op: str, g: ConvGeometry) -> tuple[int, int, int]:
+    """(M, N, reduction) of the implicit GEMM of conv2d_<op> (kernels/conv_core.cuh)."""
+    crs, pixels = g.C * g.R * g.S, g.N * g.P * g.Q
+    return {"fwd": (pixels, g.K, crs), "bwd_data": (g.N * g.H * g.W, g.C, g.K * g.R * g.S),
+            "bwd_weight": (g.K, crs, pixels)}[op]
 
+
+def conv_tile(M: int, N: int) -> tuple[str, dict[str, int]]:
+    """The CONV row of gemm_tiles.h for an M x N output: among the tiles no wider than N rounded up
+    to TILE_N_GRAIN (else the narrowest), the first whose grid has MIN_BLOCKS blocks, else the last
+    (the smallest). Shapes only, never the SM count."""
+    rows = list(gemm_tiles("CONV").items())
+    limit = ceil_div(max(N, 1), TILE_N_GRAIN) * TILE_N_GRAIN
+    fits = [(n, t) for n, t in rows if t["BN"] <= limit] or [min(rows, key=lambda r: r[1]["BN"])]
+    return next(((n, t) for n, t in fits if ceil_div(M, t["BM"]) * ceil_div(N, t["BN"]) >= t["MIN_BLOCKS"]),
+                fits[-1])
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """One conv kernel launch: conv2d_<op>_<precision>_<tile>, grid (M tiles, N tiles, splits).
+    bwd_weight splits its N*P*Q reduction: split z sums steps [z*chunk, min((z+1)*chunk, N*P*Q))
+    into workspace slice z, then, in the same launch, the last block of each output tile adds the
+    slices in a fixed order. With one split (and for fwd / bwd_data) there is no workspace."""
+
+    kernel: str
     grid: Grid
-    chunk: int
+    block: Grid
+    chunk: int  # reduction steps per split (the whole reduction without a split)
     splits: int
     tiles: int  # output tiles: the split tickets
-    workspace_elems: int  # splits * K*C*R*S (the db slices, splits * K, come on top)
+    workspace_elems: int  # splits * K*C*R*S (the db slices, splits * K, come on top); 0 unsplit
 
 
-def conv_bwd_weight_plan(g: ConvGeometry, op: str = "conv2d_bwd_weight") -> WgradPlan:
-    crs, steps = g.C * g.R * g.S, g.N * g.P * g.Q
-    tiles = (ceil_div(crs, WGRAD_TILE[0]), ceil_div(g.K, WGRAD_TILE[1]))
+def conv_plan(op: str, g: ConvGeometry, precision: str = "fp32", name: str | None = None) -> ConvPlan:
+    """The launch of conv2d_<op> (fwd, bwd_data, bwd_weight) for geometry g in `precision`."""
+    if op not in CONV_OPS or precision not in TILE_KIND:
+        raise ValueError(f"conv_plan: op {op!r} / precision {precision!r} unknown")
+    name = name or f"conv2d_{op}"
+    M, N, L = conv_gemm_dims(op, g)
+    tile, t = conv_tile(M, N)
+    tiles = (ceil_div(M, t["BM"]), ceil_div(N, t["BN"]))
     if tiles[1] > MAX_GRID_YZ:
-        fail(op, f"{g.K} filters are more than one launch covers ({MAX_GRID_YZ * WGRAD_TILE[1]})")
-    splits = ceil_div(WGRAD_TARGET_BLOCKS, tiles[0] * tiles[1])
-    splits = min(splits, max(1, steps // WGRAD_MIN_STEPS), MAX_GRID_YZ, INDEX_LIMIT // (g.K * crs))
-    splits = max(1, splits)
-    chunk = ceil_div(ceil_div(steps, splits), WGRAD_SLICE) * WGRAD_SLICE
-    splits = ceil_div(steps, chunk)  # rounding the chunk up can leave the last split empty
-    return WgradPlan(
+        fail(name, f"{N} output columns are more than one launch covers ({MAX_GRID_YZ * t['BN']})")
+    splits = 1
+    if op == "bwd_weight":
+        splits = ceil_div(WGRAD_TARGET_BLOCKS, tiles[0] * tiles[1])
+        splits = max(1, min(splits, max(1, L // WGRAD_MIN_STEPS), MAX_GRID_YZ, INDEX_LIMIT // (M * N)))
+    chunk = ceil_div(ceil_div(L, splits), t["BK"]) * t["BK"]
+    splits = ceil_div(L, chunk)  # rounding the chunk up can leave the last split empty
+    return ConvPlan(
+        kernel=f"{name}_{precision}_{tile}",
         grid=(tiles[0], tiles[1], splits),
+        block=(32 * t["WARPS_M"] * t["WARPS_N"], 1, 1),
         chunk=chunk,
         splits=splits,
         tiles=tiles[0] * tiles[1],
-        workspace_elems=splits * g.K * crs if splits > 1 else 0,
+        workspace_elems=splits * M * N if splits > 1 else 0,
     )
+
+
+def conv_bwd_weight_plan(g: ConvGeometry, precision: str = "fp32") -> ConvPlan:
+    return conv_plan("bwd_weight", g, precision)
+
+
+def conv_table(op: str, g: ConvGeometry) -> np.ndarray:
+    """The per-shape reduction-index table of conv2d_fwd / conv2d_bwd_data (kernels/conv_gather.cuh):
+    the offsets and kernel taps of every kk, so the kernels decode no index per element.
+    fwd: kk = (c, r, s) -> [c*H*W + r*W + s, r << 16 | s];
+    bwd_data: kk = (k, r, s) -> [k*P*Q, r // sh | (r % sh) << 16, s // sw | (s % sw) << 16, k*C*R*S + r*S + s]."""
+    r = np.arange(g.R, dtype=np.int64)[:, None]
+    s = np.arange(g.S, dtype=np.int64)[None, :]
+    if op == "fwd":
+        c = np.arange(g.C, dtype=np.int64)[:, None, None]
+        off = c * g.H * g.W + (r * g.W + s)[None]
+        taps = np.broadcast_to(((r << 16) | s)[None], off.shape)
+        table = np.stack([off.ravel(), taps.ravel()], axis=1)
+    elif op == "bwd_data":
+        k = np.arange(g.K, dtype=np.int64)[:, None, None]
+        shape = (g.K, g.R, g.S)
+        cols = [np.broadcast_to(k * g.P * g.Q, shape),
+                np.broadcast_to(((r // g.sh) | ((r % g.sh) << 16))[None], shape),
+                np.broadcast_to(((s // g.sw) | ((s % g.sw) << 16))[None], shape),
+                np.broadcast_to(k * g.C * g.R * g.S + (r * g.S + s)[None], shape)]
+        table = np.stack([col.ravel() for col in cols], axis=1)
+    else:
+        raise ValueError(f"conv_table: no table for op {op!r}")
+    return np.ascontiguousarray(table.ravel(), dtype=np.int32)
 
 
 # ------------------------------------------------------------------------------------ the mixin
@@ -230,6 +271,21 @@ class ConvPoolOps:
     xp: Any
 
     # ------------------------------------------------------------------ convolution
+    def _conv_launch(self, op: str, g: ConvGeometry, args_of: Any) -> None:
+        """Launches conv2d_<op> in the backend's precision: the plan and the per-shape table are made
+        on the first call for a shape and cached (nothing is allocated after it: graph capture);
+        args_of(plan, table) gives the kernel arguments."""
+        cache = self.__dict__.setdefault("_conv_cache", {})
+        precision = self.precision if self.precision in CONV_PRECISIONS else "fp32"
+        key = (op, g, precision)
+        hit = cache.get(key)
+        if hit is None:
+            table = self.xp.asarray(conv_table(op, g)) if op != "bwd_weight" else None
+            hit = cache[key] = (conv_plan(op, g, precision), table)
+        plan, table = hit
+        family = "conv2d" if precision == "fp32" else f"conv2d_{precision}"
+        self._launch(family, plan.kernel, plan.grid, plan.block, args_of(plan, table))
+
     def conv2d_fwd(self, x: Array, w: Array, bias: Array | None, stride: Pair, padding: Pair, *,
                    activation: str | None = None, out: Array | None = None) -> Array:
         op = "conv2d_fwd"
@@ -242,8 +298,8 @@ class ConvPoolOps:
             bias = self._dev_in(op, "bias", bias, shape=(g.K,))
         out = self._dev_out(op, "out", out, g.y_shape, x=x, w=w, bias=bias)
         flags = (np.int32(bias is not None), np.int32(activation == "relu"))
-        args = (x, w, w if bias is None else bias, out, *g.args(), *flags)
-        self._launch("conv2d", "conv2d_fwd", conv_fwd_grid(g), BLOCK, args)
+        self._conv_launch("fwd", g, lambda plan, table: (
+            x, w, w if bias is None else bias, table, out, *g.args(), *flags))
         return out
 
     def conv2d_bwd_data(self, dy: Array, w: Array, x_shape: Sequence[int], stride: Pair,
@@ -256,8 +312,8 @@ class ConvPoolOps:
             relu_mask = self._dev_in(op, "relu_mask", relu_mask, shape=g.y_shape)
         out = self._dev_out(op, "out", out, g.x_shape, dy=dy, w=w, relu_mask=relu_mask)
         flags = np.int32(CONV_RELU_MASK if relu_mask is not None else 0)
-        self._launch("conv2d", "conv2d_bwd_data", conv_bwd_data_grid(g), BLOCK,
-                     (dy, dy if relu_mask is None else relu_mask, w, out, *g.args(), flags))
+        self._conv_launch("bwd_data", g, lambda plan, table: (
+            dy, dy if relu_mask is None else relu_mask, w, table, out, *g.args(), flags))
         return out
 
     def conv2d_bwd_weight(self, x: Array, dy: Array, w_shape: Sequence[int], stride: Pair,
@@ -272,16 +328,18 @@ class ConvPoolOps:
         if db is not None:
             db = self._dev_out(op, "db", db, (g.K,), x=x, dy=dy, relu_mask=relu_mask)
         out = self._dev_out(op, "out", out, g.w_shape, x=x, dy=dy, relu_mask=relu_mask, db=db)
-        plan = conv_bwd_weight_plan(g, op)
-        if plan.splits > 1:  # one launch: the last block of each tile adds the slices
-            work = self._scratch("conv2d_bwd_weight", plan.workspace_elems + plan.splits * g.K)
-            tickets = self._tickets(plan.tiles)
-        else:
-            work, tickets = out, self._tickets(1)
         flags = (CONV_RELU_MASK if relu_mask is not None else 0) | (CONV_BIAS_GRAD if db is not None else 0)
-        self._launch("conv2d", "conv2d_bwd_weight", plan.grid, BLOCK, (
-            x, dy, dy if relu_mask is None else relu_mask, out, out if db is None else db, work, tickets,
-            *g.args(), np.int32(plan.chunk), np.int32(flags)))  # fmt: skip
+
+        def args(plan: ConvPlan, table: Any) -> tuple:
+            if plan.splits > 1:  # one launch: the last block of each tile adds the slices
+                work = self._scratch("conv2d_bwd_weight", plan.workspace_elems + plan.splits * g.K)
+                tickets = self._tickets(plan.tiles)
+            else:
+                work, tickets = out, self._tickets(1)
+            return (x, dy, dy if relu_mask is None else relu_mask, out, out if db is None else db, work, tickets,
+                    *g.args(), np.int32(plan.chunk), np.int32(flags))
+
+        self._conv_launch("bwd_weight", g, args)
         return out
 
     # ------------------------------------------------------------------ pooling
