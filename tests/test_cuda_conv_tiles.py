@@ -35,7 +35,7 @@ TILE_CASES = {
     ("bwd_weight", "medium"): ((1, 228, 5, 6), (65, 228, 3, 3), (1, 1), (0, 1)),
     ("bwd_weight", "small"): ((4, 3, 20, 41), (8, 3, 3, 3), (1, 2), (1, 1)),  # N*P*Q split in 3
 }
-PRECISIONS = ["fp32"]
+PRECISIONS = ["fp32", "tf32", "bf16"]
 
 
 def _backends(precision: str):
@@ -108,3 +108,47 @@ def test_conv_tile_matches_rounded_reference(op: str, tile: str, precision: str)
             before += 1
     assert cuda.launch_count - before == 1  # the fused op is one launch
     _check(precision, cuda.to_numpy(out), want, exact, terms)
+
+
+def _random_cases(count: int, seed: int) -> list[tuple]:
+    """Shapes that are no tile multiples, strides 1-2, padding 0-2, kernels 1-5 (as
+    tests/test_cuda_conv_pool.py draws them)."""
+    gen = np.random.default_rng(seed)
+    cases: list[tuple] = []
+    while len(cases) < count:
+        R, S = (int(v) for v in gen.choice([1, 2, 3, 5], 2))
+        stride, padding = tuple(int(v) for v in gen.integers(1, 3, 2)), tuple(int(v) for v in gen.integers(0, 3, 2))
+        H, W = (int(v) for v in gen.integers(3, 21, 2))
+        if H + 2 * padding[0] >= R and W + 2 * padding[1] >= S:
+            N, C, K = int(gen.choice([1, 2, 3, 5])), int(gen.choice([1, 3, 4, 17])), int(gen.choice([1, 3, 8, 33, 65]))
+            cases.append(((N, C, H, W), (K, C, R, S), stride, padding))
+    return cases
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("case", _random_cases(5, seed=13))
+def test_conv_tf32_bf16_random_shapes(case: tuple, precision: str) -> None:
+    """fwd (bias + ReLU), bwd_data and bwd_weight (ReLU mask, bias gradient) in tf32 / bf16 on random
+    shapes against the rounded-operand reference."""
+    x_shape, w_shape, stride, padding = case
+    cuda, cpu = _backends(precision)
+    y_shape = _y_shape(*case)
+    gen = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x, w, b = rand_f32(gen, *x_shape), rand_f32(gen, *w_shape), rand_f32(gen, w_shape[0])
+    dy, y = rand_f32(gen, *y_shape), rand_f32(gen, *y_shape)
+    h = {k: v.astype(np.float64) for k, v in dict(x=x, w=w, b=b, dy=dy, y=y).items()}
+    got = cuda.conv2d_fwd(cuda.asarray(x), cuda.asarray(w), cuda.asarray(b), stride, padding, activation="relu",
+                          out=nan_filled(cuda, y_shape))
+    want = cpu.conv2d_fwd(h["x"], h["w"], h["b"], stride, padding, activation="relu")
+    assert rel_err(cuda.to_numpy(got), want) <= gemm_tol(int(np.prod(w_shape[1:])) + 1)
+    got = cuda.conv2d_bwd_data(cuda.asarray(dy), cuda.asarray(w), x_shape, stride, padding, relu_mask=cuda.asarray(y),
+                               out=nan_filled(cuda, x_shape))
+    want = cpu.conv2d_bwd_data(h["dy"], h["w"], x_shape, stride, padding, relu_mask=h["y"])
+    assert rel_err(cuda.to_numpy(got), want) <= gemm_tol(w_shape[0] * w_shape[2] * w_shape[3])
+    db, want_db = nan_filled(cuda, (w_shape[0],)), np.zeros(w_shape[0])
+    got = cuda.conv2d_bwd_weight(cuda.asarray(x), cuda.asarray(dy), w_shape, stride, padding,
+                                 relu_mask=cuda.asarray(y), db=db, out=nan_filled(cuda, w_shape))
+    want = cpu.conv2d_bwd_weight(h["x"], h["dy"], w_shape, stride, padding, relu_mask=h["y"], db=want_db)
+    terms = int(np.prod(y_shape)) // w_shape[0]
+    assert rel_err(cuda.to_numpy(got), want) <= gemm_tol(terms)
+    assert rel_err(cuda.to_numpy(db), want_db) <= gemm_tol(terms)

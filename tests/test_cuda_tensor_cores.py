@@ -155,3 +155,24 @@ def test_trainer_tf32_bf16_graph_replay_gives_the_eager_bits(precision: str, tmp
         runs[graph] = t
     _same(runs["on"], runs["off"])
 
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_trainer_cnn_tf32_bf16_runs_the_conv_tensor_cores_and_replays(precision: str, tmp_path) -> None:
+    """A conv layer in a tf32 / bf16 run takes kernels/conv2d_<precision>.cu (precision covers
+    convolutions too), and its launches capture and replay in the step graph with the eager bits."""
+    from gpuml.train.trainer import Trainer
+    from tests.test_cuda_graph import _config, _dataset, _same
+
+    runs = {}
+    for graph in ("on", "off"):
+        cfg = _config(graph)
+        cfg["precision"] = precision
+        cfg["model"]["layers"] = [{"type": "conv2d", "filters": 4, "kernel": 3, "padding": 1, "activation": "relu"},
+                                  {"type": "maxpool2d", "size": 2}, {"type": "flatten"}, {"type": "dense", "units": 3}]
+        t = Trainer(cfg, tmp_path / graph, log=lambda _: None, dataset=_dataset())
+        t.fit(progress=False)
+        families = {family for family, _ in t.backend._kernel_memo}
+        assert f"conv2d_{precision}" in families and "conv2d" not in families, families
+        runs[graph] = t
+    _same(runs["on"], runs["off"])

@@ -148,6 +148,11 @@ TENSOR_CORE_PTX = {
                         "cp.async.wait_group"),
     "gemm_tc_bf16.cu": ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "cvt.rn.bf16x2.f32",
                         "cp.async.cg.shared.global", "cp.async.wait_group"),
+    "conv2d_tf32.cu": ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "cvt.rna.tf32.f32",
+                       "ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global",
+                       "cp.async.ca.shared.global", "cp.async.wait_group"),
+    "conv2d_bf16.cu": ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "cvt.rn.bf16x2.f32",
+                       "cp.async.ca.shared.global", "cp.async.wait_group"),
 }
 
 

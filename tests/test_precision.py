@@ -46,6 +46,37 @@ def test_cpu_matmul_rounds_operands_only(precision: str, bits: int) -> None:
     np.testing.assert_allclose(sums, b.sum(axis=0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("precision,bits", [("tf32", 10), ("bf16", 7)])
+@pytest.mark.parametrize("case", [((2, 3, 9, 8), (4, 3, 3, 3), (2, 1), (1, 0)),   # few channels: NCHW paths
+                                  ((2, 9, 7, 7), (5, 9, 3, 3), (1, 1), (1, 1))])  # channels-last paths
+def test_cpu_conv_rounds_the_operands_the_kernels_round(case: tuple, precision: str, bits: int) -> None:
+    """The conv tensor-core kernels (kernels/conv2d_<precision>.cu) round x and w forward, dz (dy
+    through the ReLU mask) and w for dx, x and dz for dw; the bias gradient is the sum of the
+    unrounded dz. The CPU reference in that precision is the exact conv of those rounded operands."""
+    x_shape, w_shape, stride, padding = case
+    gen = np.random.default_rng(1)
+    exact, cpu = CpuBackend(dtype="float64"), CpuBackend(dtype="float64")
+    cpu.set_precision(precision)
+    x, w, b = gen.standard_normal(x_shape), gen.standard_normal(w_shape), gen.standard_normal(w_shape[0])
+    y = exact.conv2d_fwd(x, w, None, stride, padding)
+    dy, mask = gen.standard_normal(y.shape), gen.standard_normal(y.shape)
+    dz = np.where(mask > 0, dy, 0.0)
+    rx, rw, rdz = (round_operand(a, precision) for a in (x, w, dz))
+
+    got = cpu.conv2d_fwd(x, w, b, stride, padding, activation="relu")
+    np.testing.assert_allclose(got, exact.conv2d_fwd(rx, rw, b, stride, padding, activation="relu"), rtol=1e-12,
+                               atol=1e-12)
+    got = cpu.conv2d_bwd_data(dy, w, x_shape, stride, padding, relu_mask=mask)
+    np.testing.assert_allclose(got, exact.conv2d_bwd_data(rdz, rw, x_shape, stride, padding), rtol=1e-12, atol=1e-12)
+    db = np.empty(w_shape[0])
+    got = cpu.conv2d_bwd_weight(x, dy, w_shape, stride, padding, relu_mask=mask, db=db)
+    want = exact.conv2d_bwd_weight(rx, rdz, w_shape, stride, padding)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, dz.sum(axis=(0, 2, 3)), rtol=1e-12)  # unrounded
+    err = np.linalg.norm(got - exact.conv2d_bwd_weight(x, dz, w_shape, stride, padding)) / np.linalg.norm(want)
+    assert 2.0 ** -(bits + 8) < err < 2.0**-bits
+
+
 def test_precision_config_key() -> None:
     assert validate({"model": {"layers": [{"type": "flatten"}]}}, "t.yaml")["precision"] == "fp32"
     with pytest.raises(ConfigError, match="precision") as exc:

@@ -137,6 +137,8 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
             bias = c.float_in("bias", bias, shape=(w.shape[0],))
         out = c.out_buf("out", out, y_shape)
         c.done()
+        if self.precision != "fp32":  # the tensor-core conv kernels round x and w (the bias stays FP32)
+            x, w = round_operand(x, self.precision), round_operand(w, self.precision)
         cpu_conv.conv2d_fwd(self._ws, x, w, bias, geom, relu, out)
         return out
 
@@ -160,8 +162,11 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
             relu_mask = c.float_in("relu_mask", relu_mask, shape=y_shape)
         out = c.out_buf("out", out, x_shape)
         c.done()
-        # the ReLU backward (activation_bwd's select) rides in the pass laying dz out for the GEMMs
-        cpu_conv.conv2d_bwd_data(self._ws, cpu_conv.Dz(dy, relu_mask), w, geom, out)
+        # the ReLU backward (activation_bwd's select) rides in the pass laying dz out for the GEMMs;
+        # tf32 / bf16: the tensor-core kernels round dz (there, after the mask) and w
+        if self.precision != "fp32":
+            w = round_operand(w, self.precision)
+        cpu_conv.conv2d_bwd_data(self._ws, cpu_conv.Dz(dy, relu_mask, precision=self.precision), w, geom, out)
         return out
 
     def conv2d_bwd_weight(
@@ -187,8 +192,11 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
             db = c.out_buf("db", db, (w_shape[0],))
         out = c.out_buf("out", out, w_shape)
         c.done()
-        # the ReLU backward and the bias gradient ride in the pass laying dz out for the GEMMs
-        cpu_conv.conv2d_bwd_weight(self._ws, x, cpu_conv.Dz(dy, relu_mask, db), geom, out)
+        # the ReLU backward and the bias gradient ride in the pass laying dz out for the GEMMs;
+        # tf32 / bf16: the kernels round x and dz, and db is the sum of the unrounded dz
+        if self.precision != "fp32":
+            x = round_operand(x, self.precision)
+        cpu_conv.conv2d_bwd_weight(self._ws, x, cpu_conv.Dz(dy, relu_mask, db, precision=self.precision), geom, out)
         return out
 
     # ------------------------------------------------------------------ elementwise

@@ -40,8 +40,6 @@ BLOCK: Grid = (THREADS, 1, 1)
 #: conv_core.cuh backward flags
 CONV_RELU_MASK, CONV_BIAS_GRAD = 1, 2
 CONV_OPS = ("fwd", "bwd_data", "bwd_weight")
-#: the precisions with conv kernels (kernels/conv2d.cu is fp32; tf32 / bf16 convs run fp32 for now)
-CONV_PRECISIONS = ("fp32",)
 
 
 def _dims4(op: str, name: str, shape: Sequence[int]) -> tuple[int, int, int, int]:
@@ -276,7 +274,7 @@ class ConvPoolOps:
         on the first call for a shape and cached (nothing is allocated after it: graph capture);
         args_of(plan, table) gives the kernel arguments."""
         cache = self.__dict__.setdefault("_conv_cache", {})
-        precision = self.precision if self.precision in CONV_PRECISIONS else "fp32"
+        precision = self.precision  # fp32: conv2d.cu, tf32 / bf16: conv2d_<precision>.cu (tensor cores)
         key = (op, g, precision)
         hit = cache.get(key)
         if hit is None:
