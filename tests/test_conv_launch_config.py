@@ -89,17 +89,20 @@ def test_bwd_weight_plan_does_not_depend_on_the_device() -> None:
 SEED_B32 = [((32, 1, 28, 28), (32, 1, 3, 3), (1, 1), (0, 0)), ((32, 32, 13, 13), (64, 32, 3, 3), (1, 1), (0, 0))]
 
 
-def test_conv2_forward_at_batch_32_fills_132_sms() -> None:
+def test_conv2_at_batch_32_fills_132_sms() -> None:
     plan = cc.conv_plan("fwd", _geom(SEED_B32[1]))
     assert plan.tiles >= 132 and plan.kernel == "conv2d_fwd_fp32_small"
+    for op in cc.CONV_OPS:  # its backward too (dW: 18 tiles x 15 slices; 126 CTAs with 512-step slices)
+        plan = cc.conv_plan(op, _geom(SEED_B32[1]))
+        assert plan.tiles * plan.splits >= 132, (op, plan)
 
 
 def test_conv1_weight_gradient_takes_a_32x32_tile() -> None:
     plan = cc.conv_plan("bwd_weight", _geom(SEED_B32[0]))
     tile = launch.gemm_tiles("CONV")[plan.kernel.rsplit("_", 1)[1]]
     assert (tile["BM"], tile["BN"]) == (32, 32) and plan.tiles == 1
-    # the 21632-step N*P*Q reduction is split as far as WGRAD_MIN_STEPS allows: 41 slices of 528
-    assert plan.splits == 41 and plan.chunk == 528
+    # the 21632-step N*P*Q reduction is split as far as WGRAD_MIN_STEPS allows: 80 slices of 272
+    assert plan.splits == 80 and plan.chunk == 272
 
 
 @pytest.mark.parametrize("case", SEED_B32 + CONV_CASES)
