@@ -169,3 +169,16 @@ def test_tensor_core_kernels_emit_mma_sync(source: str, tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc -ptx failed on {source}:\n{proc.stdout}{proc.stderr}"
     assert not missing_ptx(source, out.read_text()), f"{source}: no {missing_ptx(source, out.read_text())} in the PTX"
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", ["gemm.cu", "conv2d.cu"])
+def test_fp32_kernels_build_before_sm80_without_cp_async(source: str, tmp_path: Path) -> None:
+    """The FP32 GEMM and conv run on the GEMM core's cp.async staging; before sm_80 (no cp.async)
+    kernels/mma.cuh makes those copies synchronous, so fp32 still builds and runs there."""
+    ptx = tmp_path / "out.ptx"
+    cmd = [NVCC, "-ptx", "-std=c++17", f"-I{KERNEL_DIR}", "-arch=sm_75", "-o", str(ptx), str(KERNEL_DIR / source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"nvcc -ptx failed on {source} for sm_75:\n{proc.stdout}{proc.stderr}"
+    text = ptx.read_text()
+    assert "cp.async" not in text and "trap" not in text, f"{source}: sm_75 PTX has cp.async or a trap"
