@@ -22,6 +22,7 @@ from gpuml.benchmark.timing import (
     time_host_interleaved,
 )
 from gpuml.cli import main
+from gpuml.errors import GpumlError
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -289,3 +290,31 @@ def test_bench_train_tiny_limit_rows_next_to_torch(tmp_path: Path, fashion_root:
         # Same initial weights, data order, optimizer and loss: the runs agree up to rounding.
         assert ours["train_loss"] == pytest.approx(torch_row["train_loss"], rel=1e-3)
         assert abs(ours["test_accuracy"] - torch_row["test_accuracy"]) < 0.01
+    if importlib.util.find_spec("torch") is not None:
+        # PyTorch with gpuml's subnormal flush is the second anchor on CPU, and the flush is off again
+        # afterwards (a subnormal survives PyTorch arithmetic), so it reached neither gpuml nor the caller
+        import torch
+
+        ftz = rows[impls.index("torch eager FTZ")]
+        assert ftz["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-3)
+        for r in rows:
+            assert r["speedup_vs_torch_eager_ftz"] == pytest.approx(ftz["median_epoch_s"] / r["median_epoch_s"])
+        assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+
+
+def test_torch_ftz_side_refuses_a_cpu_without_flush_and_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    from gpuml.benchmark.train import TorchSide
+
+    side = TorchSide.__new__(TorchSide)
+    side.flush_denormal = True
+    side.run = type("Run", (), {"torch": torch})()
+    with side._ftz():
+        assert (torch.tensor([1e-39]) * 1.0).item() == 0.0  # inside: flushed
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
+    with pytest.raises(RuntimeError), side._ftz():
+        raise RuntimeError("an epoch failed")
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # restored after an error too
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)
+    with pytest.raises(GpumlError, match="set_flush_denormal"), side._ftz():
+        pass

@@ -157,14 +157,23 @@ def train_markdown(result: dict[str, Any]) -> str:
     if meta.get("epoch_order"):
         out.append("- epochs alternate between the implementations; order run: " + "; ".join(meta["epoch_order"]))
     table = []
+    ftz = any(r.get("speedup_vs_torch_eager_ftz") is not None for r in rows)
+
+    def ratio(r: dict[str, Any], key: str) -> str:
+        return "-" if r.get(key) is None else f"{r[key]:.2f}x"
+
     for r in rows:
-        speed = "-" if r.get("speedup_vs_torch_eager") is None else f"{r['speedup_vs_torch_eager']:.2f}x"
         busy = f"{r['cpu_busy']:.2f}" if r.get("cpu_busy") is not None else "-"
         table.append([r["model"], str(r["batch_size"]), r["impl"], str(r["epochs"]), fmt_time(r["median_epoch_s"]),
                       f"{r['samples_per_s']:,.0f}", f"{r['us_per_step']:,.0f}", f"{r['train_loss']:.4f}",
-                      f"{r['test_accuracy']:.4f}", speed, busy])
+                      f"{r['test_accuracy']:.4f}", ratio(r, "speedup_vs_torch_eager")]
+                     + ([ratio(r, "speedup_vs_torch_eager_ftz")] if ftz else []) + [busy])
     out += ["", _table(["model", "batch", "impl", "epochs", "epoch time", "samples/s", "µs/step", "train loss",
-                        "test acc", "vs torch eager", "CPU busy"], table)]
+                        "test acc", "vs torch eager"] + (["vs torch FTZ"] if ftz else []) + ["CPU busy"], table)]
+    if ftz:
+        out.append("\ntorch eager FTZ: PyTorch with torch.set_flush_denormal(True) around its epochs, the subnormal "
+                   "flush gpuml's CPU backend does; plain torch eager keeps subnormals (its default) and slows "
+                   "down as Adam's state drifts into them.")
     if meta["device"] == "cpu":
         out.append("\nCPU busy: process CPU seconds per wall second over the measured epochs "
                    "(close to the core count when the run had the cores to itself).")
