@@ -171,9 +171,9 @@ def train_markdown(result: dict[str, Any]) -> str:
     out += ["", _table(["model", "batch", "impl", "epochs", "epoch time", "samples/s", "µs/step", "train loss",
                         "test acc", "vs torch eager"] + (["vs torch FTZ"] if ftz else []) + ["CPU busy"], table)]
     if ftz:
-        out.append("\ntorch eager FTZ: PyTorch with torch.set_flush_denormal(True) around its epochs, the subnormal "
-                   "flush gpuml's CPU backend does; plain torch eager keeps subnormals (its default) and slows "
-                   "down as Adam's state drifts into them.")
+        out.append("\ntorch eager FTZ: PyTorch with torch.set_flush_denormal(True), thrown before PyTorch starts "
+                   "its threads (in a child process), the subnormal flush gpuml's CPU backend does; plain torch eager "
+                   "keeps subnormals (its default) and slows down as Adam's state drifts into them.")
     if meta["device"] == "cpu":
         out.append("\nCPU busy: process CPU seconds per wall second over the measured epochs "
                    "(close to the core count when the run had the cores to itself).")

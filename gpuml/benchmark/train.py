@@ -20,18 +20,19 @@ uses every training image (or the first --limit), test accuracy is on the whole 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gpuml.benchmark import hardware
+from gpuml.benchmark.torch_ftz import IMPL as FTZ_IMPL
+from gpuml.benchmark.torch_ftz import TorchFtzSide
 from gpuml.benchmark.torch_models import check_supported, import_torch, torch_optimizer, torch_twin
 from gpuml.data.loader import Dataset, Split, load_dataset
 from gpuml.distributed.bench import allreduce_stats
@@ -277,56 +278,27 @@ class TorchRun:
 
 class TorchSide:
     """PyTorch's side of one comparison (eager or CUDA graph), one epoch per `epoch()` call, over
-    the permutations gpuml's BatchIterator draws from the same seed.
+    the permutations gpuml's BatchIterator draws from the same seed (PyTorch with subnormals
+    flushed: torch_ftz.py)."""
 
-    flush_denormal (CPU): PyTorch with torch.set_flush_denormal(True) around its epochs (and its
-    warm-up), "torch eager FTZ". gpuml's CPU backend flushes subnormal floats to zero where it
-    writes them (issue 15); PyTorch by default keeps them and slows down as Adam's state drifts
-    into them (the seed MLP at batch 32: 3.0 ms a step early on, 6.0 ms over full epochs), so its
-    default row alone would credit gpuml with PyTorch's subnormal slowdown. The FTZ row gives
-    PyTorch the same advantage; both are reported."""
-
-    def __init__(self, cfg: dict[str, Any], data: Dataset, device: str, graph: bool, warmup_steps: int,
-                 flush_denormal: bool = False) -> None:
+    def __init__(self, cfg: dict[str, Any], data: Dataset, device: str, graph: bool, warmup_steps: int) -> None:
         self.cfg, self.impl = cfg, "torch cuda-graph" if graph else "torch eager"
-        self.flush_denormal = flush_denormal
-        if flush_denormal:
-            self.impl += " FTZ"
         self.run = TorchRun(cfg, data, device, graph)
-        with self._ftz():
-            self.run.prepare(warmup_steps)
+        self.run.prepare(warmup_steps)
         self.rng = np.random.default_rng(cfg["seed"])
         self.n = len(data.train)
         self.times: list[float] = []
         self.meter = _BusyMeter()
 
-    @contextlib.contextmanager
-    def _ftz(self) -> Iterator[None]:
-        """Flush-to-zero for PyTorch's CPU arithmetic while inside, when this side asks for it;
-        off again after (PyTorch's default), so it never reaches gpuml's epochs."""
-        if not self.flush_denormal:
-            yield
-            return
-        torch = self.run.torch
-        if not torch.set_flush_denormal(True):
-            raise GpumlError("bench train: torch.set_flush_denormal is not supported on this CPU")
-        try:
-            yield
-        finally:
-            torch.set_flush_denormal(False)
-
     def epoch(self) -> None:
         self.meter.start()
-        with self._ftz():
-            seconds, self.samples, self.steps, self.train = self.run.epoch(self.rng.permutation(self.n))
+        seconds, self.samples, self.steps, self.train = self.run.epoch(self.rng.permutation(self.n))
         self.meter.stop()
         self.times.append(seconds)
 
     def result(self) -> dict[str, Any]:
-        with self._ftz():
-            accuracy = self.run.test_accuracy()
-        return _result(self.cfg, self.impl, self.times, self.samples, self.steps, self.train, accuracy,
-                       self.meter.busy())
+        return _result(self.cfg, self.impl, self.times, self.samples, self.steps, self.train,
+                       self.run.test_accuracy(), self.meter.busy())
 
 
 def interleaved_epochs(sides: list[Any], epochs: int, reverse_first: bool = False) -> list[str]:
@@ -379,14 +351,14 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
             sides: list[Any] = [GpumlSide(cfg, data, warmup_steps)]
             if torch is not None:
                 sides += [TorchSide(cfg, data, device, graph, warmup_steps) for graph in modes]
-                if device == "cpu":  # PyTorch with the subnormal flush gpuml's CPU backend does (TorchSide)
-                    sides.append(TorchSide(cfg, data, device, False, warmup_steps, flush_denormal=True))
+                if device == "cpu":  # PyTorch with the subnormal flush gpuml's CPU backend does
+                    sides.append(TorchFtzSide(cfg, len(data.train), warmup_steps, torch.get_num_threads()))
             # alternate within a run (A B, B A, ...) and between runs (the next starts the other way)
             order = interleaved_epochs(sides, epochs, reverse_first=len(orders) % 2 == 1)
             orders.append(f"{cfg['name']} B={batch}: {', '.join(order)}")
             new = [side.result() for side in sides]
             eager = next((r for r in new if r["impl"] == "torch eager"), None)
-            ftz = next((r for r in new if r["impl"] == "torch eager FTZ"), None)
+            ftz = next((r for r in new if r["impl"] == FTZ_IMPL), None)
             for r in new:
                 r["speedup_vs_torch_eager"] = eager["median_epoch_s"] / r["median_epoch_s"] if eager else None
                 if ftz:

@@ -1,0 +1,124 @@
+"""`gpuml bench train` on CPU: PyTorch eager with subnormal floats flushed to zero, in a child
+process ("torch eager FTZ").
+
+Why: gpuml's CPU backend flushes subnormal floats to zero where it writes them (issue 15), while
+PyTorch keeps them by default, and its seed MLP step at batch 32 slows from 3.0 to 7.2 ms within
+one epoch as Adam's state drifts into them (bench/RESULTS.md). Against the default PyTorch row
+alone gpuml would be credited with PyTorch's subnormal slowdown; this row gives PyTorch the same
+advantage, through its own switch, torch.set_flush_denormal(True).
+
+Why a child process: the switch sets the FTZ/DAZ bits of the calling thread only; a thread
+inherits them when it is created, so PyTorch's intra-op threads have them only if the switch is
+thrown before PyTorch starts its thread pool. In the benchmark's own process that pool already
+serves the default row (which must keep subnormals), so this row's PyTorch lives in a spawned
+interpreter that throws the switch first. The child sits blocked on its pipe while the other sides
+run, so the epochs still alternate on an otherwise quiet machine; it trains the same model, data,
+order and optimizer as the in-process side (TorchRun).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from gpuml.errors import GpumlError
+
+IMPL = "torch eager FTZ"
+
+
+def _child(conn: Any, cfg: dict[str, Any], warmup_steps: int, threads: int) -> None:
+    try:
+        import torch
+
+        if not torch.set_flush_denormal(True):  # first: every thread PyTorch starts inherits it
+            raise GpumlError("bench train: torch.set_flush_denormal is not supported on this CPU")
+        torch.set_num_threads(threads)
+        from gpuml.benchmark.torch_models import import_torch
+        from gpuml.benchmark.train import TorchRun, load_data
+
+        import_torch("cpu")
+        torch.set_num_threads(threads)
+        run = TorchRun(cfg, load_data(cfg), "cpu", graph=False)
+        run.prepare(warmup_steps)
+        conn.send(("ok", None))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "epoch":
+                cpu, wall = time.process_time(), time.perf_counter()
+                seconds, samples, steps, train = run.epoch(msg[1])
+                busy = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+                conn.send(("ok", (seconds, samples, steps, train, busy)))
+            elif msg[0] == "test":
+                conn.send(("ok", run.test_accuracy()))
+            elif msg[0] == "flushes":  # for the tests: does this process's PyTorch flush subnormals?
+                conn.send(("ok", (torch.tensor([1e-39]) * 1.0).item() == 0.0))
+            else:
+                conn.send(("ok", None))
+                return
+    except BaseException as exc:  # reported to the parent as one line
+        msg = str(exc) if isinstance(exc, GpumlError) else f"{type(exc).__name__}: {exc}"
+        conn.send(("error", msg, traceback.format_exc()))
+
+
+class TorchFtzSide:
+    """The FTZ PyTorch side of one comparison, one epoch per `epoch()` call, over the permutations
+    the other sides draw from the same seed (as TorchSide)."""
+
+    impl = IMPL
+
+    def __init__(self, cfg: dict[str, Any], n_train: int, warmup_steps: int, threads: int) -> None:
+        self.cfg = cfg
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no PyTorch threads yet
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(child, cfg, warmup_steps, threads), daemon=True)
+        self._proc.start()
+        child.close()
+        self.rng = np.random.default_rng(cfg["seed"])
+        self.n = n_train
+        self.times: list[float] = []
+        self._cpu = self._wall = 0.0
+        self._call()  # ready: data loaded, model built, warmed up
+
+    def _call(self, *msg: Any) -> Any:
+        if msg:
+            self._conn.send(msg)
+        try:
+            reply = self._conn.recv()
+        except EOFError:
+            raise GpumlError(f"bench train: the {IMPL} process ended (exit code {self._proc.exitcode})") from None
+        if reply[0] != "ok":
+            self.close()
+            raise GpumlError(f"bench train: {IMPL}: {reply[1]}")
+        return reply[1]
+
+    def epoch(self) -> None:
+        seconds, self.samples, self.steps, self.train, busy = self._call("epoch", self.rng.permutation(self.n))
+        self.times.append(seconds)
+        self._cpu += busy * seconds
+        self._wall += seconds
+
+    def flushes(self) -> bool:
+        return bool(self._call("flushes"))
+
+    def result(self) -> dict[str, Any]:
+        from gpuml.benchmark.train import _result
+
+        accuracy = self._call("test")
+        self.close()
+        return _result(self.cfg, self.impl, self.times, self.samples, self.steps, self.train, accuracy,
+                       self._cpu / self._wall if self._wall else 0.0)
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except OSError:
+                pass
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+        self._conn.close()
