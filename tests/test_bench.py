@@ -326,3 +326,25 @@ def test_torch_ftz_side_flushes_in_its_own_process(fashion_root: Path, monkeypat
     bad = {**cfg, "data": {**cfg["data"], "dataset": "no_such_dataset"}}
     with pytest.raises(GpumlError, match="torch eager FTZ"):
         TorchFtzSide(bad, 256, 1, 2)
+
+
+def test_torch_ftz_side_from_a_script_without_a_main_guard(tmp_path: Path, fashion_root: Path) -> None:
+    """A user's script that calls the benchmark at top level (no `if __name__ == "__main__"`) must
+    not be started over inside the FTZ child (multiprocessing's spawn re-imports __main__)."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    script = tmp_path / "bench_script.py"
+    script.write_text(
+        "from gpuml.benchmark.torch_ftz import TorchFtzSide\n"
+        "from gpuml.benchmark.train import bench_config\n"
+        "print('script body ran', flush=True)\n"
+        "side = TorchFtzSide(bench_config('mlp', 'cpu', 128, 1, 256), 256, 1, 1)\n"
+        "print('flushes', side.flushes(), flush=True)\n"
+        "side.close()\n"
+    )
+    env = {**__import__("os").environ, "GPUML_DATA": str(fashion_root.parent)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("script body ran") == 1 and "flushes True" in out.stdout

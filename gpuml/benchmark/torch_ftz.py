@@ -18,9 +18,12 @@ order and optimizer as the in-process side (TorchRun).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -64,6 +67,23 @@ def _child(conn: Any, cfg: dict[str, Any], warmup_steps: int, threads: int) -> N
         conn.send(("error", msg, traceback.format_exc()))
 
 
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Starts a spawned child without re-running the parent's __main__ (multiprocessing would
+    import it again in the child, by path or module name; a script calling run_train without an
+    `if __name__ == "__main__"` guard would then start itself over). The child's target lives in
+    this module, so it needs nothing from __main__."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 class TorchFtzSide:
     """The FTZ PyTorch side of one comparison, one epoch per `epoch()` call, over the permutations
     the other sides draw from the same seed (as TorchSide)."""
@@ -75,7 +95,8 @@ class TorchFtzSide:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no PyTorch threads yet
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_child, args=(child, cfg, warmup_steps, threads), daemon=True)
-        self._proc.start()
+        with _main_hidden():
+            self._proc.start()
         child.close()
         self.rng = np.random.default_rng(cfg["seed"])
         self.n = n_train
