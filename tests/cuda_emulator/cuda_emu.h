@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -409,12 +410,17 @@ EMU_API int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, 
     if (!stack_of(n - 1)) L.error = "out of memory for fiber stacks";
     if (dynamic_shared_storage.size() < shared_bytes) dynamic_shared_storage.resize(shared_bytes);
     dynamic_shared = dynamic_shared_storage.data();
-    for (unsigned z = 0; z < gz && L.error.empty(); ++z)
-        for (unsigned y = 0; y < gy && L.error.empty(); ++y)
-            for (unsigned x = 0; x < gx && L.error.empty(); ++x) {
-                blockIdx = {x, y, z};
-                run_block(shared_bytes);
-            }
+    // Blocks run one after another, x fastest, then y, then z; GPUML_EMU_BLOCK_ORDER=reverse runs
+    // them last to first, so a kernel whose blocks cooperate (the split-K last-block reductions)
+    // is also checked with another block finishing last. Read at every launch: no rebuild.
+    const char* order = std::getenv("GPUML_EMU_BLOCK_ORDER");
+    const bool reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
+    const unsigned long long blocks = (unsigned long long)gx * gy * gz;
+    for (unsigned long long i = 0; i < blocks && L.error.empty(); ++i) {
+        const unsigned long long b = reverse ? blocks - 1 - i : i;
+        blockIdx = {unsigned(b % gx), unsigned(b / gx % gy), unsigned(b / ((unsigned long long)gx * gy))};
+        run_block(shared_bytes);
+    }
     std::snprintf(error, error_size, "%s", L.error.c_str());
     return L.error.empty() ? 0 : 1;
 }
