@@ -37,21 +37,8 @@ typedef GEMM_TILE(F32, LARGE) F32Large;
 typedef GEMM_TILE(F32, MEDIUM) F32Medium;
 typedef GEMM_TILE(F32, SMALL) F32Small;
 
-// __launch_bounds__(threads, 1): ptxas may use the registers the micro-tile needs (the 128 x 128
-// tile holds 64 accumulators and 64 operands) instead of spilling under a two-block cap.
-#define GEMM_F32_ENTRY_POINT(AB, TRANS_A, TRANS_B, TILE, TILE_NAME)                                     \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS, 1)                                      \
-        gemm_##AB##_fp32_##TILE_NAME(const float* A, const float* B, float* C, const float* bias,        \
-                                     const float* mask, float* col_sums, float* work,                   \
-                                     unsigned int* counters, int M, int N, int K, int k_per_split,       \
-                                     int flags) {                                                       \
-        __shared__ __align__(16) GemmShared<TILE> smem;                                                 \
-        typedef DenseGather<TILE, TRANS_A, TRANS_B> Gather;                                             \
-        const int k_begin = blockIdx.z * k_per_split;                                                   \
-        Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN,                \
-                            min(K, k_begin + k_per_split));                                             \
-        gemm_core_tile<Gather, MathFfma>(smem, gather, C, bias, mask, col_sums, work, counters, k_begin, flags); \
-    }
+#define GEMM_F32_ENTRY_POINT(AB, TRANS_A, TRANS_B, TILE, TILE_NAME) \
+    GEMM_DENSE_ENTRY_POINT(gemm_##AB##_fp32_##TILE_NAME, TRANS_A, TRANS_B, MathFfma, TILE)
 
 #define GEMM_F32_ENTRY_POINTS(TILE, TILE_NAME)                          \
     GEMM_F32_ENTRY_POINT(nn, false, false, TILE, TILE_NAME)             \

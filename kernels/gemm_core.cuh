@@ -242,3 +242,20 @@ __device__ __forceinline__ void gemm_core_tile(GemmShared<typename Gather::Tile>
         }
     }
 }
+
+// One dense GEMM entry point NAME: Gather = DenseGather<TILE, TRANS_A, TRANS_B>, math policy MATH,
+// block z = K slice z (gemm.cu's contract; gemm.cu and gemm_tc.cuh instantiate it).
+// __launch_bounds__(threads, 1): ptxas may use the registers the micro-tile needs (the FP32
+// 128 x 128 tile holds 64 accumulators and 64 operands) instead of spilling under a two-block cap.
+#define GEMM_DENSE_ENTRY_POINT(NAME, TRANS_A, TRANS_B, MATH, TILE)                                      \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, 1)                                      \
+        NAME(const float* A, const float* B, float* C, const float* bias, const float* mask,            \
+             float* col_sums, float* work, unsigned int* counters, int M, int N, int K, int k_per_split, \
+             int flags) {                                                                               \
+        __shared__ __align__(16) GemmShared<TILE> smem;                                                 \
+        typedef DenseGather<TILE, TRANS_A, TRANS_B> Gather;                                             \
+        const int k_begin = blockIdx.z * k_per_split;                                                   \
+        Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN,                      \
+                      min(K, k_begin + k_per_split));                                                   \
+        gemm_core_tile<Gather, MATH>(smem, gather, C, bias, mask, col_sums, work, counters, k_begin, flags); \
+    }

@@ -19,19 +19,8 @@
 typedef GEMM_TILE(TC, LARGE) TcLarge;
 typedef GEMM_TILE(TC, SMALL) TcSmall;
 
-#define GEMM_TC_ENTRY_POINT(AB, TRANS_A, TRANS_B, PREC, MATH, TILE, TILE_NAME)                          \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS, 1)                                      \
-        gemm_tc_##AB##_##PREC##_##TILE_NAME(const float* A, const float* B, float* C, const float* bias, \
-                                            const float* mask, float* col_sums, float* work,           \
-                                            unsigned int* counters, int M, int N, int K, int k_per_split, \
-                                            int flags) {                                               \
-        __shared__ __align__(16) GemmShared<TILE> smem;                                              \
-        typedef DenseGather<TILE, TRANS_A, TRANS_B> Gather;                                            \
-        const int k_begin = blockIdx.z * k_per_split;                                                  \
-        Gather gather(A, B, M, N, K, blockIdx.y * TILE::BM, blockIdx.x * TILE::BN,               \
-                            min(K, k_begin + k_per_split));                                            \
-        gemm_core_tile<Gather, MATH>(smem, gather, C, bias, mask, col_sums, work, counters, k_begin, flags); \
-    }
+#define GEMM_TC_ENTRY_POINT(AB, TRANS_A, TRANS_B, PREC, MATH, TILE, TILE_NAME) \
+    GEMM_DENSE_ENTRY_POINT(gemm_tc_##AB##_##PREC##_##TILE_NAME, TRANS_A, TRANS_B, MATH, TILE)
 
 #define GEMM_TC_ENTRY_POINTS(PREC, MATH)                                     \
     GEMM_TC_ENTRY_POINT(nn, false, false, PREC, MATH, TcLarge, large)        \
