@@ -216,6 +216,10 @@ class MpiWorld(World):
         self._aborting = True
         lines = [self._tag(m, self.rank) if m is message else m for m in (message, f"gpuml: error: {why}") if m]
         print("\n".join(lines), file=sys.stderr, flush=True)
+        # MPI_Abort has the launcher kill every rank at once, and the line just written can be
+        # lost on the way out (its stderr is forwarded by the launcher's proxy): one CI run of
+        # the hung-rank test saw the job end without it. A moment first lets it through.
+        time.sleep(0.5)
         self.comm.Abort(code or 1)
 
     def _excepthook(self, kind: type[BaseException], exc: BaseException, tb: Any) -> None:
