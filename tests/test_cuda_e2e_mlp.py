@@ -31,8 +31,9 @@ def _train(be, params: list, x: np.ndarray, y: np.ndarray, steps: int) -> tuple[
     return losses, [be.to_numpy(p) for p in (W1, b1, W2, b2)]
 
 
-def test_mlp_training_steps_match_reference() -> None:
-    cuda, cpu = backends()
+def train_both(cuda, cpu, steps: int = 5) -> tuple[list[float], list, list[float], list]:
+    """_train on the CUDA backend (float32) and on the float64 reference from the same seeded start:
+    (losses, params) of each."""
     gen = np.random.default_rng(0)
     x = gen.random((32, 784)).astype(np.float32)
     y = gen.integers(0, 10, 32)
@@ -40,8 +41,13 @@ def test_mlp_training_steps_match_reference() -> None:
         (gen.standard_normal((784, 64)) * np.sqrt(2 / 784)).astype(np.float32), np.zeros(64, np.float32),
         (gen.standard_normal((64, 10)) * np.sqrt(2 / 64)).astype(np.float32), np.zeros(10, np.float32),
     ]  # fmt: skip
-    got_losses, got_params = _train(cuda, params, x, y, steps=5)
-    want_losses, want_params = _train(cpu, [p.astype(np.float64) for p in params], x.astype(np.float64), y, 5)
+    got_losses, got_params = _train(cuda, params, x, y, steps=steps)
+    want_losses, want_params = _train(cpu, [p.astype(np.float64) for p in params], x.astype(np.float64), y, steps)
+    return got_losses, got_params, want_losses, want_params
+
+
+def test_mlp_training_steps_match_reference() -> None:
+    got_losses, got_params, want_losses, want_params = train_both(*backends())
     # float32 rounding of each step compounds mildly over 5 steps; 10x the single-GEMM bound
     assert rel_err(got_losses, want_losses) <= 10 * gemm_tol(784)
     assert got_losses[-1] < got_losses[0]

@@ -114,18 +114,9 @@ def test_precision_bf16_before_sm80_is_an_error_naming_the_gpu(monkeypatch: pyte
 def test_mlp_training_steps_tf32_bf16_match_rounded_reference(precision: str) -> None:
     """The e2e MLP steps of test_cuda_e2e_mlp (forward, dx, dW through gemm_tc; the rest FP32)
     against the CPU reference rounding the same operands."""
-    from tests.test_cuda_e2e_mlp import _train
+    from tests.test_cuda_e2e_mlp import train_both
 
-    cuda, cpu = _backends(precision)
-    gen = np.random.default_rng(0)
-    x = gen.random((32, 784)).astype(np.float32)
-    y = gen.integers(0, 10, 32)
-    params = [
-        (gen.standard_normal((784, 64)) * np.sqrt(2 / 784)).astype(np.float32), np.zeros(64, np.float32),
-        (gen.standard_normal((64, 10)) * np.sqrt(2 / 64)).astype(np.float32), np.zeros(10, np.float32),
-    ]  # fmt: skip
-    got_losses, got_params = _train(cuda, params, x, y, steps=5)
-    want_losses, want_params = _train(cpu, [p.astype(np.float64) for p in params], x.astype(np.float64), y, 5)
+    got_losses, got_params, want_losses, want_params = train_both(*_backends(precision))
     # FP32 differences upstream can flip an operand's rounding (one TF32/BF16 step on that element)
     # and that compounds over 5 steps: a quarter of one rounding (seen: 5.5e-5 tf32, 1.5e-7 bf16)
     bound = ROUNDING[precision] / 4

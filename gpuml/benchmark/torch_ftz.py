@@ -39,11 +39,10 @@ def _child(conn: Any, cfg: dict[str, Any], warmup_steps: int, threads: int) -> N
 
         if not torch.set_flush_denormal(True):  # first: every thread PyTorch starts inherits it
             raise GpumlError("bench train: torch.set_flush_denormal is not supported on this CPU")
-        torch.set_num_threads(threads)
         from gpuml.benchmark.torch_models import import_torch
         from gpuml.benchmark.train import TorchRun, load_data
 
-        import_torch("cpu")
+        import_torch("cpu")  # the parent's anchor settings (it sets the core count: ours follows)
         torch.set_num_threads(threads)
         run = TorchRun(cfg, load_data(cfg), "cpu", graph=False)
         run.prepare(warmup_steps)
