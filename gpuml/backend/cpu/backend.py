@@ -19,6 +19,7 @@ from gpuml.backend import augment
 from gpuml.backend.base import Backend, Pair, check_activation, dropout_scale, host_int
 from gpuml.backend.cpu import conv as cpu_conv
 from gpuml.backend.cpu import loops
+from gpuml.backend.cpu import mkl as cpu_mkl
 from gpuml.backend.cpu.checks import Checks, fail, first_outside
 from gpuml.backend.cpu.losses import LossOps
 from gpuml.backend.cpu.optim import OptimizerSteps
@@ -38,9 +39,17 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         super().__init__(dtype)
         self._ws = cpu_conv.Workspace()
         self._luts: dict[tuple[float, float], np.ndarray] = {}
+        # MKL for the dense products when the `mkl` extra is installed (mkl.py says why)
+        self._mkl = cpu_mkl.load(_blas_threads())
 
     def describe(self) -> str:
-        return f"cpu (numpy {np.__version__}, numba {numba.__version__}, {_blas_threads()} BLAS threads, {self.dtype})"
+        mkl = f"{self._mkl.version} for dense products, " if self._mkl else ""
+        return f"cpu (numpy {np.__version__}, numba {numba.__version__}, {mkl}{_blas_threads()} BLAS threads, {self.dtype})"
+
+    def _gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """out = a @ b on MKL where it is loaded and takes the operands, else numpy's BLAS."""
+        if self._mkl is None or not self._mkl.matmul(a, b, out):
+            np.matmul(a, b, out=out)
 
     # ------------------------------------------------------------------ arrays and transfer
     def asarray(self, x: Any, dtype: Any = None) -> np.ndarray:
@@ -94,10 +103,10 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
             opa, opb = round_operand(opa, self.precision), round_operand(opb, self.precision)
         if accumulate:
             part = self._ws.scratch("matmul_part", shape, self.dtype)
-            np.matmul(opa, opb, out=part)
+            self._gemm(opa, opb, part)
             np.add(out, part, out=out)
         else:
-            np.matmul(opa, opb, out=out)
+            self._gemm(opa, opb, out)
             if bias is not None or relu:
                 b_arr = bias if bias is not None else out[0]
                 loops.bias_act_rows(out, b_arr, bias is not None, relu)

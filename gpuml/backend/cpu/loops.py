@@ -34,10 +34,13 @@ from numba import njit
 # from vectorising the loop (see conv.py)
 _U = np.uint64
 
-#: elements of work below which a part is not worth a thread hand-off (a hand-off costs about
-#: 15 us on an idle core; 64 Ki elements are 30-100 us of the loops here, so the seed CNN's second
-#: pooling layer and its backward at batch 32 (250 Ki elements) run on two cores)
-MIN_PART = 1 << 16
+#: elements of work below which a part is not worth a thread hand-off. A hand-off costs 50-150 us
+#: on a 2-vCPU virtual machine (waking a sleeping thread; with MKL, presumably also a helper
+#: waiting for the core an MKL thread still spins on, mkl.py), about what one thread needs for
+#: 256 Ki elements of the loops here: at 64 Ki the seed MLP's 128x1024 ReLU masks and column sums
+#: ran on two threads and its step at batch 128 took 6.1-6.2 ms, at 256 Ki 5.7-5.8 (3 alternating
+#: runs each, with MKL, 2026-12-02)
+MIN_PART = 1 << 18
 _WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 #: one inbox per helper thread, made on first need; a job is (fn, args, context, index, done queue)
 _inboxes: list[queue.SimpleQueue] = []
