@@ -127,3 +127,38 @@ def test_mkl_bits_do_not_depend_on_threads_or_alignment(mkl: cpu_mkl.Mkl) -> Non
         mkl.set_threads(2)
         for r in results[1:]:
             assert np.array_equal(r, results[0]), (m, k, n)
+
+
+def test_convolutions_run_their_chunk_gemms_on_one_mkl_thread(mkl: cpu_mkl.Mkl,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The convolution chunks' GEMMs go to MKL one thread each (run_tasks spreads the chunks), the
+    results agree with the OpenBLAS backend's, and each call leaves the thread's MKL thread
+    count as it found it (else the dense products after it would run on one thread)."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((6, 9, 11, 10)).astype(np.float32)  # 9 channels: the channels-last path
+    w = rng.standard_normal((13, 9, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(13).astype(np.float32)
+    calls = []
+    real = mkl.matmul_here
+
+    def counted(a: np.ndarray, bb: np.ndarray, out: np.ndarray) -> bool:
+        calls.append(out.shape)
+        done = real(a, bb, out)
+        assert mkl._rt.MKL_Get_Max_Threads() == mkl.threads
+        return done
+
+    monkeypatch.setattr(mkl, "matmul_here", counted)
+    monkeypatch.setattr(cpu_mkl, "load", lambda threads: mkl)
+    on_mkl = CpuBackend()
+    monkeypatch.setattr(cpu_mkl, "load", lambda threads: None)
+    on_openblas = CpuBackend()
+    results = []
+    for be in (on_mkl, on_openblas):
+        y = be.conv2d_fwd(x, w, b, (1, 2), (1, 0), activation="relu")
+        dy = rng.standard_normal(y.shape).astype(np.float32) if not results else results[0][3]
+        dx = be.conv2d_bwd_data(dy, w, x.shape, (1, 2), (1, 0), relu_mask=y)
+        dw = be.conv2d_bwd_weight(x, dy, w.shape, (1, 2), (1, 0), relu_mask=y)
+        results.append((y, dx, dw, dy))
+    assert len(calls) >= 3  # forward, data and weight gradients
+    for got, want in zip(results[0][:3], results[1][:3]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -126,3 +126,33 @@ def test_optimizer_lists_are_checked_once_and_a_changed_list_again(validations: 
     assert validations == ["adam_step"]
     with pytest.raises(ShapeError, match=r"state\[1\] has shape \(3,\), expected \(2,\)"):
         be.adam_step(p, g, m, [v[0], np.zeros(3, np.float32)], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=4)
+
+
+def test_optimizer_views_are_reused_only_for_the_very_same_arrays() -> None:
+    """adam_step reuses the last step's flat views when it is handed the same array objects; a
+    new array, even of the same signature, gets views of its own (else the update would land in
+    the old array), and a changed one is checked again."""
+    be = CpuBackend()
+    shapes = [(3, 2), (2,)]
+    p = [np.ones(s, np.float32) for s in shapes]
+    g = [np.full(s, 0.5, np.float32) for s in shapes]
+    m = [np.zeros(s, np.float32) for s in shapes]
+    v = [np.zeros(s, np.float32) for s in shapes]
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+    be.adam_step(p, g, m, v, step=1, **kw)
+    be.adam_step(p, g, m, v, step=2, **kw)
+    after_two = [a.copy() for a in p]
+    fresh = [np.ones(s, np.float32) for s in shapes]  # same signature, other arrays
+    m2 = [np.zeros(s, np.float32) for s in shapes]
+    v2 = [np.zeros(s, np.float32) for s in shapes]
+    be.adam_step(fresh, g, m2, v2, step=1, **kw)
+    for a, b in zip(p, after_two):
+        np.testing.assert_array_equal(a, b)  # the old parameters were not touched
+    ref = CpuBackend()
+    want = [np.ones(s, np.float32) for s in shapes]
+    ref.adam_step(want, g, [np.zeros(s, np.float32) for s in shapes], [np.zeros(s, np.float32) for s in shapes],
+                  step=1, **kw)
+    for a, b in zip(fresh, want):
+        np.testing.assert_array_equal(a, b)  # the new ones were updated, as on a fresh backend
+    with pytest.raises(ShapeError, match=r"grads\[0\] has shape \(2, 3\), expected \(3, 2\)"):
+        be.adam_step(fresh, [np.ones((2, 3), np.float32), g[1]], m2, v2, step=2, **kw)

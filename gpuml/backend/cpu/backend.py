@@ -37,14 +37,15 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
 
     def __init__(self, dtype: str | np.dtype = "float32") -> None:
         super().__init__(dtype)
-        self._ws = cpu_conv.Workspace()
-        self._luts: dict[tuple[float, float], np.ndarray] = {}
-        # MKL for the dense products when the `mkl` extra is installed (mkl.py says why)
+        # MKL for the dense and convolution products when the `mkl` extra is installed (mkl.py)
         self._mkl = cpu_mkl.load(_blas_threads())
+        self._ws = cpu_conv.Workspace(self._mkl)
+        self._luts: dict[tuple[float, float], np.ndarray] = {}
 
     def describe(self) -> str:
-        mkl = f"{self._mkl.version} for dense products, " if self._mkl else ""
-        return f"cpu (numpy {np.__version__}, numba {numba.__version__}, {mkl}{_blas_threads()} BLAS threads, {self.dtype})"
+        mkl = f"{self._mkl.version} for GEMMs, " if self._mkl else ""
+        return (f"cpu (numpy {np.__version__}, numba {numba.__version__}, {mkl}{_blas_threads()} BLAS threads, "
+                f"{self.dtype})")
 
     def _gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         """out = a @ b on MKL where it is loaded and takes the operands, else numpy's BLAS."""

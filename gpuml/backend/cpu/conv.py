@@ -37,6 +37,7 @@ from gpuml.backend.cpu.conv_loops import (
     lane_sums,
 )
 from gpuml.backend.cpu.loops import run_tasks
+from gpuml.backend.cpu.mkl import Mkl
 from gpuml.backend.cpu.precision import round_operand
 
 #: the size one im2col matrix aims at; a batch is split into equal chunks of whole images
@@ -58,8 +59,15 @@ class Workspace:
     """The CPU backend's scratch buffers. They live as long as the backend, so a training step
     allocates nothing after its first call."""
 
-    def __init__(self) -> None:
+    def __init__(self, mkl: Mkl | None = None) -> None:
         self._scratch: dict[tuple[str, np.dtype], np.ndarray] = {}
+        self._mkl = mkl
+
+    def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        """out = a @ b (2-D) on the calling thread, for a run_tasks chunk: MKL with one thread
+        where it is loaded (mkl.py), else numpy's OpenBLAS, which run_tasks keeps single-threaded."""
+        if self._mkl is None or not self._mkl.matmul_here(a, b, out):
+            np.matmul(a, b, out=out)
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A C-contiguous array of `shape` carved from the named buffer (contents left over from
@@ -186,7 +194,7 @@ def conv2d_fwd(
         col = _im2col_chunk(ws, worker, x[n0:n1], geom, L)
         if nhwc:
             gemm = ws.scratch(f"gemm{worker}", (K, n * L), x.dtype)
-            np.matmul(w2, col.T, out=gemm)
+            ws.gemm(w2, col.T, gemm)
             conv_epilogue(gemm, bias, relu, y3[n0:n1])
             return
         # few input channels: one GEMM per image straight into y (K rows of L pixels), then the
@@ -212,11 +220,11 @@ def conv2d_bwd_data(ws: Workspace, dz: Dz, w: np.ndarray, geom: Geometry, dx: np
         if nhwc:
             # channels-last dcol: col2im then adds runs of kw*C entries, not of Q
             dcol = ws.scratch(f"col{worker}", (n * L, crs), dx.dtype)
-            np.matmul(dyt.T, w2, out=dcol)
+            ws.gemm(dyt.T, w2, dcol)
             col2im_nhwc(dcol.reshape(n, L, crs), *geom, dx[n0:n1])
         else:
             dcol = ws.scratch(f"col{worker}", (crs, n * L), dx.dtype)
-            np.matmul(w2.T, dyt, out=dcol)
+            ws.gemm(w2.T, dyt, dcol)
             col2im(dcol, *geom, dx[n0:n1])
 
     run_tasks(chunk, len(chunks))
@@ -237,7 +245,7 @@ def conv2d_bwd_weight(ws: Workspace, x: np.ndarray, dz: Dz, geom: Geometry, dw: 
         n0, n1 = chunks[i]
         col = _im2col_chunk(ws, worker, x[n0:n1], geom, L)
         if nhwc:
-            np.matmul(dz.gather(ws, worker, i, n0, n1, True, sums), col, out=parts[i])
+            ws.gemm(dz.gather(ws, worker, i, n0, n1, True, sums), col, parts[i])
             return
         # few input channels: col has few rows, so the GEMM is cheap next to copying dy into
         # channel-major order; one small GEMM per image on dz laid out as dy, summed in image order

@@ -26,6 +26,7 @@ the split cannot change the result.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import numpy as np
@@ -162,10 +163,20 @@ class OptimizerSteps(Checks):
                 for i, g in enumerate(grads)]
 
     def _groups(self, op: str, params: list, *others: list) -> list[tuple[np.ndarray, ...]]:
-        """(p, g, state...) flat views per parameter, checked once per signature of the lists."""
+        """(p, g, state...) flat views per parameter, checked once per signature of the lists.
+        A step that hands in the same arrays as the last one (a training loop always does) gets
+        the last step's views back: comparing 24 ids costs 2 us, signing and viewing 24 arrays
+        35 us (of a 0.8 ms Adam step of the seed MLP). The entry keeps the arrays alive, so
+        their ids cannot be reused by others while it stands."""
+        arrays = (*params, *(a for lst in others for a in lst))
+        cache = self.__dict__.setdefault("_group_cache", {})
+        hit = cache.get(op)
+        if hit is not None and len(hit[0]) == len(arrays) and all(map(operator.is_, hit[0], arrays)):
+            return hit[1]
         c = self.checks(op, params, *others)
         groups = c.param_groups(params, *others)
         c.done()
+        cache[op] = (arrays, groups)
         return groups
 
     def sgd_step(
