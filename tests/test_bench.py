@@ -305,15 +305,20 @@ def test_bench_train_tiny_limit_rows_next_to_torch(tmp_path: Path, fashion_root:
 
 def test_torch_ftz_side_flushes_in_its_own_process(fashion_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The FTZ anchor's PyTorch flushes subnormals in all its threads (a child process that threw the
-    switch before PyTorch started any); the benchmark's own PyTorch keeps them; a child that fails
-    is one GpumlError line."""
+    switch before PyTorch started any); the plain anchor's child and the benchmark's own PyTorch
+    keep them; a child that fails is one GpumlError line."""
     torch = pytest.importorskip("torch")
-    from gpuml.benchmark.torch_ftz import TorchFtzSide
+    from gpuml.benchmark.torch_child import TorchChildSide
     from gpuml.benchmark.train import bench_config
 
     monkeypatch.setenv("GPUML_DATA", str(fashion_root.parent))
     cfg = bench_config("mlp", "cpu", 128, 1, 256)
-    side = TorchFtzSide(cfg, 256, 1, 2)
+    plain = TorchChildSide(cfg, 256, 1, 2, flush=False)
+    try:
+        assert plain.impl == "torch eager" and not plain.flushes()
+    finally:
+        plain.close()
+    side = TorchChildSide(cfg, 256, 1, 2, flush=True)
     try:
         assert side.flushes()
         side.epoch()
@@ -325,7 +330,7 @@ def test_torch_ftz_side_flushes_in_its_own_process(fashion_root: Path, monkeypat
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # this process: PyTorch's default, untouched
     bad = {**cfg, "data": {**cfg["data"], "dataset": "no_such_dataset"}}
     with pytest.raises(GpumlError, match="torch eager FTZ"):
-        TorchFtzSide(bad, 256, 1, 2)
+        TorchChildSide(bad, 256, 1, 2, flush=True)
 
 
 def test_torch_ftz_side_from_a_script_without_a_main_guard(tmp_path: Path, fashion_root: Path) -> None:
@@ -337,10 +342,10 @@ def test_torch_ftz_side_from_a_script_without_a_main_guard(tmp_path: Path, fashi
 
     script = tmp_path / "bench_script.py"
     script.write_text(
-        "from gpuml.benchmark.torch_ftz import TorchFtzSide\n"
+        "from gpuml.benchmark.torch_child import TorchChildSide\n"
         "from gpuml.benchmark.train import bench_config\n"
         "print('script body ran', flush=True)\n"
-        "side = TorchFtzSide(bench_config('mlp', 'cpu', 128, 1, 256), 256, 1, 1)\n"
+        "side = TorchChildSide(bench_config('mlp', 'cpu', 128, 1, 256), 256, 1, 1, flush=True)\n"
         "print('flushes', side.flushes(), flush=True)\n"
         "side.close()\n"
     )

@@ -162,3 +162,46 @@ def test_convolutions_run_their_chunk_gemms_on_one_mkl_thread(mkl: cpu_mkl.Mkl,
     assert len(calls) >= 3  # forward, data and weight gradients
     for got, want in zip(results[0][:3], results[1][:3]):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+_SHARED_POOL_SCRIPT = r"""
+import sys, numpy as np, numba
+from gpuml.backend.cpu import CpuBackend, loops, optim
+be = CpuBackend()
+assert be._ws.mkl is not None and be._ws.mkl.numba_shares_pool, "numba does not share MKL's pool"
+rng = np.random.default_rng(7)
+shapes = [(37, 29), (29,), (301, 11), (11,), (5,)]
+def state():
+    return ([rng.standard_normal(s).astype(np.float32) for s in shapes],
+            [rng.standard_normal(s).astype(np.float32) * 1e-3 for s in shapes])
+p, g = state()
+m = [np.full(s, 1e-3, np.float32) for s in shapes]
+v = [np.full(s, 1e-6, np.float32) for s in shapes]
+copies = [[a.copy() for a in lst] for lst in (p, g, m, v)]
+calls = []
+real = optim.adam_pieces
+optim.adam_pieces = lambda *a: calls.append(len(a)) or real(*a)
+loops.MIN_PART = 100  # several parts, each over pieces of several tensors
+for step in (1, 2, 3):
+    be.adam_step(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=step, weight_decay=0.01)
+assert len(calls) == 3 and numba.threading_layer() == "omp"
+helpers = CpuBackend()
+helpers._ws.mkl = None  # the same update on gpuml's helper threads
+hp, hg, hm, hv = copies
+for step in (1, 2, 3):
+    helpers.adam_step(hp, hg, hm, hv, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=step, weight_decay=0.01)
+for a, b in zip(p + m + v, hp + hm + hv):
+    assert np.array_equal(a, b)
+print("same bits")
+"""
+
+
+def test_adam_on_mkls_openmp_threads_matches_the_helper_threads(mkl: cpu_mkl.Mkl) -> None:
+    """In a fresh interpreter (PyTorch, which this test process may have imported first, would
+    put its own OpenMP there) numba's parallel Adam runs on the OpenMP runtime MKL loaded, and
+    gives the same bits as the update on gpuml's helper threads, with parts spanning tensors."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SHARED_POOL_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "same bits" in out.stdout, out.stderr[-3000:]

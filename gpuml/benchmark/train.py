@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from gpuml.benchmark import hardware
-from gpuml.benchmark.torch_ftz import IMPL as FTZ_IMPL
-from gpuml.benchmark.torch_ftz import TorchFtzSide
+from gpuml.benchmark.torch_child import FTZ_IMPL, TorchChildSide
 from gpuml.benchmark.torch_models import check_supported, import_torch, torch_optimizer, torch_twin
 from gpuml.data.loader import Dataset, Split, load_dataset
 from gpuml.distributed.bench import allreduce_stats
@@ -279,7 +278,7 @@ class TorchRun:
 class TorchSide:
     """PyTorch's side of one comparison (eager or CUDA graph), one epoch per `epoch()` call, over
     the permutations gpuml's BatchIterator draws from the same seed (PyTorch with subnormals
-    flushed: torch_ftz.py)."""
+    flushed: torch_child.py)."""
 
     def __init__(self, cfg: dict[str, Any], data: Dataset, device: str, graph: bool, warmup_steps: int) -> None:
         self.cfg, self.impl = cfg, "torch cuda-graph" if graph else "torch eager"
@@ -350,9 +349,11 @@ def run_train(device: str, models: list[str], batch_sizes: list[int], epochs: in
             modes = [False, True] if (torch is not None and device == "cuda") else [False]
             sides: list[Any] = [GpumlSide(cfg, data, warmup_steps)]
             if torch is not None:
-                sides += [TorchSide(cfg, data, device, graph, warmup_steps) for graph in modes]
-                if device == "cpu":  # PyTorch with the subnormal flush gpuml's CPU backend does
-                    sides.append(TorchFtzSide(cfg, len(data.train), warmup_steps, torch.get_num_threads()))
+                if device == "cpu":  # in child processes, as it comes and with gpuml's subnormal flush
+                    sides += [TorchChildSide(cfg, len(data.train), warmup_steps, torch.get_num_threads(), flush=flush)
+                              for flush in (False, True)]
+                else:
+                    sides += [TorchSide(cfg, data, device, graph, warmup_steps) for graph in modes]
             # alternate within a run (A B, B A, ...) and between runs (the next starts the other way)
             order = interleaved_epochs(sides, epochs, reverse_first=len(orders) % 2 == 1)
             orders.append(f"{cfg['name']} B={batch}: {', '.join(order)}")

@@ -61,12 +61,12 @@ class Workspace:
 
     def __init__(self, mkl: Mkl | None = None) -> None:
         self._scratch: dict[tuple[str, np.dtype], np.ndarray] = {}
-        self._mkl = mkl
+        self.mkl = mkl
 
     def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         """out = a @ b (2-D) on the calling thread, for a run_tasks chunk: MKL with one thread
         where it is loaded (mkl.py), else numpy's OpenBLAS, which run_tasks keeps single-threaded."""
-        if self._mkl is None or not self._mkl.matmul_here(a, b, out):
+        if self.mkl is None or not self.mkl.matmul_here(a, b, out):
             np.matmul(a, b, out=out)
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

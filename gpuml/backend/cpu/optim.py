@@ -30,7 +30,7 @@ import operator
 from collections.abc import Callable
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from gpuml.backend.cpu.checks import Checks
 from gpuml.backend.cpu.loops import flush_subnormal, part_cuts, run_calls, smallest_normal
@@ -74,6 +74,19 @@ def adam_update(p, g, m, v, lr_t, beta1, one_m_beta1, beta2, one_m_beta2, inv_sq
         v[i] = vi
         mu = flush_subnormal(mi, m_min)
         p[i] = flush_subnormal(p[i] * decay - lr_t * mu / (math.sqrt(vi) * inv_sqrt_bc2 + eps), tiny)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def adam_pieces(ps, gs, ms, vs, piece_t, piece_lo, piece_hi, part_start, lr_t, beta1, one_m_beta1, beta2,
+                one_m_beta2, inv_sqrt_bc2, eps, wd, decay, sq_min, m_min, tiny):
+    """adam_update over pieces of the tensors ps[t], gs[t], ... (tuples of flat arrays): part k
+    (one per thread of numba's OpenMP pool, optim._Pieces) updates pieces part_start[k] to
+    part_start[k+1] - 1, piece j being elements piece_lo[j]:piece_hi[j] of tensor piece_t[j]."""
+    for k in prange(part_start.size - 1):
+        for j in range(part_start[k], part_start[k + 1]):
+            t, lo, hi = piece_t[j], piece_lo[j], piece_hi[j]
+            adam_update(ps[t][lo:hi], gs[t][lo:hi], ms[t][lo:hi], vs[t][lo:hi], lr_t, beta1, one_m_beta1, beta2,
+                        one_m_beta2, inv_sqrt_bc2, eps, wd, decay, sq_min, m_min, tiny)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -148,6 +161,29 @@ def _update(loop: Callable[..., None], groups: list[tuple[np.ndarray, ...]], *sc
             start += size
 
     run_calls([(part, (cuts[k], cuts[k + 1])) for k in range(len(cuts) - 1)])
+
+
+class _Pieces:
+    """The cuts of _update as arrays for adam_pieces: the groups' elements as one range cut into
+    near-equal parts of at least MIN_PART, each part a run of (tensor, lo, hi) pieces."""
+
+    def __init__(self, groups: list[tuple[np.ndarray, ...]]) -> None:
+        sizes = [flats[0].size for flats in groups]
+        cuts = part_cuts(sum(sizes), sum(sizes))
+        pieces: list[tuple[int, int, int]] = []
+        starts = [0]
+        for k in range(len(cuts) - 1):
+            start = 0
+            for t, size in enumerate(sizes):
+                a, b = max(cuts[k] - start, 0), min(cuts[k + 1] - start, size)
+                if a < b:
+                    pieces.append((t, a, b))
+                start += size
+            starts.append(len(pieces))
+        self.groups = groups  # keeps the views these pieces index alive and identifiable
+        self.tensors = tuple(tuple(flats[i] for flats in groups) for i in range(len(groups[0])))
+        self.t, self.lo, self.hi = (np.array(col, np.int64) for col in zip(*pieces))
+        self.starts = np.array(starts, np.int64)
 
 
 class OptimizerSteps(Checks):
@@ -228,11 +264,19 @@ class OptimizerSteps(Checks):
         inv_sqrt_bc2 = t(1.0 / np.sqrt(1.0 - beta2**step))
         l2 = t(0.0 if decoupled else weight_decay)
         decay = t(1.0 - lr * weight_decay if decoupled else 1.0)
-        _update(
-            adam_update, self._groups("adam_step", params, grads, m, v), lr_t, t(beta1), t(1.0 - beta1),
-            t(beta2), t(1.0 - beta2), inv_sqrt_bc2, t(eps), l2, decay, square_min(self.dtype, 1.0 - beta2),
-            t(float(smallest_normal(self.dtype)) / abs(float(lr_t))) if lr_t != 0 else t(np.inf),
-        )  # fmt: skip
+        groups = self._groups("adam_step", params, grads, m, v)
+        scalars = (lr_t, t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), inv_sqrt_bc2, t(eps), l2, decay,
+                   square_min(self.dtype, 1.0 - beta2),
+                   t(float(smallest_normal(self.dtype)) / abs(float(lr_t))) if lr_t != 0 else t(np.inf))
+        mkl = self._ws.mkl
+        if groups and mkl is not None and mkl.numba_shares_pool:  # on MKL's warm OpenMP threads (mkl.py)
+            pieces = self.__dict__.get("_adam_pieces")
+            if pieces is None or pieces.groups is not groups:
+                pieces = self._adam_pieces = _Pieces(groups)
+            adam_pieces(*pieces.tensors, pieces.t, pieces.lo, pieces.hi, pieces.starts, *scalars,
+                        smallest_normal(self.dtype))
+        else:
+            _update(adam_update, groups, *scalars)
 
     def rmsprop_step(
         self,

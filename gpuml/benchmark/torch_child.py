@@ -1,19 +1,21 @@
-"""`gpuml bench train` on CPU: PyTorch eager with subnormal floats flushed to zero, in a child
-process ("torch eager FTZ").
+"""`gpuml bench train` on CPU: the PyTorch eager rows, each trained in a child process of its own:
+"torch eager" (PyTorch as it comes) and "torch eager FTZ" (subnormal floats flushed to zero).
 
-Why: gpuml's CPU backend flushes subnormal floats to zero where it writes them (issue 15), while
-PyTorch keeps them by default, and its seed MLP step at batch 32 slows from 3.0 to 7.2 ms within
-one epoch as Adam's state drifts into them (bench/RESULTS.md). Against the default PyTorch row
-alone gpuml would be credited with PyTorch's subnormal slowdown; this row gives PyTorch the same
-advantage, through its own switch, torch.set_flush_denormal(True).
+Why FTZ: gpuml's CPU backend flushes subnormal floats to zero where it writes them (issue 15),
+while PyTorch keeps them by default, and its seed MLP step at batch 32 slows from 3.0 to 7.2 ms
+within one epoch as Adam's state drifts into them (bench/RESULTS.md). Against the default PyTorch
+row alone gpuml would be credited with PyTorch's subnormal slowdown; this row gives PyTorch the
+same advantage, through its own switch, torch.set_flush_denormal(True). The switch sets the
+FTZ/DAZ bits of the calling thread only, and a thread inherits them when it is created, so it is
+thrown before PyTorch starts its thread pool.
 
-Why a child process: the switch sets the FTZ/DAZ bits of the calling thread only; a thread
-inherits them when it is created, so PyTorch's intra-op threads have them only if the switch is
-thrown before PyTorch starts its thread pool. In the benchmark's own process that pool already
-serves the default row (which must keep subnormals), so this row's PyTorch lives in a spawned
-interpreter that throws the switch first. The child sits blocked on its pipe while the other sides
-run, so the epochs still alternate on an otherwise quiet machine; it trains the same model, data,
-order and optimizer as the in-process side (TorchRun).
+Why child processes: each row's PyTorch runs as in a user's own script, on the OpenMP runtime it
+ships (GNU libgomp) with its thread pool to itself. In the benchmark's process gpuml's CPU backend
+may have loaded Intel's OpenMP first, for MKL (gpuml/backend/cpu/mkl.py), and a PyTorch imported
+after it would resolve its OpenMP calls into that runtime instead; and the FTZ switch could not
+reach an in-process pool already serving the other row. A child sits blocked on its pipe while
+the other sides run, so the epochs still alternate on an otherwise quiet machine; it trains the
+same model, data, order and optimizer as the in-process PyTorch side does on CUDA (TorchRun).
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ import numpy as np
 
 from gpuml.errors import GpumlError
 
-IMPL = "torch eager FTZ"
+IMPL = "torch eager"
+FTZ_IMPL = "torch eager FTZ"
 
 
-def _child(conn: Any, cfg: dict[str, Any], warmup_steps: int, threads: int) -> None:
+def _child(conn: Any, cfg: dict[str, Any], warmup_steps: int, threads: int, flush: bool) -> None:
     try:
         import torch
 
-        if not torch.set_flush_denormal(True):  # first: every thread PyTorch starts inherits it
+        if flush and not torch.set_flush_denormal(True):  # first: every thread PyTorch starts inherits it
             raise GpumlError("bench train: torch.set_flush_denormal is not supported on this CPU")
         from gpuml.benchmark.torch_models import import_torch
         from gpuml.benchmark.train import TorchRun, load_data
@@ -83,17 +86,17 @@ def _main_hidden() -> Iterator[None]:
         main.__dict__.update(saved)
 
 
-class TorchFtzSide:
-    """The FTZ PyTorch side of one comparison, one epoch per `epoch()` call, over the permutations
-    the other sides draw from the same seed (as TorchSide)."""
+class TorchChildSide:
+    """A PyTorch eager side of one comparison in a child process (subnormals flushed with
+    `flush`), one epoch per `epoch()` call, over the permutations the other sides draw from the
+    same seed (as TorchSide)."""
 
-    impl = IMPL
-
-    def __init__(self, cfg: dict[str, Any], n_train: int, warmup_steps: int, threads: int) -> None:
+    def __init__(self, cfg: dict[str, Any], n_train: int, warmup_steps: int, threads: int, *, flush: bool) -> None:
         self.cfg = cfg
+        self.impl = FTZ_IMPL if flush else IMPL
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no PyTorch threads yet
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child, cfg, warmup_steps, threads), daemon=True)
+        self._proc = ctx.Process(target=_child, args=(child, cfg, warmup_steps, threads, flush), daemon=True)
         with _main_hidden():
             self._proc.start()
         child.close()
@@ -109,10 +112,10 @@ class TorchFtzSide:
         try:
             reply = self._conn.recv()
         except EOFError:
-            raise GpumlError(f"bench train: the {IMPL} process ended (exit code {self._proc.exitcode})") from None
+            raise GpumlError(f"bench train: the {self.impl} process ended (exit code {self._proc.exitcode})") from None
         if reply[0] != "ok":
             self.close()
-            raise GpumlError(f"bench train: {IMPL}: {reply[1]}")
+            raise GpumlError(f"bench train: {self.impl}: {reply[1]}")
         return reply[1]
 
     def epoch(self) -> None:
