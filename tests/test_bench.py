@@ -313,11 +313,16 @@ def test_torch_ftz_side_flushes_in_its_own_process(fashion_root: Path, monkeypat
 
     monkeypatch.setenv("GPUML_DATA", str(fashion_root.parent))
     cfg = bench_config("mlp", "cpu", 128, 1, 256)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "12345")  # a user's own setting is kept
     plain = TorchChildSide(cfg, 256, 1, 2, flush=False)
     try:
         assert plain.impl == "torch eager" and not plain.flushes()
+        assert plain.environ(["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]) == {
+            "MALLOC_MMAP_THRESHOLD_": "12345", "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
     finally:
         plain.close()
+    assert "MALLOC_TRIM_THRESHOLD_" not in __import__("os").environ  # the parent's is left as it was
     side = TorchChildSide(cfg, 256, 1, 2, flush=True)
     try:
         assert side.flushes()

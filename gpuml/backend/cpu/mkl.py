@@ -25,6 +25,12 @@ uses it (optim.py): 600 us instead of 780 with gpuml's sleeping helper threads, 
 MLP's 1.86 M parameters after a GEMM on 2 cores. Without MKL, numba's loops stay serial: an
 OpenMP pool of numba's own next to OpenBLAS's threads made whole steps 5-10x slower (loops.py).
 
+In one process with PyTorch: PyTorch imported after gpuml's CPU backend has loaded MKL resolves
+its OpenMP calls, and some of its MKL calls, into the libraries loaded here (its MKL then reports
+this MKL's version), so it runs on Intel's OpenMP and this MKL; imported before, it keeps its own
+libgomp and numba's parallel Adam falls back to gpuml's helper threads (checked, not assumed).
+`gpuml bench train` keeps PyTorch in child processes of its own (benchmark/torch_child.py).
+
 Results: MKL runs in its strict reproducibility mode (CNR AUTO,STRICT, set before its first
 call), so a product's bits depend neither on the thread count nor on the arrays' alignment (both
 checked in tests/test_cpu_mkl.py); they differ from OpenBLAS's (another summation order), so a
@@ -191,7 +197,7 @@ def load(threads: int) -> Mkl | None:
         for omp in _candidates("libiomp5.so"):
             ctypes.CDLL(str(omp), mode=ctypes.RTLD_GLOBAL)
             break
-        return Mkl(ctypes.CDLL(str(rts[0]), mode=ctypes.RTLD_GLOBAL), threads)
+        return Mkl(ctypes.CDLL(str(rts[0]), mode=ctypes.RTLD_LOCAL), threads)
     except (OSError, AttributeError) as exc:
         if choice == "mkl":
             raise DeviceError(f"GPUML_CPU_BLAS=mkl but {rts[0]} did not load: {exc}") from None
