@@ -205,3 +205,13 @@ def test_adam_on_mkls_openmp_threads_matches_the_helper_threads(mkl: cpu_mkl.Mkl
 
     out = subprocess.run([sys.executable, "-c", _SHARED_POOL_SCRIPT], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "same bits" in out.stdout, out.stderr[-3000:]
+
+
+def test_benchmark_machine_line_names_the_blas_that_ran(mkl: cpu_mkl.Mkl, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuml.benchmark import hardware
+
+    monkeypatch.setattr(cpu_mkl, "LOADED", None)
+    without = hardware.blas_description()
+    assert "MKL" not in without
+    monkeypatch.setattr(cpu_mkl, "LOADED", mkl)
+    assert hardware.blas_description() == f"{mkl.version} for gpuml's GEMMs ({mkl.threads} threads), numpy's {without}"

@@ -103,7 +103,17 @@ def vector_extensions(flags: set[str]) -> list[str]:
 
 def blas_description() -> str:
     """numpy's BLAS as it configured itself here: OpenBLAS's version, kernel (core) and threads,
-    and OPENBLAS_CORETYPE when the environment forces a kernel ('' for another BLAS)."""
+    and OPENBLAS_CORETYPE when the environment forces a kernel ('' for another BLAS); led by MKL
+    when the CPU backend loaded it for its GEMMs."""
+    from gpuml.backend.cpu import mkl
+
+    numpy_blas = _numpy_blas()
+    if mkl.LOADED is None:
+        return numpy_blas
+    return f"{mkl.LOADED.version} for gpuml's GEMMs ({mkl.LOADED.threads} threads), numpy's {numpy_blas or 'BLAS'}"
+
+
+def _numpy_blas() -> str:
     import ctypes
 
     from gpuml.backend.cpu.loops import blas_thread_functions

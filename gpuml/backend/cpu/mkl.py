@@ -174,6 +174,10 @@ class Mkl:
         return True
 
 
+#: the MKL this process loaded (for reports such as the benchmark's machine line), or None
+LOADED: Mkl | None = None
+
+
 @functools.cache
 def load(threads: int) -> Mkl | None:
     """The MKL to use, or None for numpy's BLAS (GPUML_CPU_BLAS: auto (default), mkl, openblas)."""
@@ -197,7 +201,9 @@ def load(threads: int) -> Mkl | None:
         for omp in _candidates("libiomp5.so"):
             ctypes.CDLL(str(omp), mode=ctypes.RTLD_GLOBAL)
             break
-        return Mkl(ctypes.CDLL(str(rts[0]), mode=ctypes.RTLD_LOCAL), threads)
+        global LOADED
+        LOADED = Mkl(ctypes.CDLL(str(rts[0]), mode=ctypes.RTLD_LOCAL), threads)
+        return LOADED
     except (OSError, AttributeError) as exc:
         if choice == "mkl":
             raise DeviceError(f"GPUML_CPU_BLAS=mkl but {rts[0]} did not load: {exc}") from None
