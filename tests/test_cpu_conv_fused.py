@@ -89,3 +89,55 @@ def test_fused_backward_same_bits_on_any_core_count(dt, monkeypatch, channels):
     for _ in range(3):
         for a, c in zip(one, run(), strict=True):
             assert np.array_equal(a, c)
+
+
+# channels 3: the fallback to the two ops; 8 and 11: one pass for both gradients (channels-last)
+@pytest.mark.parametrize("channels", [3, 8, 11])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("min_chunks", [1, 3])
+def test_both_gradients_in_one_pass_equal_the_two_ops_bit_for_bit(monkeypatch, channels, precision, min_chunks):
+    """conv2d_bwd (a layer's weight and input gradients in one run_tasks, dz laid out once) gives
+    exactly the bits of conv2d_bwd_weight then conv2d_bwd_data, with the ReLU mask, the bias
+    gradient, stride and padding, in every precision, on 1 or 3 workers; outputs NaN-poisoned."""
+    monkeypatch.setattr(cpu_conv, "MIN_CHUNKS", min_chunks)
+    be = CpuBackend(dtype="float32")
+    be.precision = precision
+    rng = np.random.default_rng(9)
+    x = randn(rng, (7, channels, 9, 8), "float32")
+    w = randn(rng, (5, channels, 3, 2), "float32")
+    stride, padding = (2, 1), (1, 0)
+    y = randn(rng, (7, 5, 5, 7), "float32")
+    dy = randn(rng, (7, 5, 5, 7), "float32")
+    want_db = nan_buf((5,), "float32")
+    want_dw = be.conv2d_bwd_weight(x, dy, w.shape, stride, padding, relu_mask=y, db=want_db,
+                                   out=nan_buf(w.shape, "float32"))
+    want_dx = be.conv2d_bwd_data(dy, w, x.shape, stride, padding, relu_mask=y, out=nan_buf(x.shape, "float32"))
+    for workers in (1, 3):
+        monkeypatch.setattr(cpu_loops, "_WORKERS", workers)
+        db, dw, dx = nan_buf((5,), "float32"), nan_buf(w.shape, "float32"), nan_buf(x.shape, "float32")
+        got = be.conv2d_bwd(x, dy, w, stride, padding, relu_mask=y, db=db, dw=dw, dx=dx)
+        assert got[0] is dw and got[1] is dx
+        np.testing.assert_array_equal(dw, want_dw)
+        np.testing.assert_array_equal(dx, want_dx)
+        np.testing.assert_array_equal(db, want_db)
+
+
+def test_one_pass_is_what_a_conv_layer_runs(monkeypatch) -> None:
+    """A Conv2D layer that needs both gradients asks for them at once (one run_tasks for the
+    channels-last layer); a first layer (no input gradient) or a frozen one does not."""
+    from gpuml.nn.layers import Conv2D
+
+    calls = []
+    real = cpu_conv.conv2d_bwd
+    monkeypatch.setattr(cpu_conv, "conv2d_bwd", lambda *a: calls.append("both") or real(*a))
+    be = CpuBackend()
+    rng = np.random.default_rng(2)
+    for need_dx, trainable, want in [(True, True, ["both"]), (False, True, []), (True, False, [])]:
+        calls.clear()
+        layer = Conv2D(6, 3, activation="relu", name="c")
+        layer.build((9, 8, 8), be, rng)
+        layer.need_input_grad, layer.trainable = need_dx, trainable
+        layer.link_previous(None)
+        y = layer.forward(randn(rng, (4, 9, 8, 8), "float32"), training=True)
+        dx = layer.backward(randn(rng, y.shape, "float32"))
+        assert calls == want and (dx is not None) == need_dx

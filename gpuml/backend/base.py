@@ -234,6 +234,24 @@ class Backend(ABC):
         """dw (w_shape), summed over the batch, given x and dy. Deterministic. relu_mask as in
         conv2d_bwd_data; db (K,): also the bias gradient, bias_grad(dz), in the same pass."""
 
+    def conv2d_bwd(
+        self,
+        x: Array,
+        dy: Array,
+        w: Array,
+        stride: Pair,
+        padding: Pair,
+        *,
+        relu_mask: Array | None = None,
+        db: Array | None = None,
+        dw: Array | None = None,
+        dx: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """(dw, dx): conv2d_bwd_weight and conv2d_bwd_data of one layer, for a backend that can
+        do both in one pass (the CPU backend); by default the two ops, weight gradient first."""
+        dw = self.conv2d_bwd_weight(x, dy, w.shape, stride, padding, relu_mask=relu_mask, db=db, out=dw)
+        return dw, self.conv2d_bwd_data(dy, w, x.shape, stride, padding, relu_mask=relu_mask, out=dx)
+
     # ------------------------------------------------------------------ pooling (NCHW)
     @abstractmethod
     def maxpool2d_fwd(

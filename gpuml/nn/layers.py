@@ -162,11 +162,20 @@ class _LinearActivation(Layer):
         dz = dy
         if self.activation and not self.relu_grad_fused:
             dz = be.activation_bwd(self.activation, y, dy, out=self.buffer("dz", y.shape))
+        db = self.grads["b"] if self.use_bias and self.trainable else None
+        if self.trainable and self.need_input_grad:
+            return self._both_grads(x, dz, db, self.buffer("dx", x.shape))
         if self.trainable:  # a frozen layer's gradients are never read: skip the GEMMs
-            self._weight_grad(x, dz, self.grads["b"] if self.use_bias else None)
+            self._weight_grad(x, dz, db)
         if not self.need_input_grad:
             return None
         return self._input_grad(dz, self.buffer("dx", x.shape))
+
+    def _both_grads(self, x: Array, dz: Array, db: Array | None, out: Array) -> Array:
+        """The weight (and bias) gradient, then the input gradient into `out`; a subclass may
+        have the backend do both at once."""
+        self._weight_grad(x, dz, db)
+        return self._input_grad(dz, out)
 
 
 class Dense(_LinearActivation):
@@ -286,6 +295,10 @@ class Conv2D(_LinearActivation):
     def _input_grad(self, dz: Array, out: Array) -> Array:
         return self.backend.conv2d_bwd_data(dz, self.params["W"], out.shape, self.stride, self.padding,
                                             relu_mask=self._relu_mask(), out=out)
+
+    def _both_grads(self, x: Array, dz: Array, db: Array | None, out: Array) -> Array:
+        return self.backend.conv2d_bwd(x, dz, self.params["W"], self.stride, self.padding,
+                                       relu_mask=self._relu_mask(), db=db, dw=self.grads["W"], dx=out)[1]
 
 
 class _Pool2D(Layer):

@@ -209,6 +209,38 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         cpu_conv.conv2d_bwd_weight(self._ws, x, cpu_conv.Dz(dy, relu_mask, db, precision=self.precision), geom, out)
         return out
 
+    def conv2d_bwd(
+        self,
+        x: np.ndarray,
+        dy: np.ndarray,
+        w: np.ndarray,
+        stride: Pair,
+        padding: Pair,
+        *,
+        relu_mask: np.ndarray | None = None,
+        db: np.ndarray | None = None,
+        dw: np.ndarray | None = None,
+        dx: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not cpu_conv.fused_bwd(np.shape(x)[1] if np.ndim(x) == 4 else 0):
+            return super().conv2d_bwd(x, dy, w, stride, padding, relu_mask=relu_mask, db=db, dw=dw, dx=dx)
+        c = self.checks("conv2d_bwd", x, dy, w, stride, padding, relu_mask, db, dw, dx)
+        x = c.float_in("x", x, ndim=4)
+        w = c.float_in("w", w, ndim=4)
+        geom, y_shape = c.conv_geometry(x.shape, w.shape, stride, padding)
+        dy = c.float_in("dy", dy, shape=y_shape)
+        if relu_mask is not None:
+            relu_mask = c.float_in("relu_mask", relu_mask, shape=y_shape)
+        if db is not None:
+            db = c.out_buf("db", db, (w.shape[0],))
+        dw = c.out_buf("dw", dw, w.shape)
+        dx = c.out_buf("dx", dx, x.shape)
+        c.done()
+        if self.precision != "fp32":  # as conv2d_bwd_weight (x) and conv2d_bwd_data (w) round them
+            x, w = round_operand(x, self.precision), round_operand(w, self.precision)
+        cpu_conv.conv2d_bwd(self._ws, x, w, cpu_conv.Dz(dy, relu_mask, db, precision=self.precision), geom, dw, dx)
+        return dw, dx
+
     # ------------------------------------------------------------------ elementwise
     def activation_fwd(self, kind: str, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         c = self.checks("activation_fwd", kind, x, out)
