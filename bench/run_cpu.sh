@@ -42,9 +42,11 @@ step() {  # step NAME COMMAND...: run it, say how long it took, remember a failu
 machine() {
     echo "load before: $(uptime)"
     "$PYTHON" - <<'EOF'
+from gpuml.backend import get_backend
 from gpuml.benchmark.hardware import cpu_info
 from gpuml.benchmark.report import machine_line
 
+get_backend("cpu")  # loads MKL where installed, so the BLAS line names what the benchmarks use
 print(machine_line(cpu_info()))
 EOF
     grep -m1 "flags" /proc/cpuinfo || true
