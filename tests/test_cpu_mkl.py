@@ -68,6 +68,7 @@ def test_mkl_products_match_float64_reference(mkl: cpu_mkl.Mkl, dtype: type, tra
         bound = np.abs(opa).astype(np.float64) @ np.abs(opb).astype(np.float64)
         eps = np.finfo(dtype).eps
         assert np.all(np.abs(out - ref) <= 2 * k * eps * bound + 1e-30), (m, k, n)
+        assert mkl._rt.MKL_Get_Max_Threads() == mkl.threads  # a small product's one thread is undone
 
 
 def test_mkl_declines_what_it_cannot_take(mkl: cpu_mkl.Mkl) -> None:

@@ -57,6 +57,10 @@ _CBWR_AUTO_STRICT = 2 | 0x10000
 #: how long (KMP_BLOCKTIME) MKL's threads spin after a GEMM; 1 ms covers the gaps between the
 #: GEMMs of one layer's backward and ends before the optimizer's helper threads need the cores
 BLOCKTIME = "1"
+#: multiply-adds below which a product runs on the calling thread alone: waking MKL's sleeping
+#: threads costs more than the second core saves (the seed CNN's 32x1600 @ 1600x64 took 129-169
+#: us in a training step on two threads, about 60 on one)
+SMALL_MACS = 4 << 20
 
 
 def _candidates(name: str) -> list[Path]:
@@ -169,8 +173,14 @@ class Mkl:
             return False
         m, k = a.shape
         n = b.shape[1]
-        fn(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0,
-           out.ctypes.data, n)
+        small = m * n * k < SMALL_MACS and self.threads > 1
+        before = self._rt.MKL_Set_Num_Threads_Local(1) if small else 0
+        try:
+            fn(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0,
+               out.ctypes.data, n)
+        finally:
+            if small:
+                self._rt.MKL_Set_Num_Threads_Local(before)
         return True
 
 
