@@ -172,8 +172,10 @@ def train_markdown(result: dict[str, Any]) -> str:
                         "test acc", "vs torch eager"] + (["vs torch FTZ"] if ftz else []) + ["CPU busy"], table)]
     if ftz:
         out.append("\ntorch eager FTZ: PyTorch with torch.set_flush_denormal(True), thrown before PyTorch starts "
-                   "its threads (in a child process), the subnormal flush gpuml's CPU backend does; plain torch eager "
-                   "keeps subnormals (its default) and slows down as Adam's state drifts into them.")
+                   "its threads, the subnormal flush gpuml's CPU backend does; plain torch eager keeps subnormals "
+                   "(its default) and slows down as Adam's state drifts into them. On CPU both PyTorch rows train in "
+                   "child processes of their own, with glibc's malloc keeping freed memory "
+                   "(gpuml/benchmark/torch_child.py).")
     if meta["device"] == "cpu":
         out.append("\nCPU busy: process CPU seconds per wall second over the measured epochs "
                    "(close to the core count when the run had the cores to itself).")
