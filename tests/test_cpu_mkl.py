@@ -216,3 +216,38 @@ def test_benchmark_machine_line_names_the_blas_that_ran(mkl: cpu_mkl.Mkl, monkey
     assert "MKL" not in without
     monkeypatch.setattr(cpu_mkl, "LOADED", mkl)
     assert hardware.blas_description() == f"{mkl.version} for gpuml's GEMMs ({mkl.threads} threads), numpy's {without}"
+
+
+def test_small_products_after_a_pause_run_on_the_calling_thread(mkl: cpu_mkl.Mkl,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A product under SMALL_MACS runs on MKL's threads only while they still spin from a larger
+    one (TEAM_WARM_S); after a pause, or inside a convolution chunk (matmul_here), it runs on the
+    calling thread: MKL's thread-local count is set to 1 around exactly those calls."""
+    set_local = []
+    rt = mkl._rt
+
+    class Spy:
+        def __getattr__(self, name: str):
+            real = getattr(rt, name)
+            if name != "MKL_Set_Num_Threads_Local":
+                return real
+            return lambda n: set_local.append(n) or real(n)
+
+    monkeypatch.setattr(mkl, "_rt", Spy())
+    rng = np.random.default_rng(8)
+    big = [rng.standard_normal(s).astype(np.float32) for s in ((128, 1024), (1024, 1024))]
+    small = [rng.standard_normal(s).astype(np.float32) for s in ((128, 1024), (1024, 10))]
+    out_big, out_small = np.empty((128, 1024), np.float32), np.empty((128, 10), np.float32)
+    clock = [100.0]
+    monkeypatch.setattr(cpu_mkl.time, "perf_counter", lambda: clock[0])
+    mkl.matmul(*big, out_big)
+    assert set_local == []  # large: the team
+    clock[0] += cpu_mkl.TEAM_WARM_S / 2
+    mkl.matmul(*small, out_small)
+    assert set_local == []  # small, the team still spinning
+    clock[0] += cpu_mkl.TEAM_WARM_S * 3
+    mkl.matmul(*small, out_small)
+    assert set_local[0] == 1 and len(set_local) == 2  # small after a pause: alone, then restored
+    mkl.matmul_here(*big, out_big)
+    assert set_local[2] == 1 and len(set_local) == 4  # a convolution chunk's: alone, however large
+    np.testing.assert_allclose(out_small, small[0] @ small[1], rtol=1e-4, atol=1e-3)

@@ -44,6 +44,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,13 @@ _CBWR_AUTO_STRICT = 2 | 0x10000
 #: how long (KMP_BLOCKTIME) MKL's threads spin after a GEMM; 1 ms covers the gaps between the
 #: GEMMs of one layer's backward and ends before the optimizer's helper threads need the cores
 BLOCKTIME = "1"
-#: multiply-adds below which a product runs on the calling thread alone: waking MKL's sleeping
-#: threads costs more than the second core saves (the seed CNN's 32x1600 @ 1600x64 took 129-169
-#: us in a training step on two threads, about 60 on one)
+#: multiply-adds below which a product runs on the calling thread alone, unless MKL's threads ran
+#: one less than TEAM_WARM_S ago and still spin: waking them costs more than the second core saves
+#: (the seed CNN's dense head, 32x1600 @ 1600x64 after the convolutions, took 129-169 us in a
+#: step on two threads, about 60 on one), while next to the MLP's big GEMMs two spinning threads
+#: win (batch 128: its three 1024x10 products took 92, 86, 49 us on one thread, 63, 52, 35 on two)
 SMALL_MACS = 4 << 20
+TEAM_WARM_S = 0.5e-3
 
 
 def _candidates(name: str) -> list[Path]:
@@ -115,6 +119,7 @@ class Mkl:
         rt.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
         rt.MKL_Set_Num_Threads_Local.restype = ctypes.c_int
         self.set_threads(threads)
+        self._team_used = -1.0  # perf_counter when a product last ran on all threads
         buf = ctypes.create_string_buffer(256)
         rt.MKL_Get_Version_String(buf, ctypes.c_int(len(buf)))
         words = buf.value.decode(errors="replace").split()
@@ -148,13 +153,9 @@ class Mkl:
         return True
 
     def matmul_here(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
-        """matmul on the calling thread alone (MKL's thread-local count set to 1 around the call),
-        for the convolution chunks that run_tasks spreads over the cores itself."""
-        before = self._rt.MKL_Set_Num_Threads_Local(1)
-        try:
-            return self.matmul(a, b, out)
-        finally:
-            self._rt.MKL_Set_Num_Threads_Local(before)
+        """matmul on the calling thread alone, for the convolution chunks that run_tasks spreads
+        over the cores itself."""
+        return self._matmul(a, b, out, alone=True)
 
     def set_threads(self, threads: int) -> None:
         self._rt.MKL_Set_Num_Threads(ctypes.c_int(threads))
@@ -162,8 +163,12 @@ class Mkl:
 
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
         """out = a @ b for 2-D arrays of one float dtype, a and b C- or F-contiguous (a transposed
-        view is F) and `out` C-contiguous; returns False, having done nothing, for anything else
+        view is F) and `out` C-contiguous, on MKL's threads (a small product after a pause on the
+        calling thread alone: SMALL_MACS); returns False, having done nothing, for anything else
         (numpy's matmul then does it)."""
+        return self._matmul(a, b, out, alone=False)
+
+    def _matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, alone: bool) -> bool:
         fn = self._gemm.get(out.dtype)
         if (fn is None or a.ndim != 2 or b.ndim != 2 or a.dtype != out.dtype or b.dtype != out.dtype
                 or not out.flags.c_contiguous or out.size == 0 or a.shape[1] == 0):
@@ -173,13 +178,16 @@ class Mkl:
             return False
         m, k = a.shape
         n = b.shape[1]
-        small = m * n * k < SMALL_MACS and self.threads > 1
-        before = self._rt.MKL_Set_Num_Threads_Local(1) if small else 0
+        team = self.threads > 1 and not alone and (
+            m * n * k >= SMALL_MACS or time.perf_counter() - self._team_used <= TEAM_WARM_S)
+        before = self._rt.MKL_Set_Num_Threads_Local(1) if not team else 0  # MKL's thread-local count
         try:
             fn(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0,
                out.ctypes.data, n)
         finally:
-            if small:
+            if team:
+                self._team_used = time.perf_counter()
+            else:
                 self._rt.MKL_Set_Num_Threads_Local(before)
         return True
 
