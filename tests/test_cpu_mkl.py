@@ -193,6 +193,25 @@ for step in (1, 2, 3):
     helpers.adam_step(hp, hg, hm, hv, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, step=step, weight_decay=0.01)
 for a, b in zip(p + m + v, hp + hm + hv):
     assert np.array_equal(a, b)
+# the elementwise passes after a dense product split over the same threads: same bits as serial
+y = rng.standard_normal((130, 301)).astype(np.float32)
+dy = rng.standard_normal((130, 301)).astype(np.float32)
+dy[y <= 0] = np.nan  # a closed mask gives 0 even for NaN
+want = np.empty_like(dy)
+loops.relu_bwd(y.reshape(-1), dy.reshape(-1), want.reshape(-1))
+split = []
+real_split = loops.relu_bwd_split
+loops.relu_bwd_split = lambda *a: split.append(a[-1]) or real_split(*a)
+assert np.array_equal(be.activation_bwd("relu", y, dy), want) and split == [loops.worker_count()]
+x = rng.standard_normal((130, 77)).astype(np.float32)
+w = rng.standard_normal((77, 301)).astype(np.float32)
+bias = rng.standard_normal(301).astype(np.float32)
+want = be.matmul(x, w)
+loops.bias_act_rows(want, bias, True, True)
+epilogues = []
+real_rows = loops.bias_act_rows_split
+loops.bias_act_rows_split = lambda *a: epilogues.append(a[-1]) or real_rows(*a)
+assert np.array_equal(be.matmul(x, w, bias=bias, activation="relu"), want) and epilogues == [loops.worker_count()]
 print("same bits")
 """
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # flat-view offsets as uint64: numba guards signed indices against wraparound, which keeps LLVM
 # from vectorising the loop (see conv.py)
@@ -222,6 +222,15 @@ def bias_act_rows(y, bias, has_bias, relu):
             y[i, j] = v
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def bias_act_rows_split(y, bias, has_bias, relu, parts):
+    """bias_act_rows in `parts` near-equal row ranges, as relu_bwd_split."""
+    B = y.shape[0]
+    for k in prange(parts):
+        lo, hi = B * k // parts, B * (k + 1) // parts
+        bias_act_rows(y[lo:hi], bias, has_bias, relu)
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -293,6 +302,16 @@ def relu_bwd(y, dy, out):
     for i in range(y.size):
         g = dy[i]
         out[i] = g if y[i] > 0 else 0
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def relu_bwd_split(y, dy, out, parts):
+    """relu_bwd in `parts` near-equal ranges on numba's OpenMP threads (only when they are MKL's:
+    CpuBackend._on_mkl_pool)."""
+    n = y.size
+    for k in prange(parts):
+        lo, hi = n * k // parts, n * (k + 1) // parts
+        relu_bwd(y[lo:hi], dy[lo:hi], out[lo:hi])
 
 
 @njit(cache=True, nogil=True)
@@ -400,3 +419,8 @@ def channel_sums(dy, out, lanes, c_lo, c_hi):
             for i in range(L):
                 total += acc[base + i]
             out[c] = total
+
+
+def worker_count() -> int:
+    """How many threads a pass is split over (the usable cores, at most 8)."""
+    return _WORKERS
