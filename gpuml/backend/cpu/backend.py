@@ -40,8 +40,7 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
     def __init__(self, dtype: str | np.dtype = "float32") -> None:
         super().__init__(dtype)
         # MKL for the dense and convolution products when the `mkl` extra is installed (mkl.py)
-        self._mkl = cpu_mkl.load(_blas_threads())
-        self._ws = cpu_conv.Workspace(self._mkl)
+        self._ws = cpu_conv.Workspace(cpu_mkl.load(_blas_threads()))
         self._luts: dict[tuple[float, float], np.ndarray] = {}
 
     def describe(self) -> str:
@@ -49,17 +48,19 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
         return (f"cpu (numpy {np.__version__}, numba {numba.__version__}, {mkl}{_blas_threads()} BLAS threads, "
                 f"{self.dtype})")
 
-    def _on_mkl_pool(self, work: int) -> bool:
-        """Whether an elementwise pass of `work` elements right after a dense product runs on
-        MKL's OpenMP threads (numba's parallel loops share them, mkl.py): they still spin from the
-        product, so splitting costs a few us instead of a helper's wake-up; from 32 Ki elements
-        (the seed MLP at batch 128: its 128x1024 ReLU masks took 94 and 68 us on one thread)."""
-        return work >= SPLIT_MIN and self._mkl is not None and self._mkl.threads > 1 and self._mkl.numba_shares_pool
+    @property
+    def _mkl(self) -> cpu_mkl.Mkl | None:
+        """The MKL this backend's products run on, or None (numpy's BLAS)."""
+        return self._ws.mkl
 
-    def _gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-        """out = a @ b on MKL where it is loaded and takes the operands, else numpy's BLAS."""
-        if self._mkl is None or not self._mkl.matmul(a, b, out):
-            np.matmul(a, b, out=out)
+    def _on_mkl_pool(self, work: int = SPLIT_MIN) -> bool:
+        """Whether a pass of `work` elements (Adam's update, or an elementwise pass right after a
+        dense product) runs split on MKL's OpenMP threads (numba's parallel loops share them,
+        mkl.py): they still spin from the last product, so splitting costs a few us instead of a
+        helper's wake-up; from 32 Ki elements (the seed MLP at batch 128: its 128x1024 ReLU masks
+        took 94 and 68 us on one thread)."""
+        mkl = self._ws.mkl
+        return work >= SPLIT_MIN and mkl is not None and mkl.threads > 1 and mkl.numba_shares_pool
 
     # ------------------------------------------------------------------ arrays and transfer
     def asarray(self, x: Any, dtype: Any = None) -> np.ndarray:
@@ -113,10 +114,10 @@ class CpuBackend(LossOps, PoolingOps, OptimizerSteps, Checks, Backend):
             opa, opb = round_operand(opa, self.precision), round_operand(opb, self.precision)
         if accumulate:
             part = self._ws.scratch("matmul_part", shape, self.dtype)
-            self._gemm(opa, opb, part)
+            self._ws.gemm(opa, opb, part, alone=False)
             np.add(out, part, out=out)
         else:
-            self._gemm(opa, opb, out)
+            self._ws.gemm(opa, opb, out, alone=False)
             if bias is not None or relu:
                 b_arr = bias if bias is not None else out[0]
                 if self._on_mkl_pool(out.size):

@@ -63,10 +63,12 @@ class Workspace:
         self._scratch: dict[tuple[str, np.dtype], np.ndarray] = {}
         self.mkl = mkl
 
-    def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-        """out = a @ b (2-D) on the calling thread, for a run_tasks chunk: MKL with one thread
-        where it is loaded (mkl.py), else numpy's OpenBLAS, which run_tasks keeps single-threaded."""
-        if self.mkl is None or not self.mkl.matmul_here(a, b, out):
+    def gemm(self, a: np.ndarray, b: np.ndarray, out: np.ndarray, *, alone: bool = True) -> None:
+        """out = a @ b (2-D) on MKL where it is loaded and takes the operands (mkl.py), else numpy's
+        BLAS. `alone`: on the calling thread, for a run_tasks chunk (numpy's OpenBLAS is then
+        single-threaded by run_tasks); else a dense product on MKL's threads."""
+        done = self.mkl is not None and (self.mkl.matmul_here(a, b, out) if alone else self.mkl.matmul(a, b, out))
+        if not done:
             np.matmul(a, b, out=out)
 
     def scratch(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -10,9 +10,10 @@ runs every GEMM on all cores, and numba's OpenMP pool taking turns with it made 
 steps 5-10x slower on 2 cores with libgomp's default spin-waiting. Instead `run_parts` cuts a large
 memory-bound loop into row ranges and runs them on plain helper threads, which sleep on a queue
 between calls and so never compete with BLAS. Loops run that way release the GIL (nogil) and treat
-rows independently, so the split cannot change a result. The one exception is Adam's update
-with MKL loaded: MKL's OpenMP runtime then serves numba's parallel loops too, one pool instead of
-two (mkl.py, optim.py).
+rows independently, so the split cannot change a result. The exceptions are Adam's update, the
+ReLU backward and the dense bias+ReLU epilogue with MKL loaded (optim.adam_pieces, the *_split
+loops here, CpuBackend._on_mkl_pool): MKL's OpenMP runtime then serves numba's parallel loops
+too, one pool instead of two (mkl.py).
 """
 
 from __future__ import annotations

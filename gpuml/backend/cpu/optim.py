@@ -141,31 +141,11 @@ def sum_squares(a):
     return (a0 + a1) + (a2 + a3)
 
 
-def _update(loop: Callable[..., None], groups: list[tuple[np.ndarray, ...]], *scalars: object) -> None:
-    """loop(*flats, *scalars, tiny) over every group of flat tensors (p, g, state...), tiny being
-    the flush threshold of their dtype. All the groups make one range of elements, cut into near
-    equal parts of at least MIN_PART run on several threads at once (one hand-off per step,
-    not one per tensor); each part updates its slices of the tensors in order."""
-    if not groups:
-        return
-    tiny = smallest_normal(groups[0][0].dtype)
-    sizes = [flats[0].size for flats in groups]
-    cuts = part_cuts(sum(sizes), sum(sizes))
-
-    def part(lo: int, hi: int) -> None:
-        start = 0
-        for flats, size in zip(groups, sizes):
-            a, b = max(lo - start, 0), min(hi - start, size)
-            if a < b:
-                loop(*(f[a:b] for f in flats), *scalars, tiny)
-            start += size
-
-    run_calls([(part, (cuts[k], cuts[k + 1])) for k in range(len(cuts) - 1)])
-
-
 class _Pieces:
-    """The cuts of _update as arrays for adam_pieces: the groups' elements as one range cut into
-    near-equal parts of at least MIN_PART, each part a run of (tensor, lo, hi) pieces."""
+    """The groups' (p, g, state...) elements as one range cut into near-equal parts of at least
+    MIN_PART, one per thread, each part a run of (tensor, lo, hi) pieces in tensor order: the
+    split of every optimizer update, on gpuml's helper threads (_update) or, for Adam with MKL,
+    on numba's OpenMP threads (adam_pieces)."""
 
     def __init__(self, groups: list[tuple[np.ndarray, ...]]) -> None:
         sizes = [flats[0].size for flats in groups]
@@ -180,14 +160,34 @@ class _Pieces:
                     pieces.append((t, a, b))
                 start += size
             starts.append(len(pieces))
-        self.groups = groups  # keeps the views these pieces index alive and identifiable
+        self.groups = groups
+        self.pieces = pieces
         self.tensors = tuple(tuple(flats[i] for flats in groups) for i in range(len(groups[0])))
         self.t, self.lo, self.hi = (np.array(col, np.int64) for col in zip(*pieces))
         self.starts = np.array(starts, np.int64)
 
+    @property
+    def parts(self) -> int:
+        return len(self.starts) - 1
+
+
+def _update(loop: Callable[..., None], pieces: _Pieces, *scalars: object) -> None:
+    """loop(*flats, *scalars, tiny) over every group of flat tensors (p, g, state...), tiny being
+    the flush threshold of their dtype, the parts of `pieces` on several threads at once (one
+    hand-off per step, not one per tensor); each part updates its slices of the tensors in order."""
+    groups = pieces.groups
+    tiny = smallest_normal(groups[0][0].dtype)
+
+    def part(k: int) -> None:
+        for t, a, b in pieces.pieces[pieces.starts[k]:pieces.starts[k + 1]]:
+            loop(*(f[a:b] for f in groups[t]), *scalars, tiny)
+
+    run_calls([(part, (k,)) for k in range(pieces.parts)])
+
 
 class OptimizerSteps(Checks):
-    """The Backend's optimizer methods on the loops above, mixed into CpuBackend."""
+    """The Backend's optimizer methods on the loops above, mixed into CpuBackend (it provides
+    _on_mkl_pool)."""
 
     def _scaled(self, grads: list[np.ndarray], grad_scale: np.ndarray | None) -> list[np.ndarray]:
         """grads * grad_scale in scratch buffers (each product rounded once, as scale_ stores
@@ -198,12 +198,12 @@ class OptimizerSteps(Checks):
         return [np.multiply(g, factor, out=self._ws.scratch(f"scaled_grad{i}", g.shape, self.dtype))
                 for i, g in enumerate(grads)]
 
-    def _groups(self, op: str, params: list, *others: list) -> list[tuple[np.ndarray, ...]]:
-        """(p, g, state...) flat views per parameter, checked once per signature of the lists.
-        A step that hands in the same arrays as the last one (a training loop always does) gets
-        the last step's views back: comparing 24 ids costs 2 us, signing and viewing 24 arrays
-        35 us (of a 0.8 ms Adam step of the seed MLP). The entry keeps the arrays alive, so
-        their ids cannot be reused by others while it stands."""
+    def _groups(self, op: str, params: list, *others: list) -> _Pieces | None:
+        """The split (_Pieces) of the (p, g, state...) flat views per parameter, checked once per
+        signature of the lists; None for no parameters. A step that hands in the same arrays as
+        the last one (a training loop always does) gets the last step's split back: comparing 24
+        ids costs 2 us, signing and viewing 24 arrays 35 us (of a 0.8 ms Adam step of the seed
+        MLP). The entry keeps the arrays alive, so their ids cannot be reused while it stands."""
         arrays = (*params, *(a for lst in others for a in lst))
         cache = self.__dict__.setdefault("_group_cache", {})
         hit = cache.get(op)
@@ -212,8 +212,9 @@ class OptimizerSteps(Checks):
         c = self.checks(op, params, *others)
         groups = c.param_groups(params, *others)
         c.done()
-        cache[op] = (arrays, groups)
-        return groups
+        pieces = _Pieces(groups) if groups else None
+        cache[op] = (arrays, pieces)
+        return pieces
 
     def sgd_step(
         self, params: list[np.ndarray], grads: list[np.ndarray], *, lr: float, weight_decay: float = 0.0,
@@ -221,7 +222,9 @@ class OptimizerSteps(Checks):
     ) -> None:
         t = self.dtype.type
         grads = self._scaled(grads, grad_scale)
-        _update(sgd_update, self._groups("sgd_step", params, grads), t(lr), t(weight_decay))
+        pieces = self._groups("sgd_step", params, grads)
+        if pieces:
+            _update(sgd_update, pieces, t(lr), t(weight_decay))
 
     def momentum_step(
         self,
@@ -237,8 +240,9 @@ class OptimizerSteps(Checks):
     ) -> None:
         t = self.dtype.type
         grads = self._scaled(grads, grad_scale)
-        groups = self._groups("momentum_step", params, grads, velocities)
-        _update(momentum_update, groups, t(lr), t(momentum), t(weight_decay), bool(nesterov))
+        pieces = self._groups("momentum_step", params, grads, velocities)
+        if pieces:
+            _update(momentum_update, pieces, t(lr), t(momentum), t(weight_decay), bool(nesterov))
 
     def adam_step(
         self,
@@ -264,19 +268,16 @@ class OptimizerSteps(Checks):
         inv_sqrt_bc2 = t(1.0 / np.sqrt(1.0 - beta2**step))
         l2 = t(0.0 if decoupled else weight_decay)
         decay = t(1.0 - lr * weight_decay if decoupled else 1.0)
-        groups = self._groups("adam_step", params, grads, m, v)
+        pieces = self._groups("adam_step", params, grads, m, v)
+        if not pieces:
+            return
+        tiny = smallest_normal(self.dtype)
         scalars = (lr_t, t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), inv_sqrt_bc2, t(eps), l2, decay,
-                   square_min(self.dtype, 1.0 - beta2),
-                   t(float(smallest_normal(self.dtype)) / abs(float(lr_t))) if lr_t != 0 else t(np.inf))
-        mkl = self._ws.mkl
-        if groups and mkl is not None and mkl.numba_shares_pool:  # on MKL's warm OpenMP threads (mkl.py)
-            pieces = self.__dict__.get("_adam_pieces")
-            if pieces is None or pieces.groups is not groups:
-                pieces = self._adam_pieces = _Pieces(groups)
-            adam_pieces(*pieces.tensors, pieces.t, pieces.lo, pieces.hi, pieces.starts, *scalars,
-                        smallest_normal(self.dtype))
+                   square_min(self.dtype, 1.0 - beta2), t(float(tiny) / abs(float(lr_t))) if lr_t != 0 else t(np.inf))
+        if pieces.parts > 1 and self._on_mkl_pool():  # on MKL's spinning OpenMP threads (mkl.py)
+            adam_pieces(*pieces.tensors, pieces.t, pieces.lo, pieces.hi, pieces.starts, *scalars, tiny)
         else:
-            _update(adam_update, groups, *scalars)
+            _update(adam_update, pieces, *scalars)
 
     def rmsprop_step(
         self,
@@ -292,9 +293,10 @@ class OptimizerSteps(Checks):
     ) -> None:
         t = self.dtype.type
         grads = self._scaled(grads, grad_scale)
-        groups = self._groups("rmsprop_step", params, grads, sq)
-        _update(rmsprop_update, groups, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay),
-                square_min(self.dtype, 1.0 - alpha))
+        pieces = self._groups("rmsprop_step", params, grads, sq)
+        if pieces:
+            _update(rmsprop_update, pieces, t(lr), t(alpha), t(1.0 - alpha), t(eps), t(weight_decay),
+                    square_min(self.dtype, 1.0 - alpha))
 
     def global_norm(self, arrays: list[np.ndarray]) -> np.ndarray:
         total = 0.0
